@@ -1,0 +1,22 @@
+"""Triton kernels for vLLM-style model interfaces: multimodal scatter, multi-LoRA, Mamba.
+
+Every op has a Triton kernel, a plain-torch reference and, where it wins, a csrc kernel; see
+:mod:`triton_kernels.backend` for how one is chosen.
+"""
+
+from triton_kernels.backend import BackendUnavailableError, use_backend
+from triton_kernels.constants import PAD_SLOT_ID
+from triton_kernels.multimodal import (
+    embed_multimodal_tokens,
+    merge_multimodal_embeddings,
+    merge_multimodal_embeddings_by_mask,
+)
+
+__all__ = [
+    "PAD_SLOT_ID",
+    "BackendUnavailableError",
+    "embed_multimodal_tokens",
+    "merge_multimodal_embeddings",
+    "merge_multimodal_embeddings_by_mask",
+    "use_backend",
+]

@@ -1,0 +1,96 @@
+"""Load the ``csrc/`` extensions: prebuilt at install (``IFK_BUILD_EXT=1``) or built on first use.
+
+Each extension registers its ops in the ``ifk`` torch.library namespace, so callers reach them
+as ``torch.ops.ifk.<name>`` once :func:`load` has returned. Builds are cached under
+``IFK_CACHE_DIR`` (default ``~/.cache/ifk``) and serialised by torch's own file lock, so two
+processes never compile the same extension at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import threading
+import warnings
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+# name -> (sources relative to csrc/, needs nvcc)
+EXTENSIONS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "multimodal_cuda": (("multimodal/embed_multimodal.cu",), True),
+}
+
+
+
+class ExtensionBuildError(RuntimeError):
+    """A csrc extension could not be imported or compiled."""
+
+
+_lock = threading.Lock()
+_failed: dict[str, ExtensionBuildError] = {}  # a failed build is not retried in this process
+
+
+def _build_dir(name: str) -> Path:
+    root = Path(os.environ.get("IFK_CACHE_DIR", Path.home() / ".cache" / "ifk"))
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def compile_flags(cuda: bool) -> dict[str, list[str]]:
+    """Compiler flags shared by the JIT build and ``setup.py``'s opt-in build."""
+    cxx = ["-O3", "-std=c++17"] + ([] if cuda else ["-fopenmp", "-march=native"])
+    flags = {"cxx": cxx}
+    if cuda:
+        flags["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    return flags
+
+
+@functools.cache
+def load(name: str) -> None:
+    """Make ``torch.ops.ifk`` hold the ops of extension ``name``; raise ExtensionBuildError if not."""
+    sources, cuda = EXTENSIONS[name]
+    if name in _failed:
+        raise _failed[name]
+    with _lock:
+        try:  # built at install time with IFK_BUILD_EXT=1
+            importlib.import_module(f"triton_kernels._ext_{name}")
+            return
+        except ImportError:
+            pass
+        from torch.utils import cpp_extension
+
+        flags = compile_flags(cuda)
+        try:
+            cpp_extension.load(
+                name=f"ifk_{name}",
+                sources=[str(CSRC / s) for s in sources],
+                extra_cflags=flags["cxx"],
+                extra_cuda_cflags=flags.get("nvcc"),
+                extra_ldflags=[] if cuda else ["-fopenmp"],
+                build_directory=str(_build_dir(name)),
+                with_cuda=cuda,
+                is_python_module=False,
+                verbose=os.environ.get("IFK_VERBOSE_BUILD", "0") == "1",
+            )
+        except Exception as exc:  # compiler missing, CUDA toolkit missing, build error
+            _failed[name] = ExtensionBuildError(
+                f"could not build csrc extension {name!r} ({exc}). Install a C++ compiler"
+                f"{' and the CUDA toolkit (nvcc)' if cuda else ''}, or pick another backend with"
+                " IFK_BACKEND / triton_kernels.use_backend."
+            )
+            raise _failed[name] from exc
+
+
+def try_load(name: str, forced: bool) -> bool:
+    """Load ``name``; on failure raise when the backend was forced, else warn and return False."""
+    try:
+        load(name)
+        return True
+    except ExtensionBuildError as exc:
+        if forced:
+            raise
+        warnings.warn(f"{exc}; falling back to the torch backend", RuntimeWarning, stacklevel=3)
+        return False
