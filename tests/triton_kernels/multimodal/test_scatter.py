@@ -1,0 +1,263 @@
+"""Multimodal placeholder scatter: every backend against the torch reference, exactly."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests.utils import KERNEL_DEVICE, assert_equal, poison_, poisoned
+from triton_kernels import (
+    embed_multimodal_tokens,
+    merge_multimodal_embeddings,
+    merge_multimodal_embeddings_by_mask,
+    use_backend,
+)
+
+PLACEHOLDER = 7
+VOCAB = 50
+KERNEL_BACKENDS = ["triton", "torch"]
+
+
+def make_case(num_tokens, hidden, item_rows, dtype, *, device=KERNEL_DEVICE, item_dtype=None, shuffle=True):
+    """Random ids with ``sum(item_rows)`` placeholders scattered among text tokens, and items."""
+    num_mm = sum(item_rows)
+    assert num_mm <= num_tokens
+    ids = torch.randint(0, VOCAB, (num_tokens,), device=device)
+    ids[ids == PLACEHOLDER] = PLACEHOLDER + 1
+    positions = torch.randperm(num_tokens, device=device)[:num_mm] if shuffle else torch.arange(num_mm)
+    ids[positions] = PLACEHOLDER
+    items = [torch.randn(r, hidden, dtype=item_dtype or dtype, device=device) for r in item_rows]
+    return ids, items
+
+
+def expected(ids, base, items):
+    """Plain torch: text rows from ``base``, placeholder rows from the concatenated items."""
+    out = base.clone()
+    if items:
+        out[ids == PLACEHOLDER] = torch.cat(items).to(base.dtype)
+    return out
+
+
+CASES = [
+    pytest.param(1, 8, [1], id="T1-all-placeholder"),
+    pytest.param(1, 8, [], id="T1-text-only"),
+    pytest.param(37, 123, [5, 1, 9], id="T37-H123-3items"),
+    pytest.param(64, 96, [], id="T64-zero-placeholders"),
+    pytest.param(40, 33, [10, 10, 10, 10], id="T40-all-placeholders-4items"),
+    pytest.param(150, 20, [1] * 30, id="T150-30-one-row-items"),
+]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("num_tokens", "hidden", "item_rows"), CASES)
+def test_embed_matches_reference(backend, dtype, num_tokens, hidden, item_rows):
+    ids, items = make_case(num_tokens, hidden, item_rows, dtype)
+    weight = torch.randn(VOCAB, hidden, dtype=dtype, device=KERNEL_DEVICE)
+    out = poisoned((num_tokens, hidden), dtype)
+    with use_backend(backend):
+        result = embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, out=out)
+    assert result is out
+    text = weight[ids.clamp(max=VOCAB - 1)]
+    assert_equal(out, expected(ids, text, items))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize(("num_tokens", "hidden", "item_rows"), CASES)
+def test_merge_writes_only_placeholders(backend, num_tokens, hidden, item_rows):
+    ids, items = make_case(num_tokens, hidden, item_rows, torch.float32)
+    embeds = torch.randn(num_tokens, hidden, device=KERNEL_DEVICE)
+    before = embeds.clone()
+    with use_backend(backend):
+        result = merge_multimodal_embeddings(ids, embeds, items, PLACEHOLDER)
+    assert result is embeds
+    assert_equal(embeds, expected(ids, before, items))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_by_mask_and_3d_items(backend):
+    ids, _ = make_case(48, 40, [3 * 8], torch.float16)
+    items = torch.randn(3, 8, 40, dtype=torch.float16, device=KERNEL_DEVICE)
+    embeds = torch.randn(48, 40, dtype=torch.float16, device=KERNEL_DEVICE)
+    before = embeds.clone()
+    with use_backend(backend):
+        merge_multimodal_embeddings_by_mask(embeds, items, ids == PLACEHOLDER)
+    assert_equal(embeds, expected(ids, before, [items.reshape(-1, 40)]))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_placeholder_ids_outside_vocab_and_list(backend):
+    """Placeholder ids never index the table: ids 1000/1001 with a 50-row table."""
+    ids, items = make_case(30, 16, [4, 6], torch.float32)
+    ids[ids == PLACEHOLDER] = torch.tensor([1000, 1001], device=KERNEL_DEVICE).repeat(5)
+    weight = torch.randn(VOCAB, 16, device=KERNEL_DEVICE)
+    with use_backend(backend):
+        out = embed_multimodal_tokens(ids, weight, items, placeholder_token_id=[1000, 1001])
+    mask = ids >= 1000
+    ref = weight[ids.masked_fill(mask, 0)]
+    ref[mask] = torch.cat(items)
+    assert_equal(out, ref)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_items_int32_ids_and_cast(backend):
+    """Non-contiguous items (row stride > H) in fp32 cast to an fp16 table; int32 ids."""
+    ids, _ = make_case(25, 12, [9], torch.float16)
+    ids = ids.to(torch.int32)
+    wide = torch.randn(2, 9, 30, device=KERNEL_DEVICE)
+    items = [wide[0, :4, 3:15], wide[1, :5, 10:22]]
+    weight = torch.randn(VOCAB, 12, dtype=torch.float16, device=KERNEL_DEVICE)
+    with use_backend(backend):
+        out = embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER)
+    assert_equal(out, expected(ids, weight[ids.long()], [it.half() for it in items]))
+
+
+def test_poisoned_out_without_placeholders_is_fully_written():
+    ids, _ = make_case(17, 24, [], torch.float32)
+    weight = torch.randn(VOCAB, 24, device=KERNEL_DEVICE)
+    out = poison_(torch.empty(17, 24, device=KERNEL_DEVICE))
+    with use_backend("triton"):
+        embed_multimodal_tokens(ids, weight, [], placeholder_token_id=PLACEHOLDER, out=out)
+    assert_equal(out, weight[ids])
+
+
+def test_empty_batch():
+    ids = torch.empty(0, dtype=torch.int64, device=KERNEL_DEVICE)
+    weight = torch.randn(VOCAB, 8, device=KERNEL_DEVICE)
+    with use_backend("triton"):
+        out = embed_multimodal_tokens(ids, weight, [], placeholder_token_id=PLACEHOLDER)
+    assert out.shape == (0, 8)
+
+
+# --- bad input: a clear error, nothing written ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        pytest.param([torch.randn(25, 16)] * 2, "25 + 25 = 50 multimodal tokens to 49 placeholders", id="list"),
+        pytest.param(torch.randn(7, 8, 16), "Attempted to assign 7 x 8 = 56 multimodal tokens to 49", id="3d"),
+    ],
+)
+def test_count_mismatch_message_and_untouched(backend, items, message):
+    ids, _ = make_case(60, 16, [49], torch.float32)
+    embeds = torch.randn(60, 16, device=KERNEL_DEVICE)
+    before = embeds.clone()
+    items = [t.to(KERNEL_DEVICE) for t in items] if isinstance(items, list) else items.to(KERNEL_DEVICE)
+    with use_backend(backend), pytest.raises(ValueError, match=re.escape(message)):
+        merge_multimodal_embeddings(ids, embeds, items, PLACEHOLDER)
+    assert_equal(embeds, before)
+
+
+BAD_CALLS = {
+    "hidden": (lambda c: merge_multimodal_embeddings(c.ids, c.embeds, [torch.randn(3, 15)], PLACEHOLDER),
+               ValueError, "hidden size 15"),
+    "item-1d": (lambda c: merge_multimodal_embeddings(c.ids, c.embeds, [torch.randn(16)], PLACEHOLDER),
+                ValueError, r"multimodal_embeddings\[0\] must be 2-D or 3-D"),
+    "item-int": (lambda c: merge_multimodal_embeddings(c.ids, c.embeds, [torch.ones(3, 16, dtype=torch.int64)],
+                                                       PLACEHOLDER), TypeError, "dtype"),
+    "items-type": (lambda c: merge_multimodal_embeddings(c.ids, c.embeds, "img", PLACEHOLDER),
+                   TypeError, "multimodal_embeddings must be"),
+    "float-ids": (lambda c: merge_multimodal_embeddings(c.ids.float(), c.embeds, [torch.randn(3, 16)],
+                                                        PLACEHOLDER), TypeError, "input_ids"),
+    "placeholder-type": (lambda c: merge_multimodal_embeddings(c.ids, c.embeds, [torch.randn(3, 16)], 7.0),
+                         TypeError, "placeholder_token_id"),
+    "rows": (lambda c: merge_multimodal_embeddings(c.ids[:5], c.embeds, [torch.randn(3, 16)], PLACEHOLDER),
+             ValueError, "inputs_embeds has 12 rows"),
+    "mask-dtype": (lambda c: merge_multimodal_embeddings_by_mask(c.embeds, [torch.randn(3, 16)], c.ids),
+                   TypeError, "is_multimodal"),
+    "text-id-oob": (lambda c: embed_multimodal_tokens(c.ids.masked_fill(c.ids == 0, VOCAB + 3), c.weight,
+                                                      [torch.randn(3, 16)], placeholder_token_id=PLACEHOLDER,
+                                                      out=c.embeds), ValueError, "token id 53"),
+    "negative-id": (lambda c: embed_multimodal_tokens(c.ids.masked_fill(c.ids == 0, -2), c.weight,
+                                                      [torch.randn(3, 16)], placeholder_token_id=PLACEHOLDER,
+                                                      out=c.embeds), ValueError, "token id -2"),
+    "both-locators": (lambda c: embed_multimodal_tokens(c.ids, c.weight, [torch.randn(3, 16)], out=c.embeds,
+                                                        placeholder_token_id=7, is_multimodal=c.ids == 7),
+                      ValueError, "exactly one"),
+    "out-dtype": (lambda c: embed_multimodal_tokens(c.ids, c.weight, [torch.randn(3, 16)], placeholder_token_id=7,
+                                                    out=c.embeds.half()), ValueError, "out must be"),
+}
+
+
+class _Case:
+    def __init__(self):
+        self.ids = torch.tensor([0, 1, 7, 7, 7, 2, 3, 4, 5, 6, 8, 9])
+        self.embeds = torch.randn(12, 16)
+        self.weight = torch.randn(VOCAB, 16)
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_input_raises_and_writes_nothing(name):
+    call, exc, message = BAD_CALLS[name]
+    case = _Case()
+    before = case.embeds.clone()
+    with use_backend("torch"), pytest.raises(exc, match=message):
+        call(case)
+    assert_equal(case.embeds, before)
+
+
+# --- gpu tier ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gpu_real_size(backend, dtype):
+    ids, items = make_case(16384, 4096, [1024] * 8, dtype, device="cuda")
+    weight = torch.randn(VOCAB, 4096, dtype=dtype, device="cuda")
+    out = poisoned((16384, 4096), dtype, device="cuda")
+    with use_backend(backend):
+        embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, out=out)
+    assert_equal(out, expected(ids, weight[ids], items))
+    embeds = torch.randn(16384, 4096, dtype=dtype, device="cuda")
+    before = embeds.clone()
+    with use_backend(backend):
+        merge_multimodal_embeddings(ids, embeds, items, PLACEHOLDER)
+    assert_equal(embeds, expected(ids, before, items))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_cuda_graph_capture(backend):
+    ids, _ = make_case(4096, 2048, [2 * 512], torch.bfloat16, device="cuda")
+    items = torch.randn(2, 512, 2048, dtype=torch.bfloat16, device="cuda")
+    weight = torch.randn(VOCAB, 2048, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(4096, 2048, dtype=torch.bfloat16, device="cuda")
+    with use_backend(backend):
+        embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, out=out)  # warm up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, out=out)
+    items.copy_(torch.randn_like(items))
+    poison_(out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_equal(out, expected(ids, weight[ids], [items.reshape(-1, 2048)]))
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile():
+    ids, items = make_case(300, 257, [100, 20], torch.bfloat16, device="cuda")
+    weight = torch.randn(VOCAB, 257, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(300, 257, dtype=torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.ifk.multimodal_scatter, (out, ids, weight, items, ids == PLACEHOLDER, "100 + 20"))
+    compiled = torch.compile(
+        lambda i, w, it: embed_multimodal_tokens(i, w, it, placeholder_token_id=PLACEHOLDER), fullgraph=True
+    )
+    assert_equal(compiled(ids, weight, items), expected(ids, weight[ids], items))
+
+
+def test_opcheck_and_compile_cpu():
+    ids, items = make_case(20, 12, [3, 4], torch.float32)
+    weight = torch.randn(VOCAB, 12, device=KERNEL_DEVICE)
+    out = torch.empty(20, 12, device=KERNEL_DEVICE)
+    with use_backend("torch"):
+        torch.library.opcheck(torch.ops.ifk.multimodal_scatter, (out, ids, weight, items, ids == PLACEHOLDER, "3 + 4"))
+        compiled = torch.compile(
+            lambda i, w, it: embed_multimodal_tokens(i, w, it, placeholder_token_id=PLACEHOLDER), fullgraph=True
+        )
+        assert_equal(compiled(ids, weight, items), expected(ids, weight[ids], items))
