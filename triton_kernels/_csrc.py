@@ -1,5 +1,8 @@
 """Load the ``csrc/`` extensions: prebuilt at install (``IFK_BUILD_EXT=1``) or built on first use.
 
+This module imports nothing but the standard library and torch, so ``setup.py`` can read
+:data:`EXTENSIONS` and :func:`compile_flags` from it without importing the package.
+
 Each extension registers its ops in the ``ifk`` torch.library namespace, so callers reach them
 as ``torch.ops.ifk.<name>`` once :func:`load` has returned. Builds are cached under
 ``IFK_CACHE_DIR`` (default ``~/.cache/ifk``) and serialised by torch's own file lock, so two
@@ -9,13 +12,16 @@ processes never compile the same extension at once.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import threading
 import warnings
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+import torch
+
+_HERE = Path(__file__).resolve().parent
+# csrc/ beside the package in a source tree; shipped inside it by setup.py in an installed wheel.
+CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
 
 # name -> (sources relative to csrc/, needs nvcc)
 EXTENSIONS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -41,10 +47,10 @@ def _build_dir(name: str) -> Path:
 
 def compile_flags(cuda: bool) -> dict[str, list[str]]:
     """Compiler flags shared by the JIT build and ``setup.py``'s opt-in build."""
-    cxx = ["-O3", "-std=c++17"] + ([] if cuda else ["-fopenmp", "-march=native"])
+    cxx = ["-O3"] + ([] if cuda else ["-fopenmp", "-march=native"])
     flags = {"cxx": cxx}
     if cuda:
-        flags["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        flags["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return flags
 
 
@@ -55,11 +61,10 @@ def load(name: str) -> None:
     if name in _failed:
         raise _failed[name]
     with _lock:
-        try:  # built at install time with IFK_BUILD_EXT=1
-            importlib.import_module(f"triton_kernels._ext_{name}")
+        prebuilt = sorted(_HERE.glob(f"_ext_{name}*.so"))  # IFK_BUILD_EXT=1 at install
+        if prebuilt:
+            torch.ops.load_library(str(prebuilt[0]))
             return
-        except ImportError:
-            pass
         from torch.utils import cpp_extension
 
         flags = compile_flags(cuda)

@@ -1,0 +1,75 @@
+"""Multimodal placeholder scatter: the fused embed against vLLM's two-step paths.
+
+Bytes by formula for the fused op: read every text row from the table and every multimodal row
+from its item, write every output row, read the ids: ``2 * T * H * elem + T * id_bytes``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.harness import Context, Row
+from triton_kernels import embed_multimodal_tokens, use_backend
+from triton_kernels.backend import BackendUnavailableError
+
+PLACEHOLDER = 151655  # Qwen2-VL's image pad id: inside a 152k vocabulary
+VOCAB = 152064
+
+
+def make_inputs(num_tokens, hidden, num_items, mm_fraction, dtype, device):
+    """Ids with ``num_items`` contiguous image spans covering ``mm_fraction`` of the tokens."""
+    rows = int(num_tokens * mm_fraction) // num_items
+    ids = torch.randint(0, PLACEHOLDER, (num_tokens,), device=device)
+    stride = num_tokens // num_items
+    for i in range(num_items):
+        ids[i * stride : i * stride + rows] = PLACEHOLDER
+    items = [torch.randn(rows, hidden, dtype=dtype, device=device) for _ in range(num_items)]
+    weight = torch.randn(VOCAB, hidden, dtype=dtype, device=device)
+    return ids, weight, items
+
+
+def vllm_masked_scatter(ids, weight, items):
+    """vLLM's path: embedding lookup of every id, then masked_scatter_ of the concatenated items."""
+    embeds = torch.nn.functional.embedding(ids, weight)
+    return embeds.masked_scatter_((ids == PLACEHOLDER).unsqueeze(-1), torch.cat(items))
+
+
+def index_assignment(ids, weight, items):
+    """The older vLLM path: lookup, then boolean index assignment (a host sync for the count)."""
+    embeds = torch.nn.functional.embedding(ids, weight)
+    embeds[ids == PLACEHOLDER] = torch.cat(items)
+    return embeds
+
+
+def cases(ctx: Context):
+    if ctx.device.type == "cuda":
+        yield 16384, 4096, 8, torch.bfloat16
+        if not ctx.quick:
+            yield 4096, 4096, 4, torch.bfloat16
+            yield 16384, 3584, 32, torch.float16
+    else:
+        yield (2048, 1024, 8, torch.float32) if ctx.quick else (8192, 2048, 8, torch.float32)
+
+
+def run(ctx: Context) -> list[Row]:
+    rows = []
+    backends = ["triton", "cuda"] if ctx.device.type == "cuda" else ["torch"]
+    for num_tokens, hidden, num_items, dtype in cases(ctx):
+        ids, weight, items = make_inputs(num_tokens, hidden, num_items, 0.5, dtype, ctx.device)
+        out = torch.empty(num_tokens, hidden, dtype=dtype, device=ctx.device)
+        elem = torch.finfo(dtype).bits // 8
+        nbytes = 2 * num_tokens * hidden * elem + num_tokens * ids.element_size()
+        case = f"T{num_tokens}-H{hidden}-{str(dtype)[6:]}-{num_items}items"
+        for backend in backends:
+            def fused(backend=backend):
+                with use_backend(backend):
+                    embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, out=out)
+            try:
+                rows.append(ctx.row("multimodal", case, f"ours[{backend}] fused embed", fused, nbytes))
+            except BackendUnavailableError as exc:
+                ctx.progress(f"skip ours[{backend}]: {exc}")
+        rows.append(ctx.row("multimodal", case, "vllm embed+masked_scatter",
+                            lambda: vllm_masked_scatter(ids, weight, items), nbytes))
+        rows.append(ctx.row("multimodal", case, "embed+index assignment",
+                            lambda: index_assignment(ids, weight, items), nbytes))
+    return rows
