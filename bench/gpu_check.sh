@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (torch + triton present, no network): the gpu test tier,
+# the benchmarks, then the default tier on the GPU, each under a time cap, logs under $OUT.
+# Usage: OUT=/some/dir bash bench/gpu_check.sh   (about 8 minutes at most)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M)}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export IFK_CACHE_DIR="${IFK_CACHE_DIR:-/tmp/ifk-cache}"
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null; } > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+echo "== gpu tier =="
+timeout 200 python -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+
+echo "== benchmarks =="
+IFK_BENCH_OUT="$OUT" timeout 200 python -m bench 2>&1 | tee "$OUT/bench.log" | grep -v '^  \.\.'
+
+echo "== default tier on the GPU =="
+timeout 90 python -m pytest tests -m "not gpu" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/default_tier.log" | tail -15
+echo "logs in $OUT"
