@@ -24,6 +24,12 @@ import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
+# The csrc kernels each op has, by op name: the one table that backend choice and
+# pyiface.dispatch read. An op not listed has Triton and torch only.
+NATIVE_KERNELS: dict[str, frozenset[str]] = {
+    "multimodal_scatter": frozenset({"cuda"}),
+}
+
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("ifk_backend", default=None)
 
 
@@ -85,14 +91,16 @@ def select_backend(
     op: str,
     device: torch.device,
     *,
-    native: frozenset[str] = frozenset(),
+    native: frozenset[str] | None = None,
     prefer_cuda: bool = False,
 ) -> str:
     """The backend that runs ``op`` on ``device``.
 
-    ``native`` names the csrc kernels the op has (``{"cuda"}``, ``{"cpu"}``); ``prefer_cuda`` is
-    the op's measured verdict that its CUDA kernel beats Triton for the shape at hand.
+    ``native`` names the csrc kernels the op has (default: ``NATIVE_KERNELS[op]``);
+    ``prefer_cuda`` is the op's measured verdict that its CUDA kernel beats Triton for the shape.
     """
+    if native is None:
+        native = NATIVE_KERNELS.get(op, frozenset())
     forced = forced_backend()
     if forced is not None:
         reason = _unavailable_reason(forced, op, device, native)

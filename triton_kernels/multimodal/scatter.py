@@ -170,7 +170,7 @@ def _multimodal_scatter(
             f"multimodal_embeddings: {len(items)} separate items cannot be captured in a CUDA "
             "graph (their pointer table is host data); pass one 3-D or 2-D tensor instead"
         )
-    backend = select_backend("multimodal scatter", out.device, native=frozenset({"cuda"}))
+    backend = select_backend("multimodal_scatter", out.device)
     if backend == "cuda" and not _csrc.try_load("multimodal_cuda", forced=forced_backend() is not None):
         backend = "torch"
     if backend == "torch":

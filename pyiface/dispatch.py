@@ -1,0 +1,219 @@
+"""Read a model's interface flags and hand it the kernels, state and execution path it needs.
+
+``plan(model_or_class)`` branches on the predicates only (never on model names) and returns a
+:class:`KernelPlan`; ``print(plan(...))`` shows it as a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from pyiface import interfaces as itf
+from pyiface.pipeline import pp_layer_range
+from triton_kernels.backend import BackendUnavailableError, select_backend
+
+# The ops each capability runs (names as in triton_kernels.backend.NATIVE_KERNELS).
+OPS_BY_CAPABILITY: dict[str, tuple[str, ...]] = {
+    "multimodal": ("multimodal_scatter",),
+    "lora": ("add_lora_linear", "lora_shrink", "lora_expand"),
+    "mamba": ("selective_scan_varlen", "selective_state_update", "causal_conv1d_varlen", "causal_conv1d_update"),
+}
+
+FLAG_PREDICATES = {
+    "supports_multimodal": itf.supports_multimodal,
+    "supports_lora": itf.supports_lora,
+    "supports_pp": itf.supports_pp,
+    "has_inner_state": itf.has_inner_state,
+    "is_attention_free": itf.is_attention_free,
+    "is_hybrid": itf.is_hybrid,
+    "supports_cross_encoding": itf.supports_cross_encoding,
+    "supports_quant": itf.supports_quant,
+    "supports_transcription": itf.supports_transcription,
+    "supports_v0_only": itf.supports_v0_only,
+}
+
+
+@dataclasses.dataclass
+class MambaStatePlan:
+    """Per-sequence Mamba state shapes of one layer (``None`` until a config gives them) and the
+    cache, allocated when the plan was given ``max_num_seqs`` and ``num_mamba_layers``."""
+
+    conv_state_shape: tuple[int, ...] | None
+    ssm_state_shape: tuple[int, ...] | None
+    cache: Any = None
+
+
+@dataclasses.dataclass
+class PipelinePlan:
+    pp_rank: int
+    pp_size: int
+    layer_range: tuple[int, int] | None  # None until the number of layers is known
+    make_empty_intermediate_tensors: Any  # the model's factory (None for a class)
+
+
+@dataclasses.dataclass
+class KernelPlan:
+    """What a model gets. ``backends`` maps each op it runs to the backend chosen on ``device``."""
+
+    model: str
+    device: torch.device
+    flags: dict[str, bool]
+    embedding: str
+    lora_wrapper: Any
+    packed_modules_mapping: dict[str, list[str]]
+    mamba: MambaStatePlan | None
+    needs_kv_cache: bool
+    pipeline: PipelinePlan | None
+    tasks: tuple[str, ...]
+    execution: str
+    quant_config: Any
+    backends: dict[str, str]
+
+    def __str__(self) -> str:
+        rows = [
+            ("model", self.model),
+            ("device", str(self.device)),
+            ("flags", ", ".join(name for name, on in self.flags.items() if on) or "(none)"),
+            ("embedding", self.embedding),
+            ("lora", "batch wrapper" if self.lora_wrapper is not None else
+             ("enabled (wrapper built when max_loras is given)" if self.flags["supports_lora"] else "-")),
+            ("packed modules", ", ".join(f"{k}={'+'.join(v)}" for k, v in self.packed_modules_mapping.items()) or "-"),
+            ("mamba state", _describe_mamba(self.mamba)),
+            ("kv cache", "yes" if self.needs_kv_cache else "no (attention-free)"),
+            ("pipeline", _describe_pipeline(self.pipeline)),
+            ("tasks", ", ".join(self.tasks)),
+            ("execution", self.execution),
+            ("quantization", type(self.quant_config).__name__ if self.quant_config is not None else "-"),
+        ] + [(f"op {op}", backend) for op, backend in self.backends.items()]
+        width = max(len(k) for k, _ in rows)
+        line = "+" + "-" * (width + 2) + "+" + "-" * 62 + "+"
+        body = [f"| {k:<{width}} | {v:<60} |" for k, v in rows]
+        return "\n".join([line, *body, line])
+
+
+def _describe_mamba(mamba: MambaStatePlan | None) -> str:
+    if mamba is None:
+        return "-"
+    shapes = (f"conv {mamba.conv_state_shape}, ssm {mamba.ssm_state_shape}"
+              if mamba.ssm_state_shape is not None else "shapes from the config at load")
+    return shapes + (", cache allocated" if mamba.cache is not None else "")
+
+
+def _describe_pipeline(pp: PipelinePlan | None) -> str:
+    if pp is None:
+        return "-"
+    layers = f", layers [{pp.layer_range[0]}, {pp.layer_range[1]})" if pp.layer_range else ""
+    return f"rank {pp.pp_rank} of {pp.pp_size}{layers}"
+
+
+def _check_consistent(name: str, flags: dict[str, bool]) -> None:
+    if flags["is_attention_free"] and flags["is_hybrid"]:
+        raise ValueError(f"{name} is both IsAttentionFree and IsHybrid: a hybrid model has attention layers")
+    if flags["is_hybrid"] and not flags["has_inner_state"]:
+        raise ValueError(f"{name} is IsHybrid but not HasInnerState: its Mamba layers keep state")
+    if flags["is_attention_free"] and not flags["has_inner_state"]:
+        raise ValueError(f"{name} is IsAttentionFree but not HasInnerState: with neither attention nor "
+                         "state it cannot see past tokens")
+
+
+def _backends(capabilities: list[str], device: torch.device) -> dict[str, str]:
+    chosen = {}
+    for cap in capabilities:
+        for op in OPS_BY_CAPABILITY[cap]:
+            try:
+                chosen[op] = select_backend(op, device)
+            except BackendUnavailableError as exc:
+                chosen[op] = f"unavailable: {exc}"
+    return chosen
+
+
+def _mamba_plan(model_or_class: Any, config: Any, max_num_seqs: int | None, num_mamba_layers: int | None,
+                device: torch.device, dtype: torch.dtype) -> MambaStatePlan:
+    conv_shape = ssm_shape = None
+    shape_fn = getattr(model_or_class, "get_mamba_state_shape_from_config", None)
+    if config is not None and shape_fn is not None:
+        conv_shape, ssm_shape = (tuple(s) for s in shape_fn(config))
+    cache = None
+    if ssm_shape is not None and max_num_seqs is not None and num_mamba_layers is not None:
+        from pyiface.mamba_cache import MambaCache
+
+        cache = MambaCache(num_mamba_layers, max_num_seqs, conv_shape, ssm_shape, device=device, dtype=dtype)
+    return MambaStatePlan(conv_shape, ssm_shape, cache)
+
+
+def plan(
+    model_or_class: Any,
+    device: torch.device | str | None = None,
+    *,
+    config: Any = None,
+    max_num_seqs: int | None = None,
+    num_mamba_layers: int | None = None,
+    max_loras: int | None = None,
+    max_num_tokens: int | None = None,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    num_layers: int | None = None,
+    state_dtype: torch.dtype = torch.float32,
+) -> KernelPlan:
+    """The :class:`KernelPlan` for a model class or instance.
+
+    ``device`` defaults to CUDA when present. ``config`` (default: the instance's ``config``)
+    gives IsHybrid models their Mamba state shapes; with ``max_num_seqs`` and
+    ``num_mamba_layers`` the state cache is allocated. ``max_loras`` and ``max_num_tokens``
+    build the LoRA batch wrapper. Raises ``ValueError`` for contradictory flags.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    name = cls.__name__
+    flags = {flag: predicate(model_or_class) for flag, predicate in FLAG_PREDICATES.items()}
+    _check_consistent(name, flags)
+    if config is None and not isinstance(model_or_class, type):
+        config = getattr(model_or_class, "config", None)
+
+    capabilities = []
+    if flags["supports_multimodal"]:
+        capabilities.append("multimodal")
+    lora_wrapper = None
+    if flags["supports_lora"]:
+        capabilities.append("lora")
+        if max_loras is not None and max_num_tokens is not None:
+            from pyiface.lora import LoRABatchWrapper
+
+            lora_wrapper = LoRABatchWrapper(max_loras, max_num_tokens, device)
+    mamba = None
+    if flags["has_inner_state"]:
+        capabilities.append("mamba")
+        mamba = _mamba_plan(model_or_class, config, max_num_seqs, num_mamba_layers, device, state_dtype)
+    pipeline = None
+    if flags["supports_pp"]:
+        factory = None if isinstance(model_or_class, type) else model_or_class.make_empty_intermediate_tensors
+        layers = pp_layer_range(num_layers, pp_rank, pp_size) if num_layers is not None else None
+        pipeline = PipelinePlan(pp_rank, pp_size, layers, factory)
+    elif pp_size > 1:
+        raise ValueError(f"{name} does not support pipeline parallelism (SupportsPP), got pp_size={pp_size}")
+
+    tasks = ["generate"]
+    if flags["supports_cross_encoding"]:
+        tasks.append("score")
+    if flags["supports_transcription"]:
+        tasks.append("transcription")
+    return KernelPlan(
+        model=name,
+        device=device,
+        flags=flags,
+        embedding="fused multimodal scatter (embed_multimodal_tokens)" if flags["supports_multimodal"]
+        else "plain embedding",
+        lora_wrapper=lora_wrapper,
+        packed_modules_mapping=dict(getattr(model_or_class, "packed_modules_mapping", {}) or {}),
+        mamba=mamba,
+        needs_kv_cache=not flags["is_attention_free"],
+        pipeline=pipeline,
+        tasks=tuple(tasks),
+        execution="eager, validated (SupportsV0Only)" if flags["supports_v0_only"]
+        else "graph-safe fast path (CUDA graphs, no host sync)",
+        quant_config=getattr(model_or_class, "quant_config", None) if flags["supports_quant"] else None,
+        backends=_backends(capabilities, device),
+    )

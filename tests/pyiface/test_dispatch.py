@@ -1,0 +1,135 @@
+"""plan(): flags in, kernels, state and execution path out."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pyiface import interfaces as itf
+from pyiface.dispatch import plan
+from triton_kernels import use_backend
+
+
+class PlainModel(nn.Module):
+    pass
+
+
+class VisionLoRAModel(nn.Module, itf.SupportsMultiModal, itf.SupportsLoRA, itf.SupportsPP):
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    embedding_modules = {}
+    embedding_padding_modules = []
+
+    def get_multimodal_embeddings(self, **kwargs):
+        return []
+
+    def make_empty_intermediate_tensors(self, batch_size, dtype, device):
+        return None
+
+    def forward(self, input_ids, positions, intermediate_tensors=None):
+        return input_ids
+
+
+class MambaLM(nn.Module, itf.HasInnerState, itf.IsAttentionFree):
+    pass
+
+
+class Jamba(nn.Module, itf.HasInnerState, itf.IsHybrid, itf.SupportsV0Only):
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, config):
+        return (config.d_inner, config.d_conv - 1), (config.d_inner, config.d_state)
+
+
+class Whisperish(nn.Module, itf.SupportsTranscription, itf.SupportsCrossEncoding):
+    supported_languages = {"en": "English", "de": "German"}
+
+
+CONFIG = types.SimpleNamespace(d_inner=48, d_conv=4, d_state=16)
+
+
+def test_plain_model_gets_plain_path():
+    p = plan(PlainModel, "cpu")
+    assert not any(p.flags.values())
+    assert p.embedding == "plain embedding"
+    assert p.needs_kv_cache and p.mamba is None and p.pipeline is None and p.lora_wrapper is None
+    assert p.tasks == ("generate",)
+    assert p.execution.startswith("graph-safe")
+    assert p.backends == {}
+
+
+@pytest.mark.parametrize("target", [VisionLoRAModel, VisionLoRAModel()], ids=["class", "instance"])
+def test_multimodal_lora_pp(target):
+    with use_backend("torch"):
+        p = plan(target, "cpu", pp_rank=1, pp_size=2, num_layers=5)
+    assert p.flags["supports_multimodal"] and p.flags["supports_lora"] and p.flags["supports_pp"]
+    assert p.embedding.startswith("fused multimodal scatter")
+    assert p.packed_modules_mapping["qkv_proj"] == ["q_proj", "k_proj", "v_proj"]
+    assert p.pipeline.layer_range == (3, 5)
+    assert (p.pipeline.make_empty_intermediate_tensors is None) == isinstance(target, type)
+    assert p.backends == {"multimodal_scatter": "torch", "add_lora_linear": "torch",
+                          "lora_shrink": "torch", "lora_expand": "torch"}
+    table = str(p)
+    assert "qkv_proj=q_proj+k_proj+v_proj" in table and "rank 1 of 2, layers [3, 5)" in table
+
+
+def test_attention_free_mamba_has_no_kv_cache():
+    p = plan(MambaLM(), "cpu")
+    assert not p.needs_kv_cache
+    assert p.mamba is not None and p.mamba.ssm_state_shape is None
+    assert set(p.backends) == {"selective_scan_varlen", "selective_state_update", "causal_conv1d_varlen",
+                               "causal_conv1d_update"}
+    assert "no (attention-free)" in str(p)
+
+
+def test_hybrid_gets_state_shapes_and_eager_path():
+    p = plan(Jamba, "cpu", config=CONFIG)
+    assert p.needs_kv_cache
+    assert p.mamba.conv_state_shape == (48, 3) and p.mamba.ssm_state_shape == (48, 16)
+    assert p.execution.startswith("eager")
+
+
+def test_tasks_from_flags():
+    assert plan(Whisperish, "cpu").tasks == ("generate", "score", "transcription")
+
+
+def test_cpu_backends_follow_the_interpreter_and_overrides():
+    with use_backend("torch"):
+        assert set(plan(MambaLM, "cpu").backends.values()) == {"torch"}
+    with use_backend("cuda"):
+        backends = plan(MambaLM, "cpu").backends
+    assert all(v.startswith("unavailable:") for v in backends.values())
+
+
+def test_hand_set_flag_counts():
+    class HandSet(nn.Module):
+        is_attention_free = True
+        has_inner_state = True
+
+    assert not plan(HandSet, "cpu").needs_kv_cache
+
+
+@pytest.mark.parametrize(
+    ("bases", "message"),
+    [
+        pytest.param((itf.HasInnerState, itf.IsAttentionFree, itf.IsHybrid), "both IsAttentionFree and IsHybrid",
+                     id="attention-free-and-hybrid"),
+        pytest.param((itf.IsHybrid,), "not HasInnerState", id="hybrid-without-state"),
+        pytest.param((itf.IsAttentionFree,), "not HasInnerState", id="attention-free-without-state"),
+    ],
+)
+def test_contradictory_flags_raise(bases, message):
+    model = type("Contradictory", (nn.Module, *bases), {})
+    with pytest.raises(ValueError, match=message):
+        plan(model, "cpu")
+
+
+def test_pp_size_without_support_raises():
+    with pytest.raises(ValueError, match="does not support pipeline parallelism"):
+        plan(PlainModel, "cpu", pp_size=2)
+
+
+def test_default_device():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert plan(PlainModel).device.type == expected
