@@ -22,16 +22,14 @@ import abc
 import inspect
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeAlias, overload, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, TypeAlias, overload, runtime_checkable
 
 import torch
 from torch import Tensor
 from typing_extensions import Self
 
+from pyiface.intermediate_tensors import IntermediateTensors
 from triton_kernels import embed_multimodal_tokens
-
-if TYPE_CHECKING:
-    from pyiface.intermediate_tensors import IntermediateTensors
 
 MultiModalEmbeddings: TypeAlias = list[Tensor] | Tensor | tuple[Tensor, ...]
 """A list/tuple of 2-D ``[rows_i, H]`` tensors, one per item (image, audio clip) in prompt order,
@@ -472,7 +470,8 @@ def _flag_with_members(model: object, flag: str, groups: tuple[tuple[str, ...], 
 
 
 def _warn_if_unflagged(model: object, flag: str, members: tuple[str, ...]) -> None:
-    if not getattr(model, flag, False) and all(hasattr(model, name) for name in members):
+    """Warn when ``model`` has the members but no flag at all (``flag = False`` is a choice)."""
+    if not hasattr(model, flag) and all(hasattr(model, name) for name in members):
         _warn(model, f"has all of {', '.join(members)} but does not set `{flag}=True`")
 
 

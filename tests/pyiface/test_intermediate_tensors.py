@@ -52,7 +52,9 @@ def test_equality_compares_names_and_values():
     changed["residual"][3, 1] += 1.0
     assert it != IntermediateTensors(changed)
     assert it != IntermediateTensors({"hidden_states": tensors["hidden_states"]})
-    assert it != IntermediateTensors({"hidden_states": tensors["hidden_states"], "other": tensors["residual"]})
+    assert it != IntermediateTensors(
+        {"hidden_states": tensors["hidden_states"], "other": tensors["residual"]}
+    )
     assert it != tensors
     with pytest.raises(TypeError):
         hash(it)
