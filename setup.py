@@ -8,7 +8,6 @@ from pathlib import Path
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
-
 ROOT = Path(__file__).resolve().parent
 
 

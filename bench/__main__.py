@@ -14,8 +14,16 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import RESULTS_DIR, Context, compare, draw_chart, environment, format_table, measure_copy_roof
-from bench.harness import write_results
+from bench.harness import (
+    RESULTS_DIR,
+    Context,
+    compare,
+    draw_chart,
+    environment,
+    format_table,
+    measure_copy_roof,
+    write_results,
+)
 
 FAMILIES = ("multimodal", "lora", "mamba")
 

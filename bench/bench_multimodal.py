@@ -51,25 +51,27 @@ def cases(ctx: Context):
         yield (2048, 1024, 8, torch.float32) if ctx.quick else (8192, 2048, 8, torch.float32)
 
 
-def run(ctx: Context) -> list[Row]:
+def case_rows(ctx: Context, num_tokens: int, hidden: int, num_items: int, dtype: torch.dtype) -> list[Row]:
+    ids, weight, items = make_inputs(num_tokens, hidden, num_items, 0.5, dtype, ctx.device)
+    out = torch.empty(num_tokens, hidden, dtype=dtype, device=ctx.device)
+    nbytes = 2 * num_tokens * hidden * out.element_size() + num_tokens * ids.element_size()
+    case = f"T{num_tokens}-H{hidden}-{str(dtype)[6:]}-{num_items}items"
     rows = []
-    backends = ["triton", "cuda"] if ctx.device.type == "cuda" else ["torch"]
-    for num_tokens, hidden, num_items, dtype in cases(ctx):
-        ids, weight, items = make_inputs(num_tokens, hidden, num_items, 0.5, dtype, ctx.device)
-        out = torch.empty(num_tokens, hidden, dtype=dtype, device=ctx.device)
-        elem = torch.finfo(dtype).bits // 8
-        nbytes = 2 * num_tokens * hidden * elem + num_tokens * ids.element_size()
-        case = f"T{num_tokens}-H{hidden}-{str(dtype)[6:]}-{num_items}items"
-        for backend in backends:
-            def fused(backend=backend):
-                with use_backend(backend):
-                    embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, out=out)
-            try:
-                rows.append(ctx.row("multimodal", case, f"ours[{backend}] fused embed", fused, nbytes))
-            except BackendUnavailableError as exc:
-                ctx.progress(f"skip ours[{backend}]: {exc}")
-        rows.append(ctx.row("multimodal", case, "vllm embed+masked_scatter",
-                            lambda: vllm_masked_scatter(ids, weight, items), nbytes))
-        rows.append(ctx.row("multimodal", case, "embed+index assignment",
-                            lambda: index_assignment(ids, weight, items), nbytes))
+    for backend in ["triton", "cuda"] if ctx.device.type == "cuda" else ["torch"]:
+        def fused(backend=backend):
+            with use_backend(backend):
+                embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, out=out)
+
+        try:
+            rows.append(ctx.row("multimodal", case, f"ours[{backend}] fused embed", fused, nbytes))
+        except BackendUnavailableError as exc:
+            ctx.progress(f"skip ours[{backend}]: {exc}")
+    rows.append(ctx.row("multimodal", case, "vllm embed+masked_scatter",
+                        lambda: vllm_masked_scatter(ids, weight, items), nbytes))
+    rows.append(ctx.row("multimodal", case, "embed+index assignment",
+                        lambda: index_assignment(ids, weight, items), nbytes))
     return rows
+
+
+def run(ctx: Context) -> list[Row]:
+    return [row for shape in cases(ctx) for row in case_rows(ctx, *shape)]

@@ -53,7 +53,10 @@ def test_plain_model_gets_plain_path():
     p = plan(PlainModel, "cpu")
     assert not any(p.flags.values())
     assert p.embedding == "plain embedding"
-    assert p.needs_kv_cache and p.mamba is None and p.pipeline is None and p.lora_wrapper is None
+    assert p.needs_kv_cache
+    assert p.mamba is None
+    assert p.pipeline is None
+    assert p.lora_wrapper is None
     assert p.tasks == ("generate",)
     assert p.execution.startswith("graph-safe")
     assert p.backends == {}
@@ -63,7 +66,9 @@ def test_plain_model_gets_plain_path():
 def test_multimodal_lora_pp(target):
     with use_backend("torch"):
         p = plan(target, "cpu", pp_rank=1, pp_size=2, num_layers=5)
-    assert p.flags["supports_multimodal"] and p.flags["supports_lora"] and p.flags["supports_pp"]
+    assert p.flags["supports_multimodal"]
+    assert p.flags["supports_lora"]
+    assert p.flags["supports_pp"]
     assert p.embedding.startswith("fused multimodal scatter")
     assert p.packed_modules_mapping["qkv_proj"] == ["q_proj", "k_proj", "v_proj"]
     assert p.pipeline.layer_range == (3, 5)
@@ -71,13 +76,15 @@ def test_multimodal_lora_pp(target):
     assert p.backends == {"multimodal_scatter": "torch", "add_lora_linear": "torch",
                           "lora_shrink": "torch", "lora_expand": "torch"}
     table = str(p)
-    assert "qkv_proj=q_proj+k_proj+v_proj" in table and "rank 1 of 2, layers [3, 5)" in table
+    assert "qkv_proj=q_proj+k_proj+v_proj" in table
+    assert "rank 1 of 2, layers [3, 5)" in table
 
 
 def test_attention_free_mamba_has_no_kv_cache():
     p = plan(MambaLM(), "cpu")
     assert not p.needs_kv_cache
-    assert p.mamba is not None and p.mamba.ssm_state_shape is None
+    assert p.mamba is not None
+    assert p.mamba.ssm_state_shape is None
     assert set(p.backends) == {"selective_scan_varlen", "selective_state_update", "causal_conv1d_varlen",
                                "causal_conv1d_update"}
     assert "no (attention-free)" in str(p)
@@ -86,7 +93,8 @@ def test_attention_free_mamba_has_no_kv_cache():
 def test_hybrid_gets_state_shapes_and_eager_path():
     p = plan(Jamba, "cpu", config=CONFIG)
     assert p.needs_kv_cache
-    assert p.mamba.conv_state_shape == (48, 3) and p.mamba.ssm_state_shape == (48, 16)
+    assert p.mamba.conv_state_shape == (48, 3)
+    assert p.mamba.ssm_state_shape == (48, 16)
     assert p.execution.startswith("eager")
 
 

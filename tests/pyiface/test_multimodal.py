@@ -30,5 +30,5 @@ def test_text_only_is_plain_embedding(embedder):
 
 
 def test_needs_an_embedding_module():
-    with pytest.raises(TypeError, match="nn.Embedding"):
+    with pytest.raises(TypeError, match=r"nn\.Embedding"):
         MultiModalEmbedder(nn.Linear(3, 3), 1)

@@ -23,7 +23,7 @@ def test_ranges_cover_all_layers_once(num_layers, pp_size, expected):
 
 @pytest.mark.parametrize(("rank", "size", "layers"), [(2, 2, 4), (-1, 2, 4), (0, 0, 4), (0, 5, 4)])
 def test_bad_ranges_raise(rank, size, layers):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"pp_rank|num_layers"):
         pp_layer_range(layers, rank, size)
 
 
