@@ -24,7 +24,8 @@ def test_cuda_matches_reference(hidden, dtype, offset):
     ids[torch.randperm(333, device="cuda")[:120]] = 100
     weight = torch.randn(100, hidden, dtype=dtype, device="cuda")
     storage = torch.randn(130 * hidden + offset, dtype=dtype, device="cuda")
-    items = [storage[offset : offset + 70 * hidden].view(70, hidden), torch.randn(50, hidden, dtype=dtype, device="cuda")]
+    unaligned = storage[offset : offset + 70 * hidden].view(70, hidden)
+    items = [unaligned, torch.randn(50, hidden, dtype=dtype, device="cuda")]
     out = poisoned((333, hidden), dtype, device="cuda")
     with use_backend("cuda"):
         embed_multimodal_tokens(ids, weight, items, placeholder_token_id=100, out=out)

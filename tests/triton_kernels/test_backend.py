@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from triton_kernels import BackendUnavailableError, use_backend
-from triton_kernels import _csrc
+from triton_kernels import BackendUnavailableError, _csrc, use_backend
 from triton_kernels.backend import forced_backend, select_backend
 
 CPU = torch.device("cpu")
