@@ -20,6 +20,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # name -> (sources relative to csrc/, needs nvcc)
 EXTENSIONS: dict[str, tuple[tuple[str, ...], bool]] = {
     "multimodal_cuda": (("multimodal/embed_multimodal.cu",), True),
+    "mamba_cpu": (("mamba/selective_scan_cpu.cpp",), False),
 }
 
 
