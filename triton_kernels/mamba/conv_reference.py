@@ -19,6 +19,14 @@ def _conv(xcat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
     return F.silu(out) if silu else out
 
 
+def _scatter_rows(cache: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> None:
+    """``cache[idx[b]] = rows[b]`` for the rows that are ``valid`` (not the pad slot)."""
+    keep = valid.nonzero().squeeze(1)
+    if keep.numel() != valid.numel():
+        idx, rows = idx.index_select(0, keep), rows.index_select(0, keep)
+    cache.index_copy_(0, idx, rows.to(cache.dtype))
+
+
 def causal_conv1d_fn_ref(
     x: torch.Tensor,  # [B, D, L]
     weight: torch.Tensor,  # [D, W]
@@ -52,11 +60,10 @@ def causal_conv1d_update_ref(
     width, state_len = weight.shape[1], conv_state.shape[-1]
     valid = slots != pad_slot_id
     idx = slots.long().clamp(0, conv_state.shape[0] - 1)
-    xcat = torch.cat([conv_state[idx].float(), x.float()], dim=-1)  # [B, D, S+L]
+    xcat = torch.cat([conv_state.index_select(0, idx).float(), x.float()], dim=-1)  # [B, D, S+L]
     res = _conv(xcat[..., state_len - (width - 1):], weight, bias, silu)
     out.copy_(torch.where(valid[:, None, None], res, 0.0))
-    rows = valid.nonzero().squeeze(1)
-    conv_state[idx[rows]] = xcat[rows, :, xcat.shape[-1] - state_len:].to(conv_state.dtype)
+    _scatter_rows(conv_state, idx, valid, xcat[..., xcat.shape[-1] - state_len:])
 
 
 def causal_conv1d_varlen_ref(
@@ -117,12 +124,11 @@ def selective_state_update_ref(
     Bh = B.float().repeat_interleave(heads // groups, dim=1)  # [B, H, N]
     Ch = C.float().repeat_interleave(heads // groups, dim=1)
     dBx = (dt * x.float())[..., None] * Bh[:, :, None]
-    new = state[idx].float() * torch.exp(dt[..., None] * A.float()) + dBx
+    new = state.index_select(0, idx).float() * torch.exp(dt[..., None] * A.float()) + dBx
     y = (new * Ch[:, :, None]).sum(-1)
     if D is not None:
         y = y + x.float() * D.float()
     if z is not None:
         y = y * F.silu(z.float())
     out.copy_(torch.where(valid[:, None, None], y, 0.0))
-    rows = valid.nonzero().squeeze(1)
-    state[idx[rows]] = new[rows].to(state.dtype)
+    _scatter_rows(state, idx, valid, new)
