@@ -24,11 +24,11 @@ from triton_kernels.mamba.conv_reference import (
 )
 from triton_kernels.mamba.state_update import check_slot_range, check_slots
 
-# Output tile: BLOCK_D * BLOCK_L = _TILE elements (64 x 64 for long sequences, 512 x 4 for decode),
-# enough loads in flight per program for a bandwidth-bound op without spilling the fp32 tile.
-_TILE = 4096
+# Output tile: BLOCK_D * BLOCK_L = _TILE elements (16 x 64 for long sequences, 1024 x 1 for decode):
+# 8 fp32 accumulators per thread of 4 warps. Each of the W shifted loads costs ~14 registers per
+# element (sm_90 build): 2048-element tiles took 220+ registers, 4096 spilled.
+_TILE = 1024
 _MAX_BLOCK_L = 64
-_DECODE_TILE = 2048
 
 
 @triton.jit
@@ -90,8 +90,12 @@ def _causal_conv1d_kernel(
         x_base = x_ptr + seq * stride_x_b
         out_base = out_ptr + seq * stride_out_b
     slot = tl.load(slot_ptr + seq).to(tl.int64) if HAS_SLOTS else seq
-    o_d = (i_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-    m_d = o_d < dim
+    # 64-bit offsets stay scalar (the tile's base pointers); offsets inside a tile are 32-bit
+    d0 = (i_d * BLOCK_D).to(tl.int64)
+    x_base += d0 * stride_x_d
+    out_base += d0 * stride_out_d
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < dim - i_d * BLOCK_D
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
     m_out = m_d[:, None] & (o_l < length)[None, :]
     p_out = out_base + o_d[:, None] * stride_out_d + o_l[None, :] * stride_out_l
@@ -100,41 +104,47 @@ def _causal_conv1d_kernel(
         n_init = tl.load(has_init_ptr + seq).to(tl.int32) * state_len
     else:
         n_init = state_len if INIT_MODE == 1 else 0
-    p_init = init_ptr + slot * stride_init_s + o_d[:, None] * stride_init_d
+    p_init = init_ptr + slot * stride_init_s + d0 * stride_init_d + o_d[:, None] * stride_init_d
     if active:
         if (slot == pad_slot_id) | (slot < 0) | (slot >= num_slots):  # out-of-range only under capture
             tl.store(p_out, tl.zeros((BLOCK_D, BLOCK_L), dtype=out_ptr.dtype.element_ty), mask=m_out)
         else:
             acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+            p_w = weight_ptr + d0 * stride_w_d + o_d * stride_w_d
             if HAS_BIAS:
-                acc += tl.load(bias_ptr + o_d, mask=m_d).to(tl.float32)[:, None]
+                acc += tl.load(bias_ptr + d0 + o_d, mask=m_d).to(tl.float32)[:, None]
             for k in tl.static_range(WIDTH):
                 pos = o_l + (k - (WIDTH - 1))
-                b_w = tl.load(weight_ptr + o_d * stride_w_d + k * stride_w_k, mask=m_d).to(tl.float32)
+                b_w = tl.load(p_w + k * stride_w_k, mask=m_d).to(tl.float32)
                 m_x = m_d[:, None] & ((pos >= 0) & (pos < length))[None, :]
                 b_x = tl.load(x_base + o_d[:, None] * stride_x_d + pos[None, :] * stride_x_l, mask=m_x,
                               other=0.0).to(tl.float32)
-                if INIT_MODE != 0:
-                    m_s = m_d[:, None] & ((pos < 0) & (pos >= -n_init))[None, :]
-                    b_x += tl.load(p_init + (state_len + pos)[None, :] * stride_init_k, mask=m_s,
-                                   other=0.0).to(tl.float32)
                 acc += b_w[:, None] * b_x
+            if INIT_MODE != 0 and i_l == 0:  # only the first block reaches before the sequence start
+                for k in tl.static_range(WIDTH - 1):
+                    pos = o_l + (k - (WIDTH - 1))
+                    b_w = tl.load(p_w + k * stride_w_k, mask=m_d).to(tl.float32)
+                    m_s = m_d[:, None] & ((pos < 0) & (pos >= -n_init))[None, :]
+                    b_s = tl.load(p_init + (state_len + pos)[None, :] * stride_init_k, mask=m_s,
+                                  other=0.0).to(tl.float32)
+                    acc += b_w[:, None] * b_s
             if SILU:
                 acc = acc * tl.sigmoid(acc)
             tl.store(p_out, acc.to(out_ptr.dtype.element_ty), mask=m_out)
             if WRITE_STATE and i_l == 0:
                 o_s = tl.arange(0, BLOCK_S)
-                pos = length - state_len + o_s  # the new state's columns as sequence positions
+                col_pos = length - state_len + o_s  # the new state's columns as sequence col_positions
                 m_col = m_d[:, None] & (o_s < state_len)[None, :]
-                b_new = tl.load(x_base + o_d[:, None] * stride_x_d + pos[None, :] * stride_x_l,
-                                mask=m_col & (pos >= 0)[None, :], other=0.0).to(tl.float32)
+                b_new = tl.load(x_base + o_d[:, None] * stride_x_d + col_pos[None, :] * stride_x_l,
+                                mask=m_col & (col_pos >= 0)[None, :], other=0.0).to(tl.float32)
                 if INIT_MODE != 0:
-                    m_old = m_col & ((pos < 0) & (pos >= -n_init))[None, :]
-                    b_new += tl.load(p_init + (state_len + pos)[None, :] * stride_init_k, mask=m_old,
+                    m_old = m_col & ((col_pos < 0) & (col_pos >= -n_init))[None, :]
+                    b_new += tl.load(p_init + (state_len + col_pos)[None, :] * stride_init_k, mask=m_old,
                                      other=0.0).to(tl.float32)
                 tl.debug_barrier()  # every old-state read of this tile precedes the overwrite
-                p_final = final_ptr + slot * stride_final_s + o_d[:, None] * stride_final_d
-                tl.store(p_final + o_s[None, :] * stride_final_k, b_new.to(final_ptr.dtype.element_ty),
+                p_final = final_ptr + slot * stride_final_s + d0 * stride_final_d
+                p_final += o_d[:, None] * stride_final_d + o_s[None, :] * stride_final_k
+                tl.store(p_final, b_new.to(final_ptr.dtype.element_ty),
                          mask=m_col)
 
 
@@ -169,6 +179,7 @@ def _launch_triton(
 ) -> None:
     varlen = query_start_loc is not None
     dim, width = weight.shape
+    # BLOCK_L >= W - 1 whenever a sequence spans several blocks, so only block 0 reads the state
     if varlen:
         batch, length, num_tokens = query_start_loc.shape[0] - 1, 0, x.shape[1]
         x_strides, out_strides = (0, *x.stride()), (0, *out.stride())
@@ -177,11 +188,10 @@ def _launch_triton(
     else:
         batch, length = x.shape[0], x.shape[2]
         x_strides, out_strides = x.stride(), out.stride()
-        block_l = min(_MAX_BLOCK_L, max(4, triton.next_power_of_2(length)))
+        block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(max(length, 1)))
     if batch == 0 or dim == 0:
         return
-    tile = _TILE if block_l >= 16 else _DECODE_TILE
-    block_d = min(triton.next_power_of_2(dim), max(16, tile // block_l))
+    block_d = min(triton.next_power_of_2(dim), max(16, _TILE // block_l))
     state = init if init is not None else final
     state_len = width - 1 if state is None else state.shape[-1]
     if varlen:
