@@ -18,6 +18,7 @@ from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, c
 from triton_kernels.backend import select_backend
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba.conv_reference import (
+    causal_conv1d_bwd_ref,
     causal_conv1d_fn_ref,
     causal_conv1d_update_ref,
     causal_conv1d_varlen_ref,
@@ -311,8 +312,8 @@ def _(out, x, conv_state, weight, bias, slots, silu, pad_slot_id) -> None:
 
 
 class _CausalConv1dFn(torch.autograd.Function):
-    """Forward on the chosen backend; backward by autograd through the torch reference (recomputed
-    in fp32), so every backend trains, at the reference's speed."""
+    """Forward on the chosen backend; backward by the torch reference's closed form (fp32, the conv
+    recomputed), so every backend trains, and torch.compile traces the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, initial_states, silu, return_final_states):
@@ -325,18 +326,11 @@ class _CausalConv1dFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_final):
-        saved = ctx.saved_tensors
-        wants = ctx.needs_input_grad[:4]
-        with torch.enable_grad():
-            leaves = [None if t is None else t.detach().requires_grad_(w) for t, w in zip(saved, wants)]
-            res, fin = causal_conv1d_fn_ref(leaves[0], leaves[1], leaves[2], ctx.silu, leaves[3])
-            outputs, grads = [res], [d_out]
-            if d_final is not None:
-                outputs.append(fin)
-                grads.append(d_final.float())
-            inputs = [t for t, w in zip(leaves, wants) if w]
-            found = iter(torch.autograd.grad(outputs, inputs, grads, allow_unused=True) if inputs else ())
-        return (*(next(found) if w else None for w in wants), None, None)
+        x, weight, bias, initial_states = ctx.saved_tensors
+        grads = causal_conv1d_bwd_ref(x, weight, bias, ctx.silu, initial_states, d_out, d_final)
+        inputs = (x, weight, bias, initial_states)
+        cast = (None if g is None or t is None else g.to(t.dtype) for g, t in zip(grads, inputs))
+        return (*cast, None, None)
 
 
 def _silu_flag(activation: object) -> bool:

@@ -45,6 +45,36 @@ def causal_conv1d_fn_ref(
     return _conv(xcat, weight, bias, silu).to(x.dtype), xcat[..., xcat.shape[-1] - (width - 1):]
 
 
+def causal_conv1d_bwd_ref(
+    x: torch.Tensor,  # [B, D, L]
+    weight: torch.Tensor,  # [D, W]
+    bias: torch.Tensor | None,
+    silu: bool,
+    initial_states: torch.Tensor | None,  # [B, D, W-1]
+    d_out: torch.Tensor,  # [B, D, L]
+    d_final: torch.Tensor | None,  # [B, D, W-1]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`causal_conv1d_fn_ref` in closed form (fp32, recomputing the conv):
+    ``(d_x, d_weight, d_bias, d_initial_states)``, ``None`` for an absent bias / initial state."""
+    width, length = weight.shape[1], x.shape[-1]
+    if initial_states is None:
+        xcat = F.pad(x.float(), (width - 1, 0))
+    else:
+        xcat = torch.cat([initial_states.float(), x.float()], dim=-1)
+    g = d_out.float()
+    if silu:
+        pre = _conv(xcat, weight, bias, False)
+        sig = torch.sigmoid(pre)
+        g = g * sig * (1 + pre * (1 - sig))
+    d_xcat = F.conv_transpose1d(g, weight.float().unsqueeze(1), groups=weight.shape[0])  # [B, D, W-1+L]
+    if d_final is not None:
+        d_xcat[..., length:] += d_final.float()
+    d_weight = torch.stack([(g * xcat[..., k : k + length]).sum((0, 2)) for k in range(width)], dim=1)
+    d_bias = None if bias is None else g.sum((0, 2))
+    d_init = None if initial_states is None else d_xcat[..., : width - 1]
+    return d_xcat[..., width - 1 :], d_weight, d_bias, d_init
+
+
 def causal_conv1d_update_ref(
     x: torch.Tensor,  # [B, D, L]
     conv_state: torch.Tensor,  # [slots, D, S], S >= W-1, updated in place

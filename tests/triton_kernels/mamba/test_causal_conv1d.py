@@ -295,6 +295,26 @@ def test_torch_library_opcheck():
     )
 
 
+def test_torch_compile_fullgraph_update_and_training():
+    """The decode update and a training step through causal_conv1d_fn trace without graph breaks."""
+    x, weight, bias = rnd(3, 10), rnd(10, 4), rnd(10)
+    idx = torch.tensor([2, PAD_SLOT_ID, 0], device=KERNEL_DEVICE)
+    state = rnd(4, 10, 3)
+    state_eager = state.clone()
+    step = torch.compile(causal_conv1d_update, fullgraph=True)
+    assert_close(
+        step(x, state, weight, bias, "silu", idx),
+        causal_conv1d_update(x, state_eager, weight, bias, "silu", idx),
+    )
+    assert_equal(state, state_eager, "conv_state")
+
+    xs = rnd(2, 10, 7).requires_grad_()
+    loss = torch.compile(lambda t: causal_conv1d_fn(t, weight, bias, "silu").square().sum(), fullgraph=True)
+    (g_compiled,) = torch.autograd.grad(loss(xs), [xs])
+    (g_eager,) = torch.autograd.grad(causal_conv1d_fn_ref(xs, weight, bias, True)[0].square().sum(), [xs])
+    assert_close(g_compiled, g_eager)
+
+
 # ------------------------------------------------------------------ bad input
 
 

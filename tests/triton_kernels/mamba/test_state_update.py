@@ -16,8 +16,19 @@ from triton_kernels.mamba.state_update import selective_state_update
 BACKENDS = ["triton", "torch"]
 
 
-def make_case(batch, num_slots, dim, dstate, *, heads=None, groups=1, dtype=torch.float32,
-              state_dtype=torch.float32, optional=True, device=KERNEL_DEVICE):
+def make_case(
+    batch,
+    num_slots,
+    dim,
+    dstate,
+    *,
+    heads=None,
+    groups=1,
+    dtype=torch.float32,
+    state_dtype=torch.float32,
+    optional=True,
+    device=KERNEL_DEVICE,
+):
     """Random signed inputs in the plain form (``heads=None``) or the heads form."""
     row = (dim,) if heads is None else (heads, dim)
     bc = (batch, dstate) if heads is None else (batch, groups, dstate)
@@ -27,9 +38,11 @@ def make_case(batch, num_slots, dim, dstate, *, heads=None, groups=1, dtype=torc
 
     args = {
         "state": rnd(num_slots, *row, dstate, dt=state_dtype),
-        "x": rnd(batch, *row), "dt": rnd(batch, *row) * 0.5,
+        "x": rnd(batch, *row),
+        "dt": rnd(batch, *row) * 0.5,
         "A": -torch.rand(*row, dstate, device=device) - 0.1,
-        "B": rnd(*bc), "C": rnd(*bc),
+        "B": rnd(*bc),
+        "C": rnd(*bc),
     }
     if optional:
         args.update(D=rnd(*row), z=rnd(batch, *row), dt_bias=rnd(*row) * 0.5, dt_softplus=True)
@@ -51,8 +64,21 @@ def expected(args, slots, pad_slot_id=PAD_SLOT_ID):
     out = torch.empty(a["x"].shape, device=a["x"].device)
     if slots is None:
         slots = torch.arange(a["x"].shape[0], device=a["x"].device)
-    selective_state_update_ref(a["state"], a["x"], a["dt"], a["A"], a["B"], a["C"], a.get("D"), a.get("z"),
-                               a.get("dt_bias"), a.get("dt_softplus", False), slots, pad_slot_id, out)
+    selective_state_update_ref(
+        a["state"],
+        a["x"],
+        a["dt"],
+        a["A"],
+        a["B"],
+        a["C"],
+        a.get("D"),
+        a.get("z"),
+        a.get("dt_bias"),
+        a.get("dt_softplus", False),
+        slots,
+        pad_slot_id,
+        out,
+    )
     return (a["state"].squeeze(1), out.squeeze(1)) if plain else (a["state"], out)
 
 
@@ -60,8 +86,11 @@ CASES = [
     pytest.param(dict(batch=3, num_slots=5, dim=37, dstate=16), [4, PAD_SLOT_ID, 1], id="D37-N16-pad"),
     pytest.param(dict(batch=1, num_slots=1, dim=5, dstate=3), None, id="B1-D5-N3"),
     pytest.param(dict(batch=2, num_slots=2, dim=33, dstate=40, optional=False), None, id="D33-N40-bare"),
-    pytest.param(dict(batch=3, num_slots=4, dim=6, dstate=5, heads=4, groups=2), [2, 0, PAD_SLOT_ID],
-                 id="heads4-P6-G2-pad"),
+    pytest.param(
+        dict(batch=3, num_slots=4, dim=6, dstate=5, heads=4, groups=2),
+        [2, 0, PAD_SLOT_ID],
+        id="heads4-P6-G2-pad",
+    ),
     pytest.param(dict(batch=2, num_slots=3, dim=1, dstate=16, heads=3, groups=1), [1, 2], id="heads3-P1-G1"),
 ]
 
@@ -143,9 +172,33 @@ def test_torch_library_opcheck():
     state = a.pop("state")
     torch.library.opcheck(
         torch.ops.ifk.selective_state_update,
-        (state, a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"], True,
-         torch.tensor([3, PAD_SLOT_ID, 0], device=KERNEL_DEVICE), PAD_SLOT_ID, torch.empty_like(a["x"])),
+        (
+            state,
+            a["x"],
+            a["dt"],
+            a["A"],
+            a["B"],
+            a["C"],
+            a["D"],
+            a["z"],
+            a["dt_bias"],
+            True,
+            torch.tensor([3, PAD_SLOT_ID, 0], device=KERNEL_DEVICE),
+            PAD_SLOT_ID,
+            torch.empty_like(a["x"]),
+        ),
     )
+
+
+def test_torch_compile_fullgraph_decode_step():
+    args = make_case(3, 4, 6, 5, heads=2, groups=1)
+    eager = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    idx = torch.tensor([3, PAD_SLOT_ID, 1], device=KERNEL_DEVICE)
+    step = torch.compile(selective_state_update, fullgraph=True)
+    assert_close(
+        step(**args, state_batch_indices=idx), selective_state_update(**eager, state_batch_indices=idx)
+    )
+    assert_equal(args["state"], eager["state"], "state")
 
 
 def _bad(**changes):
@@ -160,23 +213,45 @@ BAD = [
     pytest.param(lambda a: {"dt": a["dt"][:1]}, ValueError, r"dt must have shape", id="dt-batch"),
     pytest.param(lambda a: {"A": a["A"][..., :3]}, ValueError, r"A must have shape \[2, 6, 4\]", id="A-N"),
     pytest.param(lambda a: {"B": a["B"][:, :, :3]}, ValueError, r"B must have shape", id="B-N"),
-    pytest.param(lambda a: {"B": a["B"].repeat(1, 2, 1)[:, :3], "C": a["C"].repeat(1, 2, 1)[:, :3]},
-                 ValueError,
-                 r"groups dividing H=2", id="groups-not-dividing"),
+    pytest.param(
+        lambda a: {"B": a["B"].repeat(1, 2, 1)[:, :3], "C": a["C"].repeat(1, 2, 1)[:, :3]},
+        ValueError,
+        r"groups dividing H=2",
+        id="groups-not-dividing",
+    ),
     pytest.param(lambda a: {"D": a["D"][:1]}, ValueError, r"D must have shape", id="D"),
     pytest.param(lambda a: {"x": a["x"].int()}, TypeError, r"x must have dtype", id="x-int"),
     pytest.param(lambda a: {"state": a["state"][0]}, ValueError, r"x must be 2-D", id="state-rank"),
-    pytest.param(lambda a: {"out": torch.empty_like(a["x"], dtype=torch.float16)}, TypeError,
-                 r"out must have x's",
-                 id="out-dtype"),
-    pytest.param(lambda a: {"state_batch_indices": torch.tensor([0, 3], device=KERNEL_DEVICE)}, ValueError,
-                 r"state_batch_indices holds 3, outside the cache \[0, 3\)", id="index-past-end"),
-    pytest.param(lambda a: {"state_batch_indices": torch.tensor([-2, 0], device=KERNEL_DEVICE)}, ValueError,
-                 r"holds -2, outside the cache", id="index-negative"),
-    pytest.param(lambda a: {"state_batch_indices": torch.tensor([0.0, 1.0], device=KERNEL_DEVICE)}, TypeError,
-                 r"state_batch_indices must have dtype", id="index-float"),
-    pytest.param(lambda a: {"state_batch_indices": None}, ValueError, r"state has 3 slots but x has 2 rows",
-                 id="no-index-slot-mismatch"),
+    pytest.param(
+        lambda a: {"out": torch.empty_like(a["x"], dtype=torch.float16)},
+        TypeError,
+        r"out must have x's",
+        id="out-dtype",
+    ),
+    pytest.param(
+        lambda a: {"state_batch_indices": torch.tensor([0, 3], device=KERNEL_DEVICE)},
+        ValueError,
+        r"state_batch_indices holds 3, outside the cache \[0, 3\)",
+        id="index-past-end",
+    ),
+    pytest.param(
+        lambda a: {"state_batch_indices": torch.tensor([-2, 0], device=KERNEL_DEVICE)},
+        ValueError,
+        r"holds -2, outside the cache",
+        id="index-negative",
+    ),
+    pytest.param(
+        lambda a: {"state_batch_indices": torch.tensor([0.0, 1.0], device=KERNEL_DEVICE)},
+        TypeError,
+        r"state_batch_indices must have dtype",
+        id="index-float",
+    ),
+    pytest.param(
+        lambda a: {"state_batch_indices": None},
+        ValueError,
+        r"state has 3 slots but x has 2 rows",
+        id="no-index-slot-mismatch",
+    ),
 ]
 
 
@@ -200,14 +275,24 @@ def test_oracle_hf_selective_state_update(with_optional):
     hf_state = args["state"].clone()
     kw = {k: args.get(k) for k in ("D", "z", "dt_bias")}
     hf_out = modeling.mamba_selective_state_update(
-        hf_state, args["x"], args["dt"], args["A"], args["B"], args["C"], kw["D"],
-        dt_bias=kw["dt_bias"], dt_softplus=with_optional, z=kw["z"])
+        hf_state,
+        args["x"],
+        args["dt"],
+        args["A"],
+        args["B"],
+        args["C"],
+        kw["D"],
+        dt_bias=kw["dt_bias"],
+        dt_softplus=with_optional,
+        z=kw["z"],
+    )
     out = selective_state_update(**args)
     assert_close(out, hf_out)
     assert_close(args["state"], hf_state)
 
 
 # ---------------------------------------------------------------- gpu tier (real sizes)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 64, 256])
@@ -241,10 +326,21 @@ def test_gpu_opcheck():
     args = make_case(8, 9, 256, 16, dtype=torch.bfloat16, device="cuda")
     torch.library.opcheck(
         torch.ops.ifk.selective_state_update,
-        (args["state"].unsqueeze(1), args["x"].unsqueeze(1), args["dt"].unsqueeze(1), args["A"].unsqueeze(0),
-         args["B"].unsqueeze(1), args["C"].unsqueeze(1), args["D"].unsqueeze(0), args["z"].unsqueeze(1),
-         args["dt_bias"].unsqueeze(0), True, torch.arange(8, device="cuda"), PAD_SLOT_ID,
-         torch.empty_like(args["x"]).unsqueeze(1)),
+        (
+            args["state"].unsqueeze(1),
+            args["x"].unsqueeze(1),
+            args["dt"].unsqueeze(1),
+            args["A"].unsqueeze(0),
+            args["B"].unsqueeze(1),
+            args["C"].unsqueeze(1),
+            args["D"].unsqueeze(0),
+            args["z"].unsqueeze(1),
+            args["dt_bias"].unsqueeze(0),
+            True,
+            torch.arange(8, device="cuda"),
+            PAD_SLOT_ID,
+            torch.empty_like(args["x"]).unsqueeze(1),
+        ),
     )
 
 
