@@ -189,6 +189,17 @@ def test_varlen_defaults_one_sequence_from_zeros_into_slot_0():
     assert_equal(args["ssm_states"][1], before[1])
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen_empty_batch_and_no_tokens(backend):
+    args = make_varlen([], 4, 2, 1, num_slots=2)
+    before = args["ssm_states"].clone()
+    no_slots = torch.zeros(0, dtype=torch.int32, device=KERNEL_DEVICE)
+    with use_backend(backend):
+        out = selective_scan_varlen(**args, cache_indices=no_slots)
+    assert out.shape == (4, 0)
+    assert_equal(args["ssm_states"], before)
+
+
 # ---- bad input: a clear error and nothing written ---------------------------------------------
 
 
