@@ -135,6 +135,35 @@ def _launch_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad
         )
 
 
+def check_slots(name: str, indices: object, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Metadata checks of a ``[batch]`` int32/int64 slot-index tensor (values: :func:`check_slot_range`)."""
+    if indices is None:
+        return None
+    check_tensor(name, indices, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if indices.shape[0] != batch:
+        raise ValueError(f"{name} has {indices.shape[0]} entries, expected {batch} (one per sequence)")
+    return indices.contiguous()
+
+
+def check_slot_range(name: str, indices: torch.Tensor | None, num_slots: int, pad_slot_id: int) -> None:
+    """Raise unless every entry is a slot in ``[0, num_slots)`` or ``pad_slot_id``.
+
+    Reads the values (one host sync on a GPU), so it runs inside the custom ops, before they write.
+    Skipped while a CUDA graph is being captured; the kernels then treat an out-of-range entry like
+    the pad slot, so they never write outside the cache.
+    """
+    if indices is None or indices.numel() == 0:
+        return
+    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = (indices != pad_slot_id) & ((indices < 0) | (indices >= num_slots))
+    if bad.any():
+        raise ValueError(
+            f"{name} holds {int(indices[bad][0])}, outside the cache [0, {num_slots}) and not the "
+            f"pad slot {pad_slot_id}"
+        )
+
+
 @torch.library.custom_op("ifk::selective_state_update", mutates_args=("state", "out"))
 def _selective_state_update(
     state: torch.Tensor,
@@ -166,35 +195,6 @@ def _selective_state_update(
 @_selective_state_update.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad_slot_id, out) -> None:
     return None
-
-
-def check_slots(name: str, indices: object, batch: int, device: torch.device) -> torch.Tensor | None:
-    """Metadata checks of a ``[batch]`` int32/int64 slot-index tensor (values: :func:`check_slot_range`)."""
-    if indices is None:
-        return None
-    check_tensor(name, indices, ndim=1, dtypes=INDEX_DTYPES, device=device)
-    if indices.shape[0] != batch:
-        raise ValueError(f"{name} has {indices.shape[0]} entries, expected {batch} (one per sequence)")
-    return indices.contiguous()
-
-
-def check_slot_range(name: str, indices: torch.Tensor | None, num_slots: int, pad_slot_id: int) -> None:
-    """Raise unless every entry is a slot in ``[0, num_slots)`` or ``pad_slot_id``.
-
-    Reads the values (one host sync on a GPU), so it runs inside the custom ops, before they write.
-    Skipped while a CUDA graph is being captured; the kernels then treat an out-of-range entry like
-    the pad slot, so they never write outside the cache.
-    """
-    if indices is None or indices.numel() == 0:
-        return
-    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    bad = (indices != pad_slot_id) & ((indices < 0) | (indices >= num_slots))
-    if bad.any():
-        raise ValueError(
-            f"{name} holds {int(indices[bad][0])}, outside the cache [0, {num_slots}) and not the "
-            f"pad slot {pad_slot_id}"
-        )
 
 
 def selective_state_update(
