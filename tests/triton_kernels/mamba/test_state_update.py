@@ -166,6 +166,37 @@ def test_empty_batch(backend):
     assert_equal(args["state"], before)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_prompt_then_decode_steps_equal_whole_scan(backend):
+    """selective_scan_fn over the prompt (its last state into slots 3 and 0), then one state update
+    per token == selective_scan_fn over the whole sequence, outputs and final states."""
+    from triton_kernels.mamba import selective_scan_fn  # the sibling prefill op
+
+    batch, dim, dstate, prompt, steps = 2, 12, 8, 5, 3
+    u, delta, z = (torch.randn(batch, dim, prompt + steps, device=KERNEL_DEVICE) for _ in range(3))
+    B, C = (torch.randn(batch, dstate, prompt + steps, device=KERNEL_DEVICE) for _ in range(2))
+    A, D, bias = -torch.rand(dim, dstate, device=KERNEL_DEVICE), *torch.randn(2, dim, device=KERNEL_DEVICE)
+    kw = dict(D=D, delta_bias=bias, delta_softplus=True, return_last_state=True)
+    with use_backend("torch"):  # the scan's own backends are tested beside it
+        whole, last = selective_scan_fn(u, delta, A, B, C, z=z, **kw)
+        head, head_last = selective_scan_fn(
+            u[..., :prompt], delta[..., :prompt], A, B[..., :prompt], C[..., :prompt], z=z[..., :prompt], **kw
+        )
+    state = torch.randn(4, dim, dstate, device=KERNEL_DEVICE)
+    idx = torch.tensor([3, 0], device=KERNEL_DEVICE)
+    state[idx] = head_last
+    before = state.clone()
+    with use_backend(backend):
+        for t in range(prompt, prompt + steps):
+            y = selective_state_update(
+                state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D, z[..., t], bias, True, idx
+            )
+            assert_close(y, whole[..., t], name=f"token {t}")
+    assert_close(head, whole[..., :prompt])
+    assert_close(state[idx], last)
+    assert_equal(state[[1, 2]], before[[1, 2]], "untouched slots")
+
+
 def test_torch_library_opcheck():
     args = make_case(3, 4, 6, 5, heads=2, groups=2)
     a = dict(args)
