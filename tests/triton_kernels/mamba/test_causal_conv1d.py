@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal
-from triton_kernels import PAD_SLOT_ID, use_backend
+from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen
 from triton_kernels.mamba.conv_reference import (
     causal_conv1d_fn_ref,
@@ -256,6 +256,17 @@ def test_prefill_then_decode_equals_whole_sequence(backend, width):
             assert_close(got, whole[0], name=f"sequence {i}")
             assert_close(states[slots[i]], final[0], name=f"state {i}")
     assert_equal(states[[1, 3]], before[[1, 3]], "untouched slots")
+
+
+@pytest.mark.parametrize("forced", ["cpu", "cuda"])
+def test_forced_backend_without_kernel_raises(forced):
+    x, weight, state = rnd(2, 6), rnd(6, 4), rnd(2, 6, 3)
+    before = state.clone()
+    with use_backend(forced), pytest.raises(BackendUnavailableError, match=f"no {forced} kernel"):
+        causal_conv1d_update(x, state, weight)
+    with use_backend(forced), pytest.raises(BackendUnavailableError, match=f"no {forced} kernel"):
+        causal_conv1d_fn(x[..., None], weight)
+    assert_equal(state, before)
 
 
 def test_torch_library_opcheck():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
-from triton_kernels import PAD_SLOT_ID, use_backend
+from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
 from triton_kernels.mamba.conv_reference import selective_state_update_ref
 from triton_kernels.mamba.state_update import selective_state_update
 
@@ -195,6 +195,15 @@ def test_scan_prompt_then_decode_steps_equal_whole_scan(backend):
     assert_close(head, whole[..., :prompt])
     assert_close(state[idx], last)
     assert_equal(state[[1, 2]], before[[1, 2]], "untouched slots")
+
+
+@pytest.mark.parametrize("forced", ["cpu", "cuda"])
+def test_forced_backend_without_kernel_raises(forced):
+    args = make_case(2, 2, 4, 2)
+    before = args["state"].clone()
+    with use_backend(forced), pytest.raises(BackendUnavailableError, match=f"no {forced} kernel"):
+        selective_state_update(**args)
+    assert_equal(args["state"], before)
 
 
 def test_torch_library_opcheck():
