@@ -32,8 +32,6 @@ from triton_kernels.backend import forced_backend, select_backend
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
 
-LOG2E = 1.4426950408889634
-
 # Hand-picked launch shape (no autotune: the kernel overwrites the state cache in place, so
 # benchmarking configs would corrupt it). A [BLOCK_D, BLOCK_N, BLOCK_L] fp32 scan tile of 2048
 # elements per 4 warps compiles to 128 registers for N=16 on sm_90 with no spills (4096: 168-199),
@@ -200,11 +198,11 @@ def _launch_triton(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softpl
                    has_initial_state, pad_slot_id, n_seq, groups) -> None:
     """Launch on the common layout: u/delta/z/out ``[Bu, D, L]``, B/C ``[Bb, G, N, L]`` or ``[D, N]``."""
     dim, dstate = A.shape
+    if n_seq == 0 or dim == 0:
+        return
     dim_per_group = dim // groups
     block_d, block_n, block_l = _block_sizes(dstate, dim_per_group)
     blocks_per_group = triton.cdiv(dim_per_group, block_d)
-    if n_seq == 0 or dim == 0:
-        return
     b_per_channel, c_per_channel = B.dim() == 2, C.dim() == 2
     bc_dims = lambda M: (0, 1) if M.dim() == 2 else (0, 1, 2)  # noqa: E731
     b_strides = ([0] if b_per_channel else []) + _strides(B, bc_dims(B))
@@ -383,6 +381,8 @@ def _validated(u, delta, A, B, C, D, z, delta_bias, *, varlen: bool) -> tuple:
     check_tensor("A", A, ndim=2, dtypes=FLOAT_DTYPES, device=device)
     check_shape("A", A, (dim, None))
     dstate = A.shape[1]
+    if dstate == 0:
+        raise ValueError(f"A must have a state size N >= 1, got shape {list(A.shape)}")
     lead = () if varlen else (u.shape[0],)
     groups = [_check_bc(n, M, dim, dstate, lead, length, device, not varlen) for n, M in (("B", B), ("C", C))]
     if min(groups) > 0 and groups[0] != groups[1]:
