@@ -32,7 +32,7 @@ _TILE = 1024
 _MAX_BLOCK_L = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "seqlen", "n_l_blocks"])  # vary per call
 def _causal_conv1d_kernel(
     # pointers
     x_ptr,  # [B, D, L] uniform, [D, T] varlen
