@@ -150,14 +150,14 @@ def selective_state_update_ref(
     idx = slots.long().clamp(0, state.shape[0] - 1)
     dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
     if dt_softplus:
-        dt = torch.where(dt <= 20.0, F.softplus(dt), dt)
+        dt = F.softplus(dt)  # threshold 20: larger values pass through
     Bh = B.float().repeat_interleave(heads // groups, dim=1)  # [B, H, N]
     Ch = C.float().repeat_interleave(heads // groups, dim=1)
-    dBx = (dt * x.float())[..., None] * Bh[:, :, None]
-    new = state.index_select(0, idx).float() * torch.exp(dt[..., None] * A.float()) + dBx
-    y = (new * Ch[:, :, None]).sum(-1)
+    dBx = (dt * x.float()).unsqueeze(-1) * Bh.unsqueeze(2)  # [B, H, P, N]
+    new = torch.addcmul(dBx, state.index_select(0, idx).float(), torch.exp(dt.unsqueeze(-1) * A.float()))
+    y = torch.matmul(new, Ch.unsqueeze(-1)).squeeze(-1)  # [B, H, P]
     if D is not None:
-        y = y + x.float() * D.float()
+        y = torch.addcmul(y, x.float(), D.float())
     if z is not None:
         y = y * F.silu(z.float())
     out.copy_(torch.where(valid[:, None, None], y, 0.0))
