@@ -192,9 +192,11 @@ def _launch_triton(
         block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(max(length, 1)))
     if batch == 0 or dim == 0:
         return
-    block_d = min(triton.next_power_of_2(dim), max(16, _TILE // block_l))
     state = init if init is not None else final
     state_len = width - 1 if state is None else state.shape[-1]
+    block_s = triton.next_power_of_2(state_len)
+    # the state tile [BLOCK_D, BLOCK_S] stays within 4 tiles' worth of registers too
+    block_d = min(triton.next_power_of_2(dim), max(16, _TILE // block_l), 4 * _TILE // block_s)
     if varlen:
         block_seq, block_off = _varlen_blocks(query_start_loc, num_tokens, block_l)
         n_l_blocks, n_blocks = 1, block_seq.shape[0]
@@ -217,7 +219,7 @@ def _launch_triton(
             *(final.stride() if final is not None else (0, 0, 0)), *out_strides,
             WIDTH=width, SILU=silu, HAS_BIAS=bias is not None, IS_VARLEN=varlen, HAS_SLOTS=slots is not None,
             INIT_MODE=init_mode, WRITE_STATE=final is not None, BLOCK_D=block_d, BLOCK_L=block_l,
-            BLOCK_S=triton.next_power_of_2(state_len), num_warps=4,
+            BLOCK_S=block_s, num_warps=4,
         )
 
 
