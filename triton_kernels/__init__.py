@@ -6,6 +6,14 @@ Every op has a Triton kernel, a plain-torch reference and, where it wins, a csrc
 
 from triton_kernels.backend import BackendUnavailableError, use_backend
 from triton_kernels.constants import PAD_SLOT_ID
+from triton_kernels.mamba import (
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    causal_conv1d_varlen,
+    selective_scan_fn,
+    selective_scan_varlen,
+    selective_state_update,
+)
 from triton_kernels.multimodal import (
     embed_multimodal_tokens,
     merge_multimodal_embeddings,
@@ -15,8 +23,14 @@ from triton_kernels.multimodal import (
 __all__ = [
     "PAD_SLOT_ID",
     "BackendUnavailableError",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "causal_conv1d_varlen",
     "embed_multimodal_tokens",
     "merge_multimodal_embeddings",
     "merge_multimodal_embeddings_by_mask",
+    "selective_scan_fn",
+    "selective_scan_varlen",
+    "selective_state_update",
     "use_backend",
 ]

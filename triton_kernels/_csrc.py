@@ -26,6 +26,7 @@ CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
 # name -> (sources relative to csrc/, needs nvcc)
 EXTENSIONS: dict[str, tuple[tuple[str, ...], bool]] = {
     "multimodal_cuda": (("multimodal/embed_multimodal.cu",), True),
+    "mamba_cpu": (("mamba/selective_scan_cpu.cpp",), False),
 }
 
 

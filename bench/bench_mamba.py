@@ -1,0 +1,131 @@
+"""Mamba benchmarks: the prefill selective scan (batched and packed varlen) here; the decode state
+update and causal conv rows come from ``bench/bench_mamba_conv.py`` (``conv_and_update_rows``).
+
+Scan cost by formula: bytes = u, delta, z read and out written (``4 B D L`` elements) + B, C
+(``2 B G N L``) + A, D, bias (+ the states read and written for varlen); exponentials
+``B D L N`` (one decay per state element and token, reported as Gexp/s in ``extra``); about 7
+FLOPs per state element and token.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from bench.harness import Context, Row
+from triton_kernels import selective_scan_fn, selective_scan_varlen, use_backend
+from triton_kernels.mamba.reference import selective_scan_ref
+
+FAMILY = "mamba"
+FLOPS_PER_STATE_TOKEN = 7
+VARLEN_LENGTHS_GPU = (3000, 2048, 1500, 1024, 512, 100, 7, 1)  # sums to 8192
+VARLEN_LENGTHS_CPU = (700, 200, 100, 23, 1)  # sums to 1024
+
+
+def _backend(name: str, fn, *args, **kwargs):
+    with use_backend(name):
+        return fn(*args, **kwargs)
+
+
+def _scan_inputs(bsz: int, dim: int, dstate: int, seqlen: int, dtype: torch.dtype, device) -> dict:
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    return dict(u=rnd(bsz, dim, seqlen), delta=rnd(bsz, dim, seqlen, scale=0.5),
+                A=-torch.rand(dim, dstate, device=device) - 0.1, B=rnd(bsz, dstate, seqlen),
+                C=rnd(bsz, dstate, seqlen), D=torch.randn(dim, device=device), z=rnd(bsz, dim, seqlen),
+                delta_bias=torch.randn(dim, device=device) * 0.5)
+
+
+def _scan_bytes(bsz: int, dim: int, dstate: int, tokens: int, elt: int, states: int = 0) -> float:
+    return elt * (4 * bsz * dim * tokens + 2 * bsz * dstate * tokens) + 4 * (dim * dstate + 2 * dim) \
+        + 2 * 4 * states * dim * dstate
+
+
+def _row(ctx: Context, case: str, impl: str, fn, nbytes: float, exps: float) -> Row:
+    row = ctx.row(FAMILY, case, impl, fn, nbytes, flops=FLOPS_PER_STATE_TOKEN * exps)
+    row.extra["gexp_per_s"] = exps / (row.median_ms * 1e-3) / 1e9
+    return row
+
+
+def _hf_loop(a: dict):
+    """transformers' MambaMixer slow path: the sequential scan in ``mamba_selective_scan``."""
+    from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+
+    return mamba_selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"],
+                                delta_softplus=True)
+
+
+def _batched_rows(ctx: Context, dim: int, dstate: int, seqlen: int, dtype: torch.dtype) -> list[Row]:
+    a = _scan_inputs(1, dim, dstate, seqlen, dtype, ctx.device)
+    case = f"scan-D{dim}-N{dstate}-L{seqlen}-{str(dtype).removeprefix('torch.')}"
+    nbytes, exps = _scan_bytes(1, dim, dstate, seqlen, a["u"].element_size()), float(dim * seqlen * dstate)
+    rows = []
+    if ctx.device.type == "cuda":
+        from bench.naive_scan import naive_selective_scan
+
+        compiled = torch.compile(functools.partial(selective_scan_ref, chunk_size=256))
+        impls = [("ours[triton]", lambda: _backend("triton", selective_scan_fn, **a, delta_softplus=True)),
+                 ("naive triton scan", lambda: naive_selective_scan(**a)),
+                 ("torch.compile(reference)", lambda: compiled(**a, delta_softplus=True))]
+    else:
+        impls = [("ours[cpu]", lambda: _backend("cpu", selective_scan_fn, **a, delta_softplus=True)),
+                 ("ours[torch]", lambda: _backend("torch", selective_scan_fn, **a, delta_softplus=True))]
+    impls.append(("HF transformers loop", lambda: _hf_loop(a)))
+    for impl, fn in impls:
+        rows.append(_row(ctx, case, impl, fn, nbytes, exps))
+    return rows
+
+
+def _varlen_rows(ctx: Context, dim: int, dstate: int, lengths: tuple[int, ...],
+                 dtype: torch.dtype) -> list[Row]:
+    """Packed sequences of mixed lengths, random initial states in a permuted cache."""
+    total, batch = sum(lengths), len(lengths)
+    a = _scan_inputs(1, dim, dstate, total, dtype, ctx.device)
+    packed = {k: (v[0] if k in ("u", "delta", "z", "B", "C") else v) for k, v in a.items()}
+    packed["B"], packed["C"] = packed["B"][None], packed["C"][None]
+    states = torch.randn(2 * batch, dim, dstate, device=ctx.device)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    kw = dict(query_start_loc=offsets.to(ctx.device), delta_softplus=True,
+              cache_indices=torch.randperm(2 * batch)[:batch].to(ctx.device),
+              has_initial_state=torch.ones(batch, dtype=torch.bool, device=ctx.device))
+    case = f"varlen-D{dim}-N{dstate}-T{total}-{batch}seqs-{str(dtype).removeprefix('torch.')}"
+    nbytes = _scan_bytes(1, dim, dstate, total, a["u"].element_size(), states=batch)
+    exps = float(dim * total * dstate)
+    ours = "triton" if ctx.device.type == "cuda" else "cpu"
+    impls = [(f"ours[{b}]", functools.partial(_backend, b, selective_scan_varlen, **packed,
+                                              ssm_states=states, **kw)) for b in (ours, "torch")]
+    if ctx.device.type == "cuda":
+        from bench.naive_scan import naive_selective_scan
+
+        bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+        slices = [{k: (v[..., s:e].contiguous() if v.dim() == 3 else v) for k, v in a.items()}
+                  for s, e in bounds]
+        impls.append(("naive triton scan per sequence (no initial state)",
+                      lambda: [naive_selective_scan(**sl) for sl in slices]))
+    return [_row(ctx, case, impl, fn, nbytes, exps) for impl, fn in impls]
+
+
+def _scan_rows(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    if ctx.device.type == "cuda":
+        shapes = [(5120, 2048)] if ctx.quick else [(d, n) for d in (2048, 5120) for n in (512, 2048, 8192)]
+        for dim, seqlen in shapes:
+            rows += _batched_rows(ctx, dim, 16, seqlen, torch.bfloat16)
+        rows += _varlen_rows(ctx, 5120, 16, VARLEN_LENGTHS_GPU, torch.bfloat16)
+    else:
+        for seqlen in (1024,) if ctx.quick else (1024, 4096):
+            rows += _batched_rows(ctx, 1024, 16, seqlen, torch.float32)
+        rows += _varlen_rows(ctx, 1024, 16, VARLEN_LENGTHS_CPU, torch.float32)
+    return rows
+
+
+def run(ctx: Context) -> list[Row]:
+    rows = _scan_rows(ctx)
+    if importlib.util.find_spec("bench.bench_mamba_conv") is not None:
+        from bench.bench_mamba_conv import conv_and_update_rows
+
+        rows += conv_and_update_rows(ctx)
+    return rows

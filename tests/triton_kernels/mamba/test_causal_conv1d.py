@@ -1,0 +1,565 @@
+"""causal_conv1d_fn / _varlen / _update: every backend against the fp32 torch reference, prefill then
+decode == whole sequence, pad and untouched slots, gradients, bad input, HF oracles, gpu tier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.utils import KERNEL_DEVICE, assert_close, assert_equal
+from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
+from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen
+from triton_kernels.mamba.conv_reference import (
+    causal_conv1d_fn_ref,
+    causal_conv1d_update_ref,
+    causal_conv1d_varlen_ref,
+)
+
+BACKENDS = ["triton", "torch"]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+def rnd(*shape, dtype=torch.float32, device=KERNEL_DEVICE):
+    return torch.randn(*shape, device=device).to(dtype)
+
+
+def tol(dtype):
+    return None if dtype == torch.float32 else 4e-3
+
+
+# ------------------------------------------------------------------ causal_conv1d_fn
+
+FN_CASES = [
+    pytest.param(2, 37, 9, 4, True, "silu", True, id="B2-D37-L9-W4-bias-silu-init"),
+    pytest.param(1, 5, 1, 2, False, None, False, id="B1-D5-L1-W2"),
+    pytest.param(3, 16, 2, 4, True, None, True, id="B3-L2-shorter-than-state"),
+    pytest.param(1, 70, 131, 3, False, "swish", False, id="B1-D70-L131-W3-multiblock"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "dim", "length", "width", "has_bias", "act", "has_init"), FN_CASES)
+def test_fn_matches_reference(backend, dtype, batch, dim, length, width, has_bias, act, has_init):
+    x = rnd(batch, dim, length, dtype=dtype)
+    weight, bias = rnd(dim, width, dtype=dtype), rnd(dim, dtype=dtype) if has_bias else None
+    init = rnd(batch, dim, width - 1, dtype=dtype) if has_init else None
+    ref_out, ref_final = causal_conv1d_fn_ref(x.float(), weight, bias, act is not None, init)
+    with use_backend(backend):
+        out, final = causal_conv1d_fn(x, weight, bias, act, initial_states=init, return_final_states=True)
+        plain = causal_conv1d_fn(x, weight, bias, act, initial_states=init)
+    assert out.dtype == dtype
+    assert final.dtype == dtype
+    assert_close(out, ref_out.to(dtype), tol(dtype))
+    assert_equal(final, ref_final.to(dtype), "final_states")
+    assert_equal(plain, out, "out without final states")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fn_noncontiguous_input(backend):
+    """x as a slice of the ``[B, L, 2D]`` in_proj output, transposed (vLLM/HF layout): no copy needed."""
+    proj = rnd(2, 11, 2 * 24)
+    x = proj.transpose(1, 2)[:, :24]
+    weight = rnd(24, 4)
+    with use_backend(backend):
+        out = causal_conv1d_fn(x, weight, activation="silu")
+    assert_close(out, causal_conv1d_fn_ref(x.contiguous(), weight, None, True)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fn_gradients_match_reference_autograd(backend):
+    x = rnd(2, 12, 7).requires_grad_()
+    weight, bias, init = rnd(12, 4).requires_grad_(), rnd(12).requires_grad_(), rnd(2, 12, 3).requires_grad_()
+    d_out, d_final = rnd(2, 12, 7), rnd(2, 12, 3)
+    with use_backend(backend):
+        out, final = causal_conv1d_fn(x, weight, bias, "silu", initial_states=init, return_final_states=True)
+    grads = torch.autograd.grad([out, final], [x, weight, bias, init], [d_out, d_final])
+    ref_out, ref_final = causal_conv1d_fn_ref(x, weight, bias, True, init)
+    ref_grads = torch.autograd.grad([ref_out, ref_final], [x, weight, bias, init], [d_out, d_final])
+    for name, g, r in zip(["x", "weight", "bias", "initial_states"], grads, ref_grads):
+        assert_close(g, r, name=f"d_{name}")
+    # and only x needing a gradient, no final states
+    x2 = x.detach().requires_grad_()
+    with use_backend(backend):
+        (g_x,) = torch.autograd.grad(causal_conv1d_fn(x2, weight.detach(), None, None), [x2], [d_out])
+    (r_x,) = torch.autograd.grad(causal_conv1d_fn_ref(x2, weight.detach(), None, False)[0], [x2], [d_out])
+    assert_close(g_x, r_x)
+
+
+# ------------------------------------------------------------------ varlen and update
+
+
+def make_varlen(lengths, dim, width, num_slots, slots, has_init, state_len=None, dtype=torch.float32):
+    qsl = torch.tensor(
+        [0, *torch.tensor(lengths).cumsum(0).tolist()], device=KERNEL_DEVICE, dtype=torch.int32
+    )
+    return {
+        "x": rnd(dim, qsl[-1].item(), dtype=dtype),
+        "weight": rnd(dim, width, dtype=dtype),
+        "bias": rnd(dim, dtype=dtype),
+        "conv_states": rnd(num_slots, dim, state_len or width - 1, dtype=dtype),
+        "query_start_loc": qsl,
+        "cache_indices": None if slots is None else torch.tensor(slots, device=KERNEL_DEVICE),
+        "has_initial_state": None if has_init is None else torch.tensor(has_init, device=KERNEL_DEVICE),
+    }
+
+
+def varlen_expected(args, activation="silu"):
+    states = args["conv_states"].clone()
+    batch = args["query_start_loc"].shape[0] - 1
+    slots = args["cache_indices"]
+    slots = torch.arange(batch, device=KERNEL_DEVICE) if slots is None else slots
+    init = args["has_initial_state"]
+    init = torch.zeros(batch, dtype=torch.bool, device=KERNEL_DEVICE) if init is None else init
+    out = torch.empty(args["x"].shape, device=KERNEL_DEVICE)
+    causal_conv1d_varlen_ref(
+        args["x"],
+        args["weight"],
+        args["bias"],
+        states,
+        args["query_start_loc"],
+        slots,
+        init,
+        activation is not None,
+        PAD_SLOT_ID,
+        out,
+    )
+    return out, states
+
+
+def touched_mask(num_slots, slots):
+    mask = torch.zeros(num_slots, dtype=torch.bool, device=KERNEL_DEVICE)
+    if slots is not None:
+        mask[slots[slots != PAD_SLOT_ID].long()] = True
+    return mask
+
+
+VARLEN_CASES = [
+    pytest.param(
+        [5, 1, 0, 70, 3],
+        4,
+        7,
+        [6, 0, 2, PAD_SLOT_ID, 3],
+        [True, False, True, True, False],
+        None,
+        id="mixed-lengths-empty-pad-W4",
+    ),
+    pytest.param([1], 2, 1, None, None, None, id="single-token-W2-defaults"),
+    pytest.param([2, 9], 3, 3, [2, 1], [True, True], 5, id="W3-state-wider-than-W-1"),
+    pytest.param([4, 4, 4], 4, 3, None, [False, True, False], None, id="no-indices"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("lengths", "width", "num_slots", "slots", "has_init", "state_len"), VARLEN_CASES)
+def test_varlen_matches_reference(backend, dtype, lengths, width, num_slots, slots, has_init, state_len):
+    args = make_varlen(lengths, 19, width, num_slots, slots, has_init, state_len, dtype)
+    ref_out, ref_states = varlen_expected(args)
+    before = args["conv_states"].clone()
+    with use_backend(backend):
+        out = causal_conv1d_varlen(**args)
+    assert_close(out, ref_out.to(dtype), tol(dtype))
+    assert_equal(args["conv_states"], ref_states.to(dtype), "conv_states")
+    untouched = ~touched_mask(num_slots, args["cache_indices"]) if slots is not None else None
+    if untouched is not None:
+        assert_equal(args["conv_states"][untouched], before[untouched], "untouched slots")
+        pad_tokens = torch.zeros(out.shape[1], dtype=torch.bool, device=KERNEL_DEVICE)
+        qsl = args["query_start_loc"].tolist()
+        for i, s in enumerate(slots):
+            if s == PAD_SLOT_ID:
+                pad_tokens[qsl[i] : qsl[i + 1]] = True
+        assert_equal(out[:, pad_tokens], torch.zeros_like(out[:, pad_tokens]), "pad tokens")
+
+
+UPDATE_CASES = [
+    pytest.param(3, 37, 1, 4, 3, [4, PAD_SLOT_ID, 1], 5, True, id="B3-D37-x2d-W4-pad"),
+    pytest.param(1, 5, 1, 2, 1, None, 1, False, id="B1-W2-nobias"),
+    pytest.param(2, 16, 3, 3, 6, [0, 2], 3, True, id="L3-W3-state6"),
+    pytest.param(2, 70, 2, 4, 3, [1, PAD_SLOT_ID], 2, True, id="L2-D70-blocks"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "dim", "length", "width", "state_len", "slots", "num_slots", "has_bias"), UPDATE_CASES
+)
+def test_update_matches_reference(
+    backend, dtype, batch, dim, length, width, state_len, slots, num_slots, has_bias
+):
+    x = (
+        rnd(batch, dim, dtype=dtype)
+        if length == 1 and slots is not None
+        else rnd(batch, dim, length, dtype=dtype)
+    )
+    weight, bias = rnd(dim, width, dtype=dtype), rnd(dim, dtype=dtype) if has_bias else None
+    state = rnd(num_slots, dim, state_len, dtype=dtype)
+    idx = None if slots is None else torch.tensor(slots, device=KERNEL_DEVICE, dtype=torch.int32)
+    ref_state = state.clone()
+    x3 = x if x.dim() == 3 else x.unsqueeze(-1)
+    ref_out = torch.empty(x3.shape, device=KERNEL_DEVICE)
+    causal_conv1d_update_ref(
+        x3,
+        ref_state,
+        weight,
+        bias,
+        True,
+        torch.arange(batch, device=KERNEL_DEVICE) if idx is None else idx,
+        PAD_SLOT_ID,
+        ref_out,
+    )
+    before = state.clone()
+    with use_backend(backend):
+        out = causal_conv1d_update(x, state, weight, bias, "silu", idx)
+    assert out.shape == x.shape
+    assert out.dtype == dtype
+    assert_close(out, ref_out.reshape(x.shape).to(dtype), tol(dtype))
+    assert_equal(state, ref_state, "conv_state")
+    if idx is not None:
+        untouched = ~touched_mask(num_slots, idx)
+        assert_equal(state[untouched], before[untouched], "untouched slots")
+        pad = idx == PAD_SLOT_ID
+        assert_equal(out[pad], torch.zeros_like(out[pad]), "pad rows")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_prefill_then_decode_equals_whole_sequence(backend, width):
+    """varlen over the prompts, then one update per new token == causal_conv1d_fn over everything."""
+    dim, prompt, steps, slots = 21, [6, 1, 2], 3, [4, 0, 2]
+    full = [rnd(dim, n + steps) for n in prompt]
+    weight, bias = rnd(dim, width), rnd(dim)
+    states = rnd(5, dim, width - 1)
+    before = states.clone()
+    idx = torch.tensor(slots, device=KERNEL_DEVICE)
+    qsl = torch.tensor([0, *torch.tensor(prompt).cumsum(0).tolist()], device=KERNEL_DEVICE)
+    with use_backend(backend):
+        packed = causal_conv1d_varlen(
+            torch.cat([f[:, :n] for f, n in zip(full, prompt)], 1),
+            weight,
+            bias,
+            states,
+            qsl,
+            idx,
+            torch.zeros(3, dtype=torch.bool, device=KERNEL_DEVICE),
+        )
+        decoded = [
+            causal_conv1d_update(
+                torch.stack([f[:, n + t] for f, n in zip(full, prompt)]), states, weight, bias, "silu", idx
+            )
+            for t in range(steps)
+        ]
+        for i, f in enumerate(full):
+            whole, final = causal_conv1d_fn(f[None], weight, bias, "silu", return_final_states=True)
+            got = torch.cat([packed[:, qsl[i] : qsl[i + 1]], torch.stack([d[i] for d in decoded], 1)], 1)
+            assert_close(got, whole[0], name=f"sequence {i}")
+            assert_close(states[slots[i]], final[0], name=f"state {i}")
+    assert_equal(states[[1, 3]], before[[1, 3]], "untouched slots")
+
+
+@pytest.mark.parametrize("forced", ["cpu", "cuda"])
+def test_forced_backend_without_kernel_raises(forced):
+    x, weight, state = rnd(2, 6), rnd(6, 4), rnd(2, 6, 3)
+    before = state.clone()
+    with use_backend(forced), pytest.raises(BackendUnavailableError, match=f"no {forced} kernel"):
+        causal_conv1d_update(x, state, weight)
+    with use_backend(forced), pytest.raises(BackendUnavailableError, match=f"no {forced} kernel"):
+        causal_conv1d_fn(x[..., None], weight)
+    assert_equal(state, before)
+
+
+def test_torch_library_opcheck():
+    x, w, b = rnd(2, 6, 5), rnd(6, 4), rnd(6)
+    torch.library.opcheck(
+        torch.ops.ifk.causal_conv1d_fwd,
+        (torch.empty_like(x), x, w, b, rnd(2, 6, 3), torch.empty(2, 6, 3), True),
+    )
+    torch.library.opcheck(
+        torch.ops.ifk.causal_conv1d_update,
+        (
+            torch.empty_like(x),
+            x,
+            rnd(3, 6, 3),
+            w,
+            b,
+            torch.tensor([2, PAD_SLOT_ID], device=KERNEL_DEVICE),
+            True,
+            PAD_SLOT_ID,
+        ),
+    )
+    v = make_varlen([3, 2], 6, 4, 3, [1, 0], [True, False])
+    torch.library.opcheck(
+        torch.ops.ifk.causal_conv1d_varlen,
+        (
+            torch.empty_like(v["x"]),
+            v["x"],
+            v["weight"],
+            v["bias"],
+            v["conv_states"],
+            v["query_start_loc"],
+            v["cache_indices"],
+            v["has_initial_state"],
+            True,
+            PAD_SLOT_ID,
+        ),
+    )
+
+
+def test_torch_compile_fullgraph_update_and_training():
+    """The decode update and a training step through causal_conv1d_fn trace without graph breaks."""
+    x, weight, bias = rnd(3, 10), rnd(10, 4), rnd(10)
+    idx = torch.tensor([2, PAD_SLOT_ID, 0], device=KERNEL_DEVICE)
+    state = rnd(4, 10, 3)
+    state_eager = state.clone()
+    step = torch.compile(causal_conv1d_update, fullgraph=True)
+    assert_close(
+        step(x, state, weight, bias, "silu", idx),
+        causal_conv1d_update(x, state_eager, weight, bias, "silu", idx),
+    )
+    assert_equal(state, state_eager, "conv_state")
+
+    xs = rnd(2, 10, 7).requires_grad_()
+    loss = torch.compile(lambda t: causal_conv1d_fn(t, weight, bias, "silu").square().sum(), fullgraph=True)
+    (g_compiled,) = torch.autograd.grad(loss(xs), [xs])
+    (g_eager,) = torch.autograd.grad(causal_conv1d_fn_ref(xs, weight, bias, True)[0].square().sum(), [xs])
+    assert_close(g_compiled, g_eager)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _dev(*values, dtype=None):
+    return torch.tensor(values, device=KERNEL_DEVICE, dtype=dtype)
+
+
+FN_BAD = [
+    pytest.param(dict(weight=rnd(6, 5)), ValueError, r"width W must be 2, 3 or 4, got 5", id="W5"),
+    pytest.param(dict(weight=rnd(6, 1)), ValueError, r"width W must be 2, 3 or 4, got 1", id="W1"),
+    pytest.param(dict(weight=rnd(7, 4)), ValueError, r"x has 6 channels but weight has 7", id="channels"),
+    pytest.param(dict(bias=rnd(5)), ValueError, r"bias must have shape \[6\]", id="bias"),
+    pytest.param(
+        dict(initial_states=rnd(2, 6, 2)),
+        ValueError,
+        r"initial_states must have shape \[2, 6, 3\]",
+        id="init-shape",
+    ),
+    pytest.param(
+        dict(activation="relu"), ValueError, r"activation must be None, 'silu' or 'swish'", id="act"
+    ),
+    pytest.param(dict(x=rnd(6, 5)), ValueError, r"x must be 3-D", id="x-rank"),
+]
+
+
+@pytest.mark.parametrize(("change", "exc", "match"), FN_BAD)
+def test_fn_bad_input(change, exc, match):
+    args = dict(x=rnd(2, 6, 5), weight=rnd(6, 4), bias=None, activation=None)
+    args.update(change)
+    init = args.pop("initial_states", None)
+    with pytest.raises(exc, match=match):
+        causal_conv1d_fn(**args, initial_states=init)
+
+
+VARLEN_BAD = [
+    pytest.param(
+        dict(conv_states=rnd(4, 6, 2)),
+        ValueError,
+        r"conv_states must have shape \[slots, 6, >= 3\]",
+        id="state-too-short",
+    ),
+    pytest.param(
+        dict(cache_indices=_dev(0, 4)),
+        ValueError,
+        r"cache_indices holds 4, outside the cache \[0, 4\)",
+        id="index-past-end",
+    ),
+    pytest.param(
+        dict(cache_indices=_dev(0)), ValueError, r"cache_indices has 1 entries, expected 2", id="index-count"
+    ),
+    pytest.param(
+        dict(query_start_loc=_dev(0, 3, 6)),
+        ValueError,
+        r"query_start_loc must rise from 0 to the "
+        r"token count 5",
+        id="qsl-past-end",
+    ),
+    pytest.param(
+        dict(query_start_loc=_dev(0, 4, 2, 5), cache_indices=None, has_initial_state=None),
+        ValueError,
+        r"query_start_loc must rise",
+        id="qsl-decreasing",
+    ),
+    pytest.param(
+        dict(has_initial_state=_dev(1, 0)), TypeError, r"has_initial_state must have dtype", id="init-int"
+    ),
+    pytest.param(dict(weight=rnd(6, 5)), ValueError, r"width W must be", id="W5"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("change", "exc", "match"), VARLEN_BAD)
+def test_varlen_bad_input_writes_nothing(backend, change, exc, match):
+    args = dict(
+        x=rnd(6, 5),
+        weight=rnd(6, 4),
+        bias=None,
+        conv_states=rnd(4, 6, 3),
+        query_start_loc=_dev(0, 3, 5),
+        cache_indices=_dev(2, 0),
+        has_initial_state=_dev(True, False),
+    )
+    args.update(change)
+    before = args["conv_states"].clone()
+    with use_backend(backend), pytest.raises(exc, match=match):
+        causal_conv1d_varlen(**args)
+    assert_equal(args["conv_states"], before, "conv_states")
+
+
+UPDATE_BAD = [
+    pytest.param(
+        dict(conv_state_indices=_dev(0, -5)),
+        ValueError,
+        r"holds -5, outside the cache \[0, 3\)",
+        id="index-negative",
+    ),
+    pytest.param(
+        dict(conv_state_indices=_dev(3, 0)), ValueError, r"holds 3, outside the cache", id="index-end"
+    ),
+    pytest.param(
+        dict(conv_state_indices=None), ValueError, r"conv_state has 3 slots but x has 2 rows", id="no-index"
+    ),
+    pytest.param(dict(x=rnd(2, 7)), ValueError, r"x has 7 channels but weight has 6", id="channels"),
+    pytest.param(dict(conv_state=rnd(3, 6, 2)), ValueError, r"conv_state must have shape", id="state-short"),
+    pytest.param(dict(weight=rnd(6, 1)), ValueError, r"width W must be", id="W1"),
+    pytest.param(
+        dict(conv_state_indices=_dev(0.0, 1.0)),
+        TypeError,
+        r"conv_state_indices must have dtype",
+        id="index-float",
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("change", "exc", "match"), UPDATE_BAD)
+def test_update_bad_input_writes_nothing(backend, change, exc, match):
+    args = dict(x=rnd(2, 6), conv_state=rnd(3, 6, 3), weight=rnd(6, 4), conv_state_indices=_dev(2, 0))
+    args.update(change)
+    before = args["conv_state"].clone()
+    with use_backend(backend), pytest.raises(exc, match=match):
+        causal_conv1d_update(**args)
+    assert_equal(args["conv_state"], before, "conv_state")
+
+
+# ------------------------------------------------------------------ oracles: HF transformers' Mamba pieces
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("width", [2, 4])
+def test_oracle_hf_mixer_conv1d_module(width):
+    """MambaMixer's conv path: ``nn.Conv1d(groups=D, padding=W-1)`` then ``[..., :L]``, then act."""
+    from transformers import MambaConfig
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    cfg = MambaConfig(hidden_size=16, intermediate_size=32, conv_kernel=width, state_size=4)
+    conv = MambaMixer(cfg, layer_idx=0).conv1d.to(KERNEL_DEVICE)
+    x = rnd(2, 32, 13)
+    with torch.no_grad():
+        hf = torch.nn.functional.silu(conv(x)[..., :13])
+        ours = causal_conv1d_fn(x, conv.weight.squeeze(1), conv.bias, "silu")
+    assert_close(ours, hf)
+
+
+@pytest.mark.oracle
+def test_oracle_hf_conv_fn_and_update():
+    """transformers' ``causal_conv1d_fn`` / ``causal_conv1d_update`` torch paths; HF keeps a W-wide
+    conv state, which our update accepts as a state wider than W-1."""
+    modeling = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+    x, weight, bias = rnd(2, 24, 9), rnd(24, 4), rnd(24)
+    assert_close(
+        causal_conv1d_fn(x, weight, bias, "silu"), modeling.causal_conv1d_fn(x, weight, bias, "silu")
+    )
+    hf_state = rnd(2, 24, 4)
+    ours_state = hf_state.clone()
+    step = rnd(2, 24, 1)
+    hf = modeling.causal_conv1d_update(step, hf_state, weight, bias, activation="silu")
+    ours = causal_conv1d_update(step, ours_state, weight, bias, "silu")
+    assert_close(ours, hf)
+    assert_equal(ours_state, hf_state, "conv_state")
+
+
+# ------------------------------------------------------------------ gpu tier (real sizes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gpu_fn_bf16_real_size(batch):
+    x = rnd(batch, 4096, 2048, dtype=torch.bfloat16, device="cuda")
+    weight, bias = (
+        rnd(4096, 4, dtype=torch.bfloat16, device="cuda"),
+        rnd(4096, dtype=torch.bfloat16, device="cuda"),
+    )
+    init = rnd(batch, 4096, 3, dtype=torch.bfloat16, device="cuda")
+    out, final = causal_conv1d_fn(x, weight, bias, "silu", initial_states=init, return_final_states=True)
+    ref, ref_final = causal_conv1d_fn_ref(x, weight, bias, True, init)
+    assert_close(out, ref)
+    assert_equal(final, ref_final.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_bf16_real_sizes():
+    lengths = [1, 17, 300, 1024, 64, 5]
+    dim = 2048
+    args = make_varlen(
+        lengths,
+        dim,
+        4,
+        16,
+        [3, 9, PAD_SLOT_ID, 0, 15, 7],
+        [True, False, True, True, False, True],
+        dtype=torch.bfloat16,
+    )
+    ref_out, ref_states = varlen_expected(args)
+    out = causal_conv1d_varlen(**args)
+    assert_close(out, ref_out.to(torch.bfloat16))
+    assert_equal(args["conv_states"], ref_states.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_gpu_update_graph_capture_compile_and_opcheck():
+    dim, batch = 4096, 64
+    x = rnd(batch, dim, dtype=torch.bfloat16, device="cuda")
+    weight, bias = (
+        rnd(dim, 4, dtype=torch.bfloat16, device="cuda"),
+        rnd(dim, dtype=torch.bfloat16, device="cuda"),
+    )
+    state = rnd(80, dim, 3, dtype=torch.bfloat16, device="cuda")
+    idx = torch.arange(batch, device="cuda", dtype=torch.int32) + 16
+    torch.library.opcheck(
+        torch.ops.ifk.causal_conv1d_update,
+        (
+            torch.empty_like(x).unsqueeze(-1),
+            x.unsqueeze(-1),
+            state.clone(),
+            weight,
+            bias,
+            idx,
+            True,
+            PAD_SLOT_ID,
+        ),
+    )
+    out = causal_conv1d_update(x, state, weight, bias, "silu", idx)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = causal_conv1d_update(x, state, weight, bias, "silu", idx)
+    idx[3] = PAD_SLOT_ID
+    ref_state = state.clone()
+    ref_out = torch.empty(batch, dim, 1, device="cuda")
+    causal_conv1d_update_ref(x.unsqueeze(-1), ref_state, weight, bias, True, idx, PAD_SLOT_ID, ref_out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(captured, ref_out[..., 0].to(torch.bfloat16))
+    assert_equal(state, ref_state)
+    compiled = torch.compile(causal_conv1d_update, fullgraph=True)
+    out = compiled(x, state.clone(), weight, bias, "silu", idx)
+    assert out.shape == (batch, dim)

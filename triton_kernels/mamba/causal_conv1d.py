@@ -1,0 +1,517 @@
+"""Depthwise causal conv1d (causal-conv1d / vLLM semantics): whole sequences, packed sequences with a
+state cache, and the decode update.
+
+One kernel serves all three ops. A program computes a ``[BLOCK_D, BLOCK_L]`` output tile of one
+sequence as ``W`` shifted loads of the input; positions before the sequence start read the
+sequence's initial state (its last columns), or zeros. The program holding the first L-block of
+a sequence also writes the sequence's final state (the last ``S`` inputs of ``[state, x]``): it
+is the only program that reads the old state, so it may overwrite it in place after a barrier.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, check_shape, check_tensor
+from triton_kernels.backend import select_backend
+from triton_kernels.constants import PAD_SLOT_ID
+from triton_kernels.mamba.conv_reference import (
+    causal_conv1d_bwd_ref,
+    causal_conv1d_fn_ref,
+    causal_conv1d_update_ref,
+    causal_conv1d_varlen_ref,
+)
+from triton_kernels.mamba.state_update import check_slot_range, check_slots
+
+# Output tile: BLOCK_D * BLOCK_L = _TILE elements (16 x 64 for long sequences, 1024 x 1 for decode):
+# 8 fp32 accumulators per thread of 4 warps. Each of the W shifted loads costs ~14 registers per
+# element (sm_90 build): 2048-element tiles took 220+ registers, 4096 spilled.
+_TILE = 1024
+_MAX_BLOCK_L = 64
+
+
+@triton.jit(do_not_specialize=["batch", "seqlen", "n_l_blocks"])  # vary per call
+def _causal_conv1d_kernel(
+    # pointers
+    x_ptr,  # [B, D, L] uniform, [D, T] varlen
+    weight_ptr,  # [D, W]
+    bias_ptr,  # [D]
+    init_ptr,  # [slots, D, S], read where a sequence has an initial state
+    final_ptr,  # [slots, D, S], written when WRITE_STATE (may be init_ptr)
+    slot_ptr,  # [batch] int, when HAS_SLOTS (else sequence b uses slot b)
+    has_init_ptr,  # [batch] bool, when INIT_MODE == 2
+    seq_start_ptr,  # [batch + 1] int, IS_VARLEN
+    block_seq_ptr,  # [n_blocks] int64, IS_VARLEN: the sequence of each L-block (batch: none)
+    block_off_ptr,  # [n_blocks] int64, IS_VARLEN: the index of the L-block within its sequence
+    out_ptr,  # like x
+    # sizes
+    batch,
+    seqlen,
+    n_l_blocks,
+    dim,
+    num_slots,
+    state_len,
+    pad_slot_id,
+    # strides
+    stride_x_b, stride_x_d, stride_x_l,
+    stride_w_d, stride_w_k,
+    stride_init_s, stride_init_d, stride_init_k,
+    stride_final_s, stride_final_d, stride_final_k,
+    stride_out_b, stride_out_d, stride_out_l,
+    # meta
+    WIDTH: tl.constexpr,
+    SILU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
+    INIT_MODE: tl.constexpr,  # 0: zeros, 1: every sequence has a state, 2: per-sequence flags
+    WRITE_STATE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    i_blk = tl.program_id(0)
+    i_d = tl.program_id(1)
+    if IS_VARLEN:
+        seq = tl.load(block_seq_ptr + i_blk)
+        i_l = tl.load(block_off_ptr + i_blk)
+        active = seq < batch
+        seq = tl.minimum(seq, batch - 1)
+        start = tl.load(seq_start_ptr + seq).to(tl.int64)
+        length = (tl.load(seq_start_ptr + seq + 1) - start).to(tl.int32)
+        x_base = x_ptr + start * stride_x_l
+        out_base = out_ptr + start * stride_out_l
+    else:
+        seq = (i_blk // n_l_blocks).to(tl.int64)
+        i_l = i_blk % n_l_blocks
+        active = seq < batch
+        length = seqlen
+        x_base = x_ptr + seq * stride_x_b
+        out_base = out_ptr + seq * stride_out_b
+    slot = tl.load(slot_ptr + seq).to(tl.int64) if HAS_SLOTS else seq
+    # 64-bit offsets stay scalar (the tile's base pointers); offsets inside a tile are 32-bit
+    d0 = (i_d * BLOCK_D).to(tl.int64)
+    x_base += d0 * stride_x_d
+    out_base += d0 * stride_out_d
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < dim - i_d * BLOCK_D
+    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    m_out = m_d[:, None] & (o_l < length)[None, :]
+    p_out = out_base + o_d[:, None] * stride_out_d + o_l[None, :] * stride_out_l
+    # the initial state covers positions [-n_init, 0): all S columns, or none
+    if INIT_MODE == 2:
+        n_init = tl.load(has_init_ptr + seq).to(tl.int32) * state_len
+    else:
+        n_init = state_len if INIT_MODE == 1 else 0
+    p_init = init_ptr + slot * stride_init_s + d0 * stride_init_d + o_d[:, None] * stride_init_d
+    if active:
+        if (slot == pad_slot_id) | (slot < 0) | (slot >= num_slots):  # out-of-range only under capture
+            tl.store(p_out, tl.zeros((BLOCK_D, BLOCK_L), dtype=out_ptr.dtype.element_ty), mask=m_out)
+        else:
+            acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+            p_w = weight_ptr + d0 * stride_w_d + o_d * stride_w_d
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + d0 + o_d, mask=m_d).to(tl.float32)[:, None]
+            for k in tl.static_range(WIDTH):
+                pos = o_l + (k - (WIDTH - 1))
+                b_w = tl.load(p_w + k * stride_w_k, mask=m_d).to(tl.float32)
+                m_x = m_d[:, None] & ((pos >= 0) & (pos < length))[None, :]
+                b_x = tl.load(x_base + o_d[:, None] * stride_x_d + pos[None, :] * stride_x_l, mask=m_x,
+                              other=0.0).to(tl.float32)
+                acc += b_w[:, None] * b_x
+            if INIT_MODE != 0 and i_l == 0:  # only the first block reaches before the sequence start
+                for k in tl.static_range(WIDTH - 1):
+                    pos = o_l + (k - (WIDTH - 1))
+                    b_w = tl.load(p_w + k * stride_w_k, mask=m_d).to(tl.float32)
+                    m_s = m_d[:, None] & ((pos < 0) & (pos >= -n_init))[None, :]
+                    b_s = tl.load(p_init + (state_len + pos)[None, :] * stride_init_k, mask=m_s,
+                                  other=0.0).to(tl.float32)
+                    acc += b_w[:, None] * b_s
+            if SILU:
+                acc = acc * tl.sigmoid(acc)
+            tl.store(p_out, acc.to(out_ptr.dtype.element_ty), mask=m_out)
+            if WRITE_STATE and i_l == 0:
+                o_s = tl.arange(0, BLOCK_S)
+                col_pos = length - state_len + o_s  # the new state's columns as sequence col_positions
+                m_col = m_d[:, None] & (o_s < state_len)[None, :]
+                b_new = tl.load(x_base + o_d[:, None] * stride_x_d + col_pos[None, :] * stride_x_l,
+                                mask=m_col & (col_pos >= 0)[None, :], other=0.0).to(tl.float32)
+                if INIT_MODE != 0:
+                    m_old = m_col & ((col_pos < 0) & (col_pos >= -n_init))[None, :]
+                    b_new += tl.load(p_init + (state_len + col_pos)[None, :] * stride_init_k, mask=m_old,
+                                     other=0.0).to(tl.float32)
+                tl.debug_barrier()  # every old-state read of this tile precedes the overwrite
+                p_final = final_ptr + slot * stride_final_s + d0 * stride_final_d
+                p_final += o_d[:, None] * stride_final_d + o_s[None, :] * stride_final_k
+                tl.store(p_final, b_new.to(final_ptr.dtype.element_ty),
+                         mask=m_col)
+
+
+def _varlen_blocks(query_start_loc: torch.Tensor, num_tokens: int, block_l: int) -> tuple[torch.Tensor, ...]:
+    """Per L-block: its sequence and its index inside it, on the device (no host sync). Every
+    sequence gets at least one block (it writes the state); the grid is the static upper bound
+    ``cdiv(T, BLOCK_L) + batch``, surplus blocks get sequence ``batch`` and exit."""
+    lengths = query_start_loc[1:] - query_start_loc[:-1]
+    per_seq = ((lengths + block_l - 1) // block_l).clamp_min(1).to(torch.int64)
+    ends = torch.cumsum(per_seq, 0)
+    n_blocks = triton.cdiv(num_tokens, block_l) + lengths.shape[0]
+    blocks = torch.arange(n_blocks, device=query_start_loc.device)
+    block_seq = torch.searchsorted(ends, blocks, right=True)
+    starts = ends - per_seq
+    block_off = blocks - starts[block_seq.clamp(max=lengths.shape[0] - 1)]
+    return block_seq, block_off
+
+
+def _launch_triton(
+    x: torch.Tensor,  # [B, D, L] or [D, T] (varlen)
+    weight: torch.Tensor,  # [D, W]
+    bias: torch.Tensor | None,
+    out: torch.Tensor,  # like x
+    silu: bool,
+    *,
+    init: torch.Tensor | None = None,  # [slots, D, S]
+    final: torch.Tensor | None = None,  # [slots, D, S]
+    slots: torch.Tensor | None = None,  # [batch]
+    has_init: torch.Tensor | None = None,  # [batch] bool
+    query_start_loc: torch.Tensor | None = None,  # [batch + 1], varlen
+    pad_slot_id: int = PAD_SLOT_ID,
+) -> None:
+    varlen = query_start_loc is not None
+    dim, width = weight.shape
+    # BLOCK_L >= W - 1 whenever a sequence spans several blocks, so only block 0 reads the state
+    if varlen:
+        batch, length, num_tokens = query_start_loc.shape[0] - 1, 0, x.shape[1]
+        x_strides, out_strides = (0, *x.stride()), (0, *out.stride())
+        avg = num_tokens // max(batch, 1)
+        block_l = min(_MAX_BLOCK_L, max(4, triton.next_power_of_2(avg)))
+    else:
+        batch, length = x.shape[0], x.shape[2]
+        x_strides, out_strides = x.stride(), out.stride()
+        block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(max(length, 1)))
+    if batch == 0 or dim == 0:
+        return
+    state = init if init is not None else final
+    state_len = width - 1 if state is None else state.shape[-1]
+    block_s = triton.next_power_of_2(state_len)
+    # the state tile [BLOCK_D, BLOCK_S] stays within 4 tiles' worth of registers too
+    block_d = min(triton.next_power_of_2(dim), max(16, _TILE // block_l), 4 * _TILE // block_s)
+    if varlen:
+        block_seq, block_off = _varlen_blocks(query_start_loc, num_tokens, block_l)
+        n_l_blocks, n_blocks = 1, block_seq.shape[0]
+    else:
+        block_seq = block_off = x
+        n_l_blocks = triton.cdiv(length, block_l)
+        n_blocks = batch * n_l_blocks
+    init_mode = 0 if init is None else (2 if has_init is not None else 1)
+    grid = (n_blocks, triton.cdiv(dim, block_d))
+    with torch.device(x.device):
+        _causal_conv1d_kernel[grid](
+            x, weight, x if bias is None else bias,
+            x if init is None else init, x if final is None else final,
+            x if slots is None else slots,
+            x if has_init is None else has_init.view(torch.uint8),
+            x if query_start_loc is None else query_start_loc, block_seq, block_off, out,
+            batch, length, n_l_blocks, dim, state.shape[0] if state is not None else batch, state_len,
+            pad_slot_id,
+            *x_strides, *weight.stride(), *(init.stride() if init is not None else (0, 0, 0)),
+            *(final.stride() if final is not None else (0, 0, 0)), *out_strides,
+            WIDTH=width, SILU=silu, HAS_BIAS=bias is not None, IS_VARLEN=varlen, HAS_SLOTS=slots is not None,
+            INIT_MODE=init_mode, WRITE_STATE=final is not None, BLOCK_D=block_d, BLOCK_L=block_l,
+            BLOCK_S=block_s, num_warps=4,
+        )
+
+
+def _use_torch(op: str, device: torch.device) -> bool:
+    return select_backend(op, device) == "torch"
+
+
+@torch.library.custom_op("ifk::causal_conv1d_fwd", mutates_args=("out", "final_states"))
+def _causal_conv1d_fwd(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    initial_states: torch.Tensor | None,
+    final_states: torch.Tensor | None,
+    silu: bool,
+) -> None:
+    """Destination-passing core of :func:`causal_conv1d_fn` (inputs validated)."""
+    if _use_torch("causal_conv1d_fn", x.device):
+        res, fin = causal_conv1d_fn_ref(x, weight, bias, silu, initial_states)
+        out.copy_(res)
+        if final_states is not None:
+            final_states.copy_(fin)
+    else:
+        _launch_triton(x, weight, bias, out, silu, init=initial_states, final=final_states)
+
+
+@_causal_conv1d_fwd.register_fake
+def _(out, x, weight, bias, initial_states, final_states, silu) -> None:
+    return None
+
+
+@torch.library.custom_op("ifk::causal_conv1d_varlen", mutates_args=("out", "conv_states"))
+def _causal_conv1d_varlen(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_states: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    slots: torch.Tensor | None,
+    has_initial_state: torch.Tensor | None,
+    silu: bool,
+    pad_slot_id: int,
+) -> None:
+    """Destination-passing core of :func:`causal_conv1d_varlen` (metadata validated)."""
+    _check_query_start_loc(query_start_loc, x.shape[1])
+    check_slot_range("cache_indices", slots, conv_states.shape[0], pad_slot_id)
+    if _use_torch("causal_conv1d_varlen", x.device):
+        batch = query_start_loc.shape[0] - 1
+        slots = torch.arange(batch, device=x.device) if slots is None else slots
+        if has_initial_state is None:
+            has_initial_state = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        causal_conv1d_varlen_ref(x, weight, bias, conv_states, query_start_loc, slots, has_initial_state,
+                                 silu, pad_slot_id, out)
+    else:
+        init = conv_states if has_initial_state is not None else None
+        _launch_triton(x, weight, bias, out, silu, init=init, final=conv_states, slots=slots,
+                       has_init=has_initial_state,
+                       query_start_loc=query_start_loc, pad_slot_id=pad_slot_id)
+
+
+@_causal_conv1d_varlen.register_fake
+def _(out, x, weight, bias, conv_states, query_start_loc, slots, has_init, silu, pad_slot_id) -> None:
+    return None
+
+
+@torch.library.custom_op("ifk::causal_conv1d_update", mutates_args=("out", "conv_state"))
+def _causal_conv1d_update(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    slots: torch.Tensor | None,
+    silu: bool,
+    pad_slot_id: int,
+) -> None:
+    """Destination-passing core of :func:`causal_conv1d_update` (``x``/``out`` as ``[B, D, L]``)."""
+    check_slot_range("conv_state_indices", slots, conv_state.shape[0], pad_slot_id)
+    if _use_torch("causal_conv1d_update", x.device):
+        slots = torch.arange(x.shape[0], device=x.device) if slots is None else slots
+        causal_conv1d_update_ref(x, conv_state, weight, bias, silu, slots, pad_slot_id, out)
+    else:
+        _launch_triton(x, weight, bias, out, silu, init=conv_state, final=conv_state, slots=slots,
+                       pad_slot_id=pad_slot_id)
+
+
+@_causal_conv1d_update.register_fake
+def _(out, x, conv_state, weight, bias, slots, silu, pad_slot_id) -> None:
+    return None
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    """Forward on the chosen backend; backward by the torch reference's closed form (fp32, the conv
+    recomputed), so every backend trains, and torch.compile traces the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_states, silu, return_final_states):
+        out = torch.empty_like(x)
+        final = x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1) if return_final_states else None
+        torch.ops.ifk.causal_conv1d_fwd(out, x, weight, bias, initial_states, final, silu)
+        ctx.save_for_backward(x, weight, bias, initial_states)
+        ctx.silu = silu
+        return out, final
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        x, weight, bias, initial_states = ctx.saved_tensors
+        grads = causal_conv1d_bwd_ref(x, weight, bias, ctx.silu, initial_states, d_out, d_final)
+        inputs = (x, weight, bias, initial_states)
+        cast = (None if g is None or t is None else g.to(t.dtype) for g, t in zip(grads, inputs))
+        return (*cast, None, None)
+
+
+def _silu_flag(activation: object) -> bool:
+    """causal-conv1d's ``activation``: ``None``/``False``, or ``"silu"``/``"swish"``/``True``."""
+    if activation is None or activation is False:
+        return False
+    if activation is True or activation in ("silu", "swish"):
+        return True
+    raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
+def _check_weight(weight: object, bias: object, device: torch.device) -> int:
+    """Validate ``weight [D, W]`` (W in 2..4) and ``bias [D]``; return D."""
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    if not 2 <= weight.shape[1] <= 4:
+        raise ValueError(
+            f"weight width W must be 2, 3 or 4, got {weight.shape[1]} (shape {list(weight.shape)})")
+    if check_optional("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
+        check_shape("bias", bias, [weight.shape[0]])
+    return weight.shape[0]
+
+
+def _check_state_cache(name: str, states: object, dim: int, width: int, device: torch.device) -> None:
+    check_tensor(name, states, ndim=3, dtypes=FLOAT_DTYPES, device=device)
+    if states.shape[1] != dim or states.shape[2] < width - 1:
+        raise ValueError(f"{name} must have shape [slots, {dim}, >= {width - 1}] (D, W - 1), "
+                         f"got {list(states.shape)}")
+
+
+def _check_query_start_loc(query_start_loc: torch.Tensor, num_tokens: int) -> None:
+    """Raise unless the bounds start at 0, never decrease and end at T (one host sync; skipped
+    under CUDA-graph capture)."""
+    if query_start_loc.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    first, last, decreasing = torch.stack(
+        [query_start_loc[0], query_start_loc[-1], (query_start_loc.diff() < 0).any().long()]).tolist()
+    if first != 0 or last != num_tokens or decreasing:
+        raise ValueError(f"query_start_loc must rise from 0 to the token count {num_tokens}, got "
+                         f"{query_start_loc.tolist()}")
+
+
+def causal_conv1d_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv1d over whole sequences (causal-conv1d's ``causal_conv1d_fn``).
+
+    Args:
+        x: ``[B, D, L]`` fp32/fp16/bf16, any strides.
+        weight: ``[D, W]``, W in 2..4; bias: optional ``[D]``.
+        activation: ``None`` or ``"silu"``/``"swish"``.
+        initial_states: optional ``[B, D, W-1]``, the inputs before position 0 (default zeros).
+        return_final_states: also return the last ``W-1`` inputs, ``[B, D, W-1]`` in x's dtype.
+
+    Returns ``out [B, D, L]`` in x's dtype, ``out[b, d, t] = act(bias[d] + sum_k weight[d, k] *
+    x[b, d, t - W + 1 + k])``, or ``(out, final_states)``. Differentiable in x, weight, bias and
+    initial_states; the backward runs the torch reference.
+
+    Example:
+        >>> out, fin = causal_conv1d_fn(torch.randn(2, 8, 5), torch.randn(8, 4), activation="silu",
+        ...                             return_final_states=True)
+        >>> out.shape, fin.shape
+        (torch.Size([2, 8, 5]), torch.Size([2, 8, 3]))
+    """
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    dim = _check_weight(weight, bias, x.device)
+    if x.shape[1] != dim:
+        raise ValueError(f"x has {x.shape[1]} channels but weight has {dim} (x shape {list(x.shape)})")
+    check_optional("initial_states", initial_states, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
+    if initial_states is not None:
+        check_shape("initial_states", initial_states, [x.shape[0], dim, weight.shape[1] - 1])
+    out, final = _CausalConv1dFn.apply(x, weight, bias, initial_states, _silu_flag(activation),
+                                       bool(return_final_states))
+    return (out, final) if return_final_states else out
+
+
+def causal_conv1d_varlen(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_states: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    cache_indices: torch.Tensor | None = None,
+    has_initial_state: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    pad_slot_id: int = PAD_SLOT_ID,
+) -> torch.Tensor:
+    """Causal conv1d over packed sequences with a state cache (vLLM's varlen ``causal_conv1d_fn``).
+
+    Args:
+        x: ``[D, T]``, the tokens of all sequences side by side.
+        weight: ``[D, W]``, W in 2..4; bias: optional ``[D]``.
+        conv_states: ``[slots, D, S]`` with ``S >= W-1``, updated in place: a sequence starts from
+            its slot's state where ``has_initial_state`` (else from zeros) and leaves the last S
+            inputs of ``[state, x_seq]`` there.
+        query_start_loc: ``[batch + 1]`` int32/int64, sequence i is ``x[:, qsl[i]:qsl[i+1]]``.
+        cache_indices: ``[batch]`` slot of each sequence (default: sequence i uses slot i); a
+            sequence at ``pad_slot_id`` reads and writes no state and gets zero outputs.
+        has_initial_state: ``[batch]`` bool (default: all False).
+
+    Returns a new ``[D, T]`` tensor in x's dtype (vLLM writes into x; a new tensor keeps x
+    reusable and the op functional). Checks ``query_start_loc`` and ``cache_indices`` with one host
+    sync each (skipped under CUDA-graph capture).
+
+    Example:
+        >>> states = torch.zeros(4, 8, 3)
+        >>> out = causal_conv1d_varlen(torch.randn(8, 7), torch.randn(8, 4), None, states,
+        ...                            torch.tensor([0, 2, 7]), cache_indices=torch.tensor([3, 0]))
+        >>> out.shape, bool(states[1:3].eq(0).all())
+        (torch.Size([8, 7]), True)
+    """
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    dim = _check_weight(weight, bias, x.device)
+    if x.shape[0] != dim:
+        raise ValueError(f"x has {x.shape[0]} channels but weight has {dim} (x shape {list(x.shape)})")
+    _check_state_cache("conv_states", conv_states, dim, weight.shape[1], x.device)
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES, device=x.device)
+    batch = query_start_loc.shape[0] - 1
+    if batch < 0:
+        raise ValueError("query_start_loc must have batch + 1 >= 1 entries, got 0")
+    slots = check_slots("cache_indices", cache_indices, batch, x.device)
+    if slots is None and conv_states.shape[0] < batch:
+        raise ValueError(
+            f"conv_states has {conv_states.shape[0]} slots for {batch} sequences; pass cache_indices")
+    if check_optional("has_initial_state", has_initial_state, ndim=1, dtypes=(torch.bool,),
+                      device=x.device) is not None:
+        check_shape("has_initial_state", has_initial_state, [batch])
+    out = torch.empty_like(x)
+    torch.ops.ifk.causal_conv1d_varlen(
+        out, x, weight, bias, conv_states, query_start_loc.contiguous(), slots,
+        None if has_initial_state is None else has_initial_state.contiguous(), _silu_flag(activation),
+        int(pad_slot_id),
+    )
+    return out
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    conv_state_indices: torch.Tensor | None = None,
+    pad_slot_id: int = PAD_SLOT_ID,
+) -> torch.Tensor:
+    """Decode step of the causal conv1d (causal-conv1d / vLLM ``causal_conv1d_update``).
+
+    Args:
+        x: ``[B, D]`` or ``[B, D, L]`` new tokens.
+        conv_state: ``[slots, D, S]`` with ``S >= W-1``, the last S inputs of each slot, updated in
+            place to the last S inputs of ``[state, x]``; the conv reads its last W-1 columns.
+        weight: ``[D, W]``, W in 2..4; bias: optional ``[D]``.
+        conv_state_indices: ``[B]`` slot of each row (default: row b uses slot b, and then
+            ``slots == B``); a row at ``pad_slot_id`` reads and writes no state, its output is zero.
+
+    Returns a new tensor like ``x`` (its dtype). Validating ``conv_state_indices`` syncs with the
+    device once (skipped under CUDA-graph capture, where out-of-range rows are treated as pad rows).
+
+    Example:
+        >>> state = torch.zeros(2, 8, 3)
+        >>> causal_conv1d_update(torch.randn(2, 8), state, torch.randn(8, 4), activation="silu").shape
+        torch.Size([2, 8])
+    """
+    check_tensor("x", x, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    dim = _check_weight(weight, bias, x.device)
+    if x.shape[1] != dim:
+        raise ValueError(f"x has {x.shape[1]} channels but weight has {dim} (x shape {list(x.shape)})")
+    _check_state_cache("conv_state", conv_state, dim, weight.shape[1], x.device)
+    slots = check_slots("conv_state_indices", conv_state_indices, x.shape[0], x.device)
+    if slots is None and conv_state.shape[0] != x.shape[0]:
+        raise ValueError(f"conv_state has {conv_state.shape[0]} slots but x has {x.shape[0]} rows; "
+                         "pass conv_state_indices")
+    out = torch.empty_like(x)
+    x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(-1), out.unsqueeze(-1))
+    torch.ops.ifk.causal_conv1d_update(out3, x3, conv_state, weight, bias, slots, _silu_flag(activation),
+                                       int(pad_slot_id))
+    return out

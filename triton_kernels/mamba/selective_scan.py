@@ -1,0 +1,536 @@
+"""Mamba selective scan (prefill): mamba_ssm's batched form and vLLM's packed form with a state cache.
+
+One Triton kernel serves both. Each program owns one sequence and a block of channels of one
+group, keeps an fp32 ``[BLOCK_D, N]`` state in registers and walks the sequence in tiles of
+``BLOCK_L`` tokens: per tile it scans the (decay, input) pairs with ``tl.associative_scan`` and
+chains the carried state in, loading each B/C tile once for all its channels. The packed form
+(``IS_VARLEN``) reads its sequence bounds from ``query_start_loc`` and reads/writes the state
+cache through ``cache_indices``; the batched form is the same walk with one sequence per batch row.
+
+Backends: ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``cpu`` (the C++ kernel
+``csrc/mamba/selective_scan_cpu.cpp``, default on CPU) and ``torch`` (:mod:`.reference`).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_kernels import _csrc
+from triton_kernels._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_optional,
+    check_shape,
+    check_tensor,
+    unit_stride_last,
+)
+from triton_kernels.backend import forced_backend, select_backend
+from triton_kernels.constants import PAD_SLOT_ID
+from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
+
+# Hand-picked launch shape (no autotune: the kernel overwrites the state cache in place, so
+# benchmarking configs would corrupt it). A [BLOCK_D, BLOCK_N, BLOCK_L] fp32 scan tile of 2048
+# elements per 4 warps compiles to 128 registers for N=16 on sm_90 with no spills (4096: 168-199),
+# so 4 programs share an SM and D=5120 gives 1280 programs; longer tiles for small N amortise
+# the carry, more channels per program for small N reuse each B/C tile more.
+SCAN_TILE_ELEMENTS = 2048
+MAX_BLOCK_D = 32
+NUM_WARPS = 4
+
+
+@triton.jit
+def _combine(a_left, b_left, a_right, b_right):
+    """Compose h -> a_left h + b_left, then h -> a_right h + b_right."""
+    return a_left * a_right, a_right * b_left + b_right
+
+
+@triton.jit
+def _load_bc(ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_b, stride_g, stride_n,
+             PER_CHANNEL: tl.constexpr):
+    """B or C as a [BLOCK_D|1, BLOCK_N, BLOCK_L|1] fp32 block (per-channel [D, N] or a group's tile)."""
+    if PER_CHANNEL:
+        p = ptr + o_d[:, None] * stride_g + o_n[None, :] * stride_n
+        return tl.load(p, mask=m_d[:, None] & m_n[None, :], other=0.0).to(tl.float32)[:, :, None]
+    else:
+        p = ptr + i_b * stride_b + i_g * stride_g + o_n[:, None] * stride_n + o_t[None, :]
+        return tl.load(p, mask=m_n[:, None] & m_t[None, :], other=0.0).to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def _selective_scan_kernel(
+    # pointers
+    u_ptr,  # [Bu, D, L]; the packed form is [1, D, T]
+    delta_ptr,  # like u
+    A_ptr,  # [D, N]
+    B_ptr,  # [Bb, G, N, L], or [D, N] when B_PER_CHANNEL
+    C_ptr,  # like B
+    D_ptr,  # [D]
+    z_ptr,  # like u
+    bias_ptr,  # [D]
+    out_ptr,  # like u
+    state_ptr,  # [slots, D, N]
+    qsl_ptr,  # [n_seq + 1], IS_VARLEN
+    cache_ptr,  # [n_seq], HAS_CACHE_IDX
+    has_init_ptr,  # [n_seq] bool, HAS_INIT
+    # sizes
+    seqlen,
+    dstate,
+    dim_per_group,
+    blocks_per_group,
+    pad_slot_id,
+    # strides
+    stride_u_b, stride_u_d,
+    stride_dt_b, stride_dt_d,
+    stride_z_b, stride_z_d,
+    stride_o_b, stride_o_d,
+    stride_A_d, stride_A_n,
+    stride_B_b, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_g, stride_C_n,
+    stride_s_slot, stride_s_d, stride_s_n,
+    # meta
+    IS_VARLEN: tl.constexpr,
+    HAS_CACHE_IDX: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr,
+    B_PER_CHANNEL: tl.constexpr,
+    C_PER_CHANNEL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    i_s = tl.program_id(0).to(tl.int64)
+    i_g = tl.program_id(1) // blocks_per_group
+    o_dg = (tl.program_id(1) % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_dg < dim_per_group
+    o_d = (i_g * dim_per_group + o_dg).to(tl.int64)
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < dstate
+    m_dn = m_d[:, None] & m_n[None, :]
+    if IS_VARLEN:
+        i_b = i_s * 0
+        t0 = tl.load(qsl_ptr + i_s).to(tl.int64)
+        t1 = tl.load(qsl_ptr + i_s + 1).to(tl.int64)
+    else:
+        i_b = i_s
+        t0 = i_s * 0
+        t1 = t0 + seqlen
+    if HAS_CACHE_IDX:
+        slot = tl.load(cache_ptr + i_s).to(tl.int64)
+        valid = slot != pad_slot_id
+    else:
+        slot = i_s
+        valid = i_s >= 0
+    # a pad sequence reads and writes nothing: no tokens, no state rows (limits, not scalar masks,
+    # because the interpreter mishandles bool-tensor & bool-scalar masks)
+    t1 = tl.where(valid, t1, t0)
+    m_dn_state = (o_dg < tl.where(valid, dim_per_group, 0))[:, None] & m_n[None, :]
+    p_state = state_ptr + slot * stride_s_slot + o_d[:, None] * stride_s_d + o_n[None, :] * stride_s_n
+
+    b_A2 = tl.load(A_ptr + o_d[:, None] * stride_A_d + o_n[None, :] * stride_A_n, mask=m_dn, other=0.0)
+    b_A2 = b_A2.to(tl.float32) * 1.4426950408889634  # exp(x A) = exp2(x A log2(e))
+    b_h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if HAS_INIT:
+        lim = tl.where(valid & (tl.load(has_init_ptr + i_s) != 0), dim_per_group, 0)
+        m_init = (o_dg < lim)[:, None] & m_n[None, :]
+        b_h = tl.load(p_state, mask=m_init, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        b_Dskip = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    is_last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, None, :]
+
+    for t in range(t0, t1, BLOCK_L):
+        o_t = t + tl.arange(0, BLOCK_L)
+        m_t = o_t < t1
+        m_dt = m_d[:, None] & m_t[None, :]
+        p_u = u_ptr + i_b * stride_u_b + o_d[:, None] * stride_u_d + o_t[None, :]
+        b_u = tl.load(p_u, mask=m_dt, other=0.0).to(tl.float32)
+        b_dt = tl.load(delta_ptr + i_b * stride_dt_b + o_d[:, None] * stride_dt_d + o_t[None, :], mask=m_dt,
+                       other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_dt += b_bias[:, None]
+        if DELTA_SOFTPLUS:
+            b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
+        b_B = _load_bc(B_ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_B_b, stride_B_g, stride_B_n,
+                       B_PER_CHANNEL)
+        b_C = _load_bc(C_ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_C_b, stride_C_g, stride_C_n,
+                       C_PER_CHANNEL)
+        # (decay, input) per token; tokens past the end are the identity (1, 0)
+        b_dA = tl.where(m_t[None, None, :], tl.exp2(b_dt[:, None, :] * b_A2[:, :, None]), 1.0)
+        b_dBu = tl.where(m_t[None, None, :], (b_dt * b_u)[:, None, :] * b_B, 0.0)
+        b_a, b_b = tl.associative_scan((b_dA, b_dBu), axis=2, combine_fn=_combine)
+        b_hs = b_a * b_h[:, :, None] + b_b  # [BLOCK_D, BLOCK_N, BLOCK_L]
+        b_h = tl.sum(tl.where(is_last, b_hs, 0.0), axis=2)
+        b_y = tl.sum(b_hs * b_C, axis=1)
+        if HAS_D:
+            b_y += b_Dskip[:, None] * b_u
+        if HAS_Z:
+            b_z = tl.load(z_ptr + i_b * stride_z_b + o_d[:, None] * stride_z_d + o_t[None, :], mask=m_dt,
+                          other=0.0).to(tl.float32)
+            b_y *= b_z / (1.0 + tl.exp(-b_z))
+        p_out = out_ptr + i_b * stride_o_b + o_d[:, None] * stride_o_d + o_t[None, :]
+        tl.store(p_out, b_y.to(out_ptr.dtype.element_ty), mask=m_dt)
+
+    if HAS_STATE:
+        tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_dn_state)
+
+
+def _block_sizes(dstate: int, dim_per_group: int) -> tuple[int, int, int]:
+    block_n = triton.next_power_of_2(dstate)
+    block_l = 32 if block_n <= 16 else 16
+    block_d = max(1, SCAN_TILE_ELEMENTS // (block_n * block_l))
+    return min(block_d, MAX_BLOCK_D, triton.next_power_of_2(dim_per_group)), block_n, block_l
+
+
+def _strides(t: torch.Tensor | None, dims: tuple[int, ...]) -> list[int]:
+    return [0] * len(dims) if t is None else [t.stride(d) for d in dims]
+
+
+def _launch_triton(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, qsl, cache_indices,
+                   has_initial_state, pad_slot_id, n_seq, groups) -> None:
+    """Launch on the common layout: u/delta/z/out ``[Bu, D, L]``, B/C ``[Bb, G, N, L]`` or ``[D, N]``."""
+    dim, dstate = A.shape
+    if n_seq == 0 or dim == 0:
+        return
+    dim_per_group = dim // groups
+    block_d, block_n, block_l = _block_sizes(dstate, dim_per_group)
+    blocks_per_group = triton.cdiv(dim_per_group, block_d)
+    b_per_channel, c_per_channel = B.dim() == 2, C.dim() == 2
+    bc_dims = lambda M: (0, 1) if M.dim() == 2 else (0, 1, 2)  # noqa: E731
+    b_strides = ([0] if b_per_channel else []) + _strides(B, bc_dims(B))
+    c_strides = ([0] if c_per_channel else []) + _strides(C, bc_dims(C))
+    grid = (n_seq, groups * blocks_per_group)
+    with torch.device(u.device):
+        _selective_scan_kernel[grid](
+            u, delta, A, B, C,
+            u if D is None else D,
+            u if z is None else z,
+            u if delta_bias is None else delta_bias,
+            out,
+            out if state is None else state,
+            qsl if qsl is not None else u,
+            cache_indices if cache_indices is not None else u,
+            has_initial_state if has_initial_state is not None else u,
+            u.shape[2], dstate, dim_per_group, blocks_per_group, pad_slot_id,
+            *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)), *_strides(out, (0, 1)),
+            *_strides(A, (0, 1)), *b_strides, *c_strides, *_strides(state, (0, 1, 2)),
+            IS_VARLEN=qsl is not None,
+            HAS_CACHE_IDX=cache_indices is not None,
+            HAS_INIT=has_initial_state is not None,
+            HAS_STATE=state is not None,
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None,
+            DELTA_SOFTPLUS=delta_softplus,
+            B_PER_CHANNEL=b_per_channel,
+            C_PER_CHANNEL=c_per_channel,
+            BLOCK_D=block_d,
+            BLOCK_N=block_n,
+            BLOCK_L=block_l,
+            num_warps=NUM_WARPS,
+        )
+
+
+def _as_f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def _launch_cpu(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, qsl, cache_indices,
+                has_initial_state, pad_slot_id) -> None:
+    """The C++ kernel takes fp32, and B/C token-major ``[Bb, G, L, N]`` (copies the size of B and C;
+    a per-channel ``[D, N]`` becomes a zero-stride ``[1, D, L, N]`` view); fp16/bf16 buffers
+    round-trip through fp32 copies."""
+    seqlen = u.shape[2]
+
+    def token_major(M: torch.Tensor) -> torch.Tensor:
+        M = M.float()
+        if M.dim() == 2:
+            M = M.contiguous()
+            return M.as_strided((1, M.shape[0], seqlen, M.shape[1]), (0, M.shape[1], 0, 1))
+        return M.transpose(-1, -2).contiguous()
+
+    out32 = out if out.dtype == torch.float32 else out.float()
+    state32 = state if state is None or state.dtype == torch.float32 else state.float()
+    torch.ops.ifk.selective_scan_cpu(
+        out32, state32, _as_f32(u), _as_f32(delta), A.float(), token_major(B), token_major(C), _as_f32(D),
+        _as_f32(z), _as_f32(delta_bias), delta_softplus, None if qsl is None else qsl.long(),
+        None if cache_indices is None else cache_indices.long(), has_initial_state, pad_slot_id,
+    )
+    if out32 is not out:
+        out.copy_(out32)
+    if state32 is not state:
+        state.copy_(state32)
+
+
+def _check_varlen_data(qsl: torch.Tensor, cache_indices: torch.Tensor | None, num_tokens: int,
+                       num_slots: int, pad_slot_id: int) -> None:
+    """The data-dependent checks: one host sync, skipped while a CUDA graph is being captured."""
+    if qsl.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    values = torch.cat([qsl.long(), cache_indices.long()]) if cache_indices is not None else qsl
+    values = values.tolist()
+    starts, slots = values[: qsl.shape[0]], values[qsl.shape[0]:]
+    if starts[0] != 0 or starts[-1] != num_tokens or any(a > b for a, b in itertools.pairwise(starts)):
+        raise ValueError(
+            f"query_start_loc must rise from 0 to the token count {num_tokens} without decreasing, "
+            f"got {starts}"
+        )
+    bad = [s for s in slots if s != pad_slot_id and not 0 <= s < num_slots]
+    if bad:
+        raise ValueError(
+            f"cache_indices holds {bad[0]}, outside the {num_slots} slots of ssm_states "
+            f"(and not pad_slot_id={pad_slot_id})"
+        )
+
+
+@torch.library.custom_op("ifk::selective_scan", mutates_args=("out", "state"))
+def _selective_scan(
+    out: torch.Tensor,
+    state: torch.Tensor | None,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    query_start_loc: torch.Tensor | None,
+    cache_indices: torch.Tensor | None,
+    has_initial_state: torch.Tensor | None,
+    pad_slot_id: int,
+) -> None:
+    """Destination-passing core of both public ops (inputs validated).
+
+    Batched: u ``[B, D, L]``, state the ``[B, D, N]`` last state or None, no query_start_loc.
+    Packed: u ``[D, T]``, state the ``[slots, D, N]`` cache, query_start_loc ``[batch + 1]``.
+    """
+    varlen = query_start_loc is not None
+    if varlen:
+        _check_varlen_data(query_start_loc, cache_indices, u.shape[1], state.shape[0], pad_slot_id)
+    forced = forced_backend()
+    backend = select_backend("selective scan", u.device, native=frozenset({"cpu"}))
+    if backend == "cpu" and not _csrc.try_load("mamba_cpu", forced=forced is not None):
+        backend = "torch"
+    if backend == "torch":
+        if varlen:
+            selective_scan_varlen_ref(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                      query_start_loc, cache_indices, has_initial_state, pad_slot_id)
+        else:
+            y, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            out.copy_(y)
+            if state is not None:
+                state.copy_(last)
+        return
+    if varlen:  # the common layout: the packed form is a batch of one
+        out, u, delta, z = (None if t is None else t[None] for t in (out, u, delta, z))
+        B, C = B[None], C[None]
+    else:
+        B, C = (M[:, None] if M.dim() == 3 else M for M in (B, C))
+    args = (out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, query_start_loc,
+            cache_indices, has_initial_state, pad_slot_id)
+    if backend == "cpu":
+        _launch_cpu(*args)
+    else:
+        groups = max(M.shape[1] if M.dim() == 4 else 1 for M in (B, C))
+        n_seq = query_start_loc.shape[0] - 1 if varlen else u.shape[0]
+        _launch_triton(*args, n_seq, groups)
+
+
+@_selective_scan.register_fake
+def _(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, query_start_loc, cache_indices,
+      has_initial_state, pad_slot_id) -> None:
+    return None
+
+
+def _check_bc(name: str, M: object, dim: int, dstate: int, lead: tuple[int, ...], length: int,
+              device: torch.device, per_channel_ok: bool) -> int:
+    """Check B or C; return its group count (0 for a per-channel ``[D, N]`` matrix)."""
+    ndims = (2, len(lead) + 2, len(lead) + 3) if per_channel_ok else (len(lead) + 3,)
+    check_tensor(name, M, ndim=ndims, dtypes=FLOAT_DTYPES, device=device)
+    if M.dim() == 2:
+        check_shape(name, M, (dim, dstate))
+        return 0
+    if M.dim() == len(lead) + 2:
+        check_shape(name, M, (*lead, dstate, length))
+        return 1
+    check_shape(name, M, (*lead, None, dstate, length))
+    groups = M.shape[len(lead)]
+    if groups == 0 or dim % groups:
+        raise ValueError(f"{name} has {groups} groups, which must divide the {dim} channels")
+    return groups
+
+
+def _validated(u, delta, A, B, C, D, z, delta_bias, *, varlen: bool) -> tuple:
+    """Check the arguments the two forms share; return them with unit stride along the sequence."""
+    check_tensor("u", u, ndim=2 if varlen else 3, dtypes=FLOAT_DTYPES)
+    device, dim, length = u.device, u.shape[-2], u.shape[-1]
+    check_tensor("delta", delta, dtypes=FLOAT_DTYPES, device=device)
+    check_shape("delta", delta, u.shape)
+    if isinstance(A, torch.Tensor) and A.is_complex():
+        raise TypeError(f"A must be real (complex A is not supported), got {A.dtype}")
+    check_tensor("A", A, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_shape("A", A, (dim, None))
+    dstate = A.shape[1]
+    if dstate == 0:
+        raise ValueError(f"A must have a state size N >= 1, got shape {list(A.shape)}")
+    lead = () if varlen else (u.shape[0],)
+    groups = [_check_bc(n, M, dim, dstate, lead, length, device, not varlen) for n, M in (("B", B), ("C", C))]
+    if min(groups) > 0 and groups[0] != groups[1]:
+        raise ValueError(f"B and C must have the same number of groups, got {groups[0]} and {groups[1]}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if check_optional(name, t, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
+            check_shape(name, t, (dim,))
+    if check_optional("z", z, dtypes=FLOAT_DTYPES, device=device) is not None:
+        check_shape("z", z, u.shape)
+    return tuple(None if t is None else unit_stride_last(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool):
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    last = None
+    if return_last_state:
+        last = torch.empty((u.shape[0], *A.shape), dtype=torch.float32, device=u.device)
+    torch.ops.ifk.selective_scan(out, last, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 None, None, None, PAD_SLOT_ID)
+    return (out, last) if return_last_state else out
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Forward-only for now: the backward pass comes with a later kernel and raises until then."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "selective_scan_fn has no backward pass yet (forward-only); call it under torch.no_grad() "
+            "or with inputs that do not require grad"
+        )
+
+
+def selective_scan_fn(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """mamba_ssm's selective scan: ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``, ``y_t = C_t h_t + D u_t``.
+
+    Args:
+        u, delta: ``[B, D, L]`` fp32/fp16/bf16. ``dt = delta (+ delta_bias)``, then
+            ``softplus`` (identity above 20) when ``delta_softplus``.
+        A: ``[D, N]`` real (complex A raises).
+        B, C: ``[D, N]`` (per channel), ``[B, N, L]`` or ``[B, G, N, L]`` (channel d uses group
+            ``d // (D / G)``); grouped B and C need the same G.
+        D, delta_bias: optional ``[D]``. z: optional ``[B, D, L]``, output gated by ``silu(z)``.
+        return_last_state: also return the final state.
+
+    Returns ``out [B, D, L]`` in u's dtype, or ``(out, last_state [B, D, N] fp32)``. Arithmetic is
+    fp32. Forward only: backward raises NotImplementedError (a later kernel adds it).
+
+    Example:
+        >>> u = torch.randn(2, 64, 100); A = -torch.rand(64, 16); Bc = torch.randn(2, 16, 100)
+        >>> selective_scan_fn(u, torch.rand(2, 64, 100), A, Bc, Bc, delta_softplus=True).shape
+        torch.Size([2, 64, 100])
+    """
+    args = _validated(u, delta, A, B, C, D, z, delta_bias, varlen=False)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return _SelectiveScanFn.apply(*args, delta_softplus, return_last_state)
+    return _scan_forward(*args, delta_softplus, return_last_state)
+
+
+def _check_index(name: str, t: object, batch: int, dtypes: tuple, device: torch.device):
+    if check_optional(name, t, ndim=1, dtypes=dtypes, device=device) is None:
+        return None
+    check_shape(name, t, (batch,))
+    return t.contiguous()
+
+
+def selective_scan_varlen(
+    u: torch.Tensor,
+    ssm_states: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    query_start_loc: torch.Tensor | None = None,
+    cache_indices: torch.Tensor | None = None,
+    has_initial_state: torch.Tensor | None = None,
+    pad_slot_id: int = PAD_SLOT_ID,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """vLLM's packed selective scan with a state cache (prefill of several sequences in one call).
+
+    Args:
+        u, delta: ``[D, T]`` fp32/fp16/bf16, the sequences packed along T.
+        ssm_states: ``[slots, D, N]`` fp32/fp16/bf16 (may differ from u's dtype). Sequence b
+            starts from row ``cache_indices[b]`` when ``has_initial_state[b]`` (else from zeros),
+            and its final state overwrites that row. Other rows are left untouched.
+        A: ``[D, N]`` real. B, C: ``[G, N, T]`` (G divides D).
+        D, delta_bias: optional ``[D]``. z: optional ``[D, T]`` gate (never written).
+        query_start_loc: ``[batch + 1]`` int32/int64 token offsets from 0 to T, non-decreasing
+            (None: one sequence of T tokens).
+        cache_indices: ``[batch]`` int32/int64 state rows (None: row b for sequence b).
+            Sequences whose index is ``pad_slot_id`` are skipped: no state read or written,
+            no output column written.
+        has_initial_state: ``[batch]`` bool (None: every sequence starts from zeros).
+        out: optional ``[D, T]`` destination in u's dtype (unit stride along T).
+
+    Returns ``out`` (a new tensor when not given: zeros where pad sequences were skipped).
+    Checks query_start_loc and cache_indices against T and the slot count with one host sync,
+    skipped while a CUDA graph is being captured.
+
+    Example:
+        >>> u = torch.randn(64, 10); A = -torch.rand(64, 16); Bc = torch.randn(1, 16, 10)
+        >>> states = torch.zeros(4, 64, 16); qsl = torch.tensor([0, 3, 10], dtype=torch.int32)
+        >>> selective_scan_varlen(u, states, torch.rand(64, 10), A, Bc, Bc, query_start_loc=qsl,
+        ...                       cache_indices=torch.tensor([2, 0])).shape
+        torch.Size([64, 10])
+    """
+    u, delta, A, B, C, D, z, delta_bias = _validated(u, delta, A, B, C, D, z, delta_bias, varlen=True)
+    dim, num_tokens = u.shape
+    check_tensor("ssm_states", ssm_states, ndim=3, dtypes=FLOAT_DTYPES, device=u.device)
+    check_shape("ssm_states", ssm_states, (None, dim, A.shape[1]))
+    if query_start_loc is None:
+        query_start_loc = torch.tensor([0, num_tokens], dtype=torch.int32, device=u.device)
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES, device=u.device)
+    batch = query_start_loc.shape[0] - 1
+    if batch < 0:
+        raise ValueError("query_start_loc must hold at least one offset (batch + 1 entries), got none")
+    cache_indices = _check_index("cache_indices", cache_indices, batch, INDEX_DTYPES, u.device)
+    has_initial_state = _check_index("has_initial_state", has_initial_state, batch, (torch.bool,), u.device)
+    if isinstance(pad_slot_id, bool) or not isinstance(pad_slot_id, int):
+        raise TypeError(f"pad_slot_id must be an int, got {pad_slot_id!r}")
+    if out is None:
+        alloc = torch.empty if cache_indices is None else torch.zeros
+        out = alloc((dim, num_tokens), dtype=u.dtype, device=u.device)
+    else:
+        check_tensor("out", out, ndim=2, dtypes=(u.dtype,), device=u.device)
+        check_shape("out", out, (dim, num_tokens))
+        if num_tokens > 1 and out.stride(1) != 1:
+            raise ValueError(f"out must have unit stride along T, got strides {out.stride()}")
+    torch.ops.ifk.selective_scan(out, ssm_states, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 query_start_loc.contiguous(), cache_indices, has_initial_state, pad_slot_id)
+    return out
