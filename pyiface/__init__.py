@@ -28,6 +28,7 @@ from pyiface.interfaces import (
     supports_v0_only,
 )
 from pyiface.intermediate_tensors import IntermediateTensors, PPMissingLayer, make_empty_intermediate_tensors_factory
+from pyiface.mamba_cache import MambaCache
 from pyiface.multimodal import MultiModalEmbedder
 from pyiface.pipeline import make_layers, pp_layer_range
 
@@ -38,6 +39,7 @@ __all__ = [
     "IsAttentionFree",
     "IsHybrid",
     "KernelPlan",
+    "MambaCache",
     "MultiModalEmbedder",
     "MultiModalEmbeddings",
     "PPMissingLayer",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pyiface import interfaces as itf
+from pyiface.mamba_cache import MambaCache
 from pyiface.pipeline import pp_layer_range
 from triton_kernels.backend import BackendUnavailableError, select_backend
 
@@ -19,7 +20,7 @@ from triton_kernels.backend import BackendUnavailableError, select_backend
 OPS_BY_CAPABILITY: dict[str, tuple[str, ...]] = {
     "multimodal": ("multimodal_scatter",),
     "lora": ("add_lora_linear", "lora_shrink", "lora_expand"),
-    "mamba": ("selective_scan_varlen", "selective_state_update", "causal_conv1d_varlen", "causal_conv1d_update"),
+    "mamba": ("selective_scan", "selective_state_update", "causal_conv1d_varlen", "causal_conv1d_update"),
 }
 
 FLAG_PREDICATES = {
@@ -138,9 +139,11 @@ def _mamba_plan(model_or_class: Any, config: Any, max_num_seqs: int | None, num_
         conv_shape, ssm_shape = (tuple(s) for s in shape_fn(config))
     cache = None
     if ssm_shape is not None and max_num_seqs is not None and num_mamba_layers is not None:
-        from pyiface.mamba_cache import MambaCache
-
-        cache = MambaCache(num_mamba_layers, max_num_seqs, conv_shape, ssm_shape, device=device, dtype=dtype)
+        cache = MambaCache(
+            num_mamba_layers, max_num_seqs, dim=conv_shape[0], state_size=ssm_shape[-1],
+            conv_width=conv_shape[-1] + 1, num_heads=ssm_shape[0] if len(ssm_shape) == 3 else None,
+            ssm_dtype=dtype, device=device,
+        )
     return MambaStatePlan(conv_shape, ssm_shape, cache)
 
 

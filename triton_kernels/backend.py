@@ -28,6 +28,7 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 # pyiface.dispatch read. An op not listed has Triton and torch only.
 NATIVE_KERNELS: dict[str, frozenset[str]] = {
     "multimodal_scatter": frozenset({"cuda"}),
+    "selective_scan": frozenset({"cpu"}),
 }
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("ifk_backend", default=None)

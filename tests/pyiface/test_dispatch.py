@@ -85,7 +85,7 @@ def test_attention_free_mamba_has_no_kv_cache():
     assert not p.needs_kv_cache
     assert p.mamba is not None
     assert p.mamba.ssm_state_shape is None
-    assert set(p.backends) == {"selective_scan_varlen", "selective_state_update", "causal_conv1d_varlen",
+    assert set(p.backends) == {"selective_scan", "selective_state_update", "causal_conv1d_varlen",
                                "causal_conv1d_update"}
     assert "no (attention-free)" in str(p)
 
@@ -96,6 +96,15 @@ def test_hybrid_gets_state_shapes_and_eager_path():
     assert p.mamba.conv_state_shape == (48, 3)
     assert p.mamba.ssm_state_shape == (48, 16)
     assert p.execution.startswith("eager")
+
+
+def test_hybrid_cache_allocated_with_sizes():
+    p = plan(Jamba(), "cpu", config=CONFIG, max_num_seqs=6, num_mamba_layers=3)
+    conv_state, ssm_state = p.mamba.cache.layer(2)
+    assert conv_state.shape == (6, 48, 3)
+    assert ssm_state.shape == (6, 48, 16)
+    assert ssm_state.dtype == torch.float32
+    assert "cache allocated" in str(p)
 
 
 def test_tasks_from_flags():

@@ -318,7 +318,7 @@ def _selective_scan(
     if varlen:
         _check_varlen_data(query_start_loc, cache_indices, u.shape[1], state.shape[0], pad_slot_id)
     forced = forced_backend()
-    backend = select_backend("selective scan", u.device, native=frozenset({"cpu"}))
+    backend = select_backend("selective_scan", u.device)
     if backend == "cpu" and not _csrc.try_load("mamba_cpu", forced=forced is not None):
         backend = "torch"
     if backend == "torch":
