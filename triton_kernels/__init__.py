@@ -6,6 +6,7 @@ Every op has a Triton kernel, a plain-torch reference and, where it wins, a csrc
 
 from triton_kernels.backend import BackendUnavailableError, use_backend
 from triton_kernels.constants import PAD_SLOT_ID
+from triton_kernels.lora import LoRAKernelMeta, add_lora_linear, lora_expand, lora_linear, lora_shrink
 from triton_kernels.multimodal import (
     embed_multimodal_tokens,
     merge_multimodal_embeddings,
@@ -15,7 +16,12 @@ from triton_kernels.multimodal import (
 __all__ = [
     "PAD_SLOT_ID",
     "BackendUnavailableError",
+    "LoRAKernelMeta",
+    "add_lora_linear",
     "embed_multimodal_tokens",
+    "lora_expand",
+    "lora_linear",
+    "lora_shrink",
     "merge_multimodal_embeddings",
     "merge_multimodal_embeddings_by_mask",
     "use_backend",
