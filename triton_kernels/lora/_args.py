@@ -7,6 +7,10 @@ from collections.abc import Sequence
 import torch
 
 from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from triton_kernels.backend import BackendUnavailableError, forced_backend, select_backend
+
+# float64 runs on the torch backend only (gradcheck, oracles); the kernels take the other three.
+LORA_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
 def check_weights(
@@ -18,7 +22,7 @@ def check_weights(
         raise TypeError(f"{name} must be a non-empty list/tuple of tensors, got {type(weights).__name__}")
     out = []
     for i, w in enumerate(weights):
-        check_tensor(f"{name}[{i}]", w, ndim=(3, 4), dtypes=FLOAT_DTYPES, device=device)
+        check_tensor(f"{name}[{i}]", w, ndim=(3, 4), dtypes=LORA_DTYPES, device=device)
         dtype = dtype or w.dtype
         if w.dim() == 4:
             if w.shape[1] != 1:
@@ -73,4 +77,14 @@ def check_meta_args(
 
 
 def check_float(name: str, t: object, ndim: int, device: torch.device | None = None) -> torch.Tensor:
-    return check_tensor(name, t, ndim=ndim, dtypes=FLOAT_DTYPES, device=device)
+    return check_tensor(name, t, ndim=ndim, dtypes=LORA_DTYPES, device=device)
+
+
+def lora_backend(op: str, *tensors: torch.Tensor) -> str:
+    """:func:`select_backend`, except that float64 takes the torch backend (raising if another is forced)."""
+    backend = select_backend(op, tensors[0].device)
+    if any(t.dtype == torch.float64 for t in tensors) and backend != "torch":
+        if forced_backend() is not None:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run float64; use 'torch'")
+        return "torch"
+    return backend

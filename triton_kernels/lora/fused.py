@@ -21,8 +21,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import INDEX_DTYPES, check_tensor
-from triton_kernels.backend import select_backend
-from triton_kernels.lora._args import check_float, check_meta_args, check_weights
+from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend
 from triton_kernels.lora.meta import LoRAKernelMeta
 from triton_kernels.lora.reference import add_lora_linear_ref, lora_delta_backward_ref, slot_segments
 from triton_kernels.lora.shrink_expand import (
@@ -233,7 +232,7 @@ def _check_rank_values(ranks: torch.Tensor | None, capacity: int) -> None:
 def _add_into(y, x, lora_a, lora_b, scale, meta4, ranks) -> None:
     """``y += delta`` on the chosen backend (validated inputs, at least one LoRA token)."""
     _check_rank_values(ranks, lora_a[0].shape[1])
-    if select_backend("add_lora_linear", x.device) == "torch":
+    if lora_backend("add_lora_linear", x) == "torch":
         add_lora_linear_ref(y, x, lora_a, lora_b, scale, slot_segments(*meta4), ranks)
         return
     with on_device(x.device):
@@ -395,7 +394,7 @@ def add_lora_linear(
 
     Args:
         y: ``[T, sum(output_slices)]``, x's dtype, updated in place at the rows of LoRA tokens.
-        x: ``[T, H_in]`` fp16/bf16/fp32.
+        x: ``[T, H_in]`` fp16/bf16/fp32 (float64 on the torch backend only, e.g. for gradcheck).
         lora_a_stacked: one tensor per slice, ``[L, 1, R, H_in]`` (vLLM's layout) or ``[L, R, H_in]``.
         lora_b_stacked: one tensor per slice, ``[L, 1, n_s, R]`` or ``[L, n_s, R]``.
         scale: multiplies the delta.

@@ -16,8 +16,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import check_tensor
-from triton_kernels.backend import select_backend
-from triton_kernels.lora._args import check_float, check_meta_args, check_weights
+from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend
 from triton_kernels.lora.reference import lora_expand_ref, lora_shrink_ref, slot_segments
 
 SLICES_PER_LAUNCH = 3  # q/k/v; the slice's weights are picked among this many pointers
@@ -272,7 +271,7 @@ def _lora_shrink_op(
     if no_lora_flag_cpu.item():  # a CPU tensor: no device sync
         return
     meta = (token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc, lora_ids)
-    if select_backend("lora_shrink", inputs.device) == "torch":
+    if lora_backend("lora_shrink", inputs) == "torch":
         lora_shrink_ref(inputs, lora_a_weights, output_tensor, slot_segments(*meta), scaling)
         return
     with on_device(inputs.device):
@@ -302,7 +301,7 @@ def _lora_expand_op(
     if no_lora_flag_cpu.item():
         return
     meta = (token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc, lora_ids)
-    if select_backend("lora_expand", inputs.device) == "torch":
+    if lora_backend("lora_expand", output_tensor, inputs, lora_b_weights[0]) == "torch":
         lora_expand_ref(inputs, lora_b_weights, output_tensor, slot_segments(*meta), offset_start, add_inputs)
         return
     with on_device(inputs.device):
@@ -329,7 +328,7 @@ def lora_shrink(
     """``output_tensor[s, t] = scaling * inputs[t] @ A_s[slot(t)]^T`` for every slice ``s``.
 
     Args:
-        inputs: ``[T, H_in]`` fp16/bf16/fp32.
+        inputs: ``[T, H_in]`` fp16/bf16/fp32 (float64 on the torch backend only).
         lora_a_weights: list of ``S`` tensors ``[L, R, H_in]`` (or ``[L, 1, R, H_in]``), inputs' dtype.
         output_tensor: ``[S, T, R]`` float32, zeroed then written (rows of slot -1 tokens stay 0).
         token_lora_mapping ... no_lora_flag_cpu: ``*meta.meta_args(T)`` of a :class:`LoRAKernelMeta`.
@@ -375,7 +374,7 @@ def lora_expand(
     """``output_tensor[t, off_s : off_s + n_s] (+)= inputs[s, t] @ B_s[slot(t)]^T`` per slice ``s``.
 
     Args:
-        inputs: ``[S, T, R]`` fp32/fp16/bf16 (cast to the weights' dtype before the product).
+        inputs: ``[S, T, R]`` fp32/fp16/bf16/fp64 (cast to the weights' dtype before the product).
         lora_b_weights: list of ``S`` tensors ``[L, n_s, R]`` (or ``[L, 1, n_s, R]``), one dtype;
             the widths ``n_s`` may differ (GQA q/k/v).
         output_tensor: ``[T, >= offset_start + sum n_s]`` fp16/bf16/fp32; slice ``s`` lands at
