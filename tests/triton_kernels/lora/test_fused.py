@@ -180,3 +180,90 @@ def test_meta_device_mismatch_and_plain_tensors_refused():
     _, x, a, b, _, _ = _small()
     with pytest.raises(TypeError, match="lora_a_stacked must be a non-empty list"):
         add_lora_linear(torch.zeros(6, 10), x, a[0], b, 1.0, (6, 4), prepared_meta(torch.zeros(6).int(), 4))
+
+
+# --- gpu tier: real sizes, bf16, CUDA graphs -----------------------------------------------------
+LLAMA3_8B_QKV = (4096, 1024, 1024)
+
+
+def _llama(num_tokens, hidden, widths, ranks, kind, slots=8, rank=64):
+    mapping = token_mapping(kind, num_tokens, slots)
+    x = torch.randn(num_tokens, hidden, device="cuda").bfloat16()
+    a, b = lora_weights(slots, rank, hidden, widths, torch.bfloat16, four_d=True)
+    ranks = None if ranks is None else torch.tensor(ranks, dtype=torch.int32, device="cuda")
+    return mapping, x, a, b, ranks, prepared_meta(mapping, slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ranks", [None, (8, 64, 16, 8, 64, 1, 12, 64)], ids=["rank64", "mixed-ranks"])
+@pytest.mark.parametrize(
+    ("num_tokens", "hidden", "widths", "kind"),
+    [
+        pytest.param(1, 4096, LLAMA3_8B_QKV, "interleaved", id="T1-qkv"),
+        pytest.param(64, 4096, LLAMA3_8B_QKV, "interleaved", id="T64-qkv"),
+        pytest.param(256, 4096, (4096,), "skewed", id="T256-o_proj-skewed"),
+        pytest.param(8192, 4096, LLAMA3_8B_QKV, "one_slot", id="T8192-qkv-prefill"),
+        pytest.param(333, 2049, (1000, 520, 520), "interleaved", id="T333-H2049"),
+    ],
+)
+def test_add_lora_linear_bf16_real_sizes(num_tokens, hidden, widths, kind, ranks):
+    mapping, x, a, b, ranks, meta = _llama(num_tokens, hidden, widths, ranks, kind)
+    y = torch.randn(num_tokens, sum(widths), device="cuda").bfloat16()
+    expected = y.double() + loop_delta(x, a, b, mapping, 0.5, ranks)
+    add_lora_linear(y, x, a, b, 0.5, widths, meta, lora_ranks=ranks)
+    assert_close(y, expected, REL_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_changing_mappings():
+    widths = LLAMA3_8B_QKV
+    _, x, a, b, ranks, _ = _llama(64, 4096, widths, (8, 64, 16, 8, 64, 1, 12, 64), "interleaved")
+    meta = LoRAKernelMeta.make(8, 128, "cuda")
+    meta.prepare_tensors(token_mapping("interleaved", 64, 8).cuda())
+    y = torch.zeros(64, sum(widths), device="cuda").bfloat16()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile, check the ranks once
+        add_lora_linear(y, x, a, b, 0.5, widths, meta, lora_ranks=ranks)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y.zero_()
+        add_lora_linear(y, x, a, b, 0.5, widths, meta, lora_ranks=ranks)
+    for kind in ["skewed", "interleaved", "no_lora", "one_slot"]:
+        mapping = token_mapping(kind, 64, 8)
+        meta.prepare_tensors(mapping.cuda())
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(y, loop_delta(x, a, b, mapping, 0.5, ranks), REL_TOL[torch.bfloat16], name=kind)
+
+
+@pytest.mark.gpu
+def test_opcheck_compile_and_grads_triton_on_gpu():
+    mapping, x, a, b, ranks, meta = _llama(
+        64, 512, (256, 128), (8, 16, 4, 16), "interleaved", slots=4, rank=16
+    )
+    meta4, flag = meta.meta_args(64)[1:5], meta.no_lora_flag_cpu
+    y = torch.randn(64, 384, device="cuda").bfloat16()
+    torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (y, x, a, b, 0.5, *meta4, flag, ranks))
+    a32 = [w.float().requires_grad_(True) for w in a]
+    b32 = [w.float().requires_grad_(True) for w in b]
+    x32 = x.float().requires_grad_(True)
+    torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x32, [w.squeeze(1) for w in a32],
+                          [w.squeeze(1) for w in b32], 0.5, *meta4, flag, ranks))  # fmt: skip
+
+    frozen_a, frozen_b = [w.detach() for w in a32], [w.detach() for w in b32]
+
+    def step(x, y):
+        add_lora_linear(y, x.detach(), frozen_a, frozen_b, 0.5, (256, 128), meta, lora_ranks=ranks)
+        return y + lora_linear(x, a32, b32, 0.5, meta, lora_ranks=ranks)
+
+    got = torch.compile(step, fullgraph=True)(x32, torch.zeros(64, 384, device="cuda"))
+    leaves = [x32, *a32, *b32]
+    grads = torch.autograd.grad(got.sum(), leaves)
+    want = 2 * loop_delta(x32, a32, b32, mapping, 0.5, ranks)
+    assert_close(got, want, 1e-5)
+    want_grads = torch.autograd.grad(want.sum(), leaves)
+    for g, w in zip(grads, want_grads):
+        assert_close(g, w, 1e-5)

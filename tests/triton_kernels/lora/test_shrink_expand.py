@@ -193,3 +193,49 @@ def test_compile_fullgraph():
             x, torch.ones(5, 10), meta.meta_args(5)
         )
     assert_close(got, want)
+
+
+# --- gpu tier: real sizes, bf16 -------------------------------------------------------------------
+LLAMA3_8B_QKV = (4096, 1024, 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [4096, 2049])
+@pytest.mark.parametrize("num_tokens", [1, 64, 1000])
+def test_shrink_expand_bf16_llama_qkv(num_tokens, hidden):
+    mapping, x, a, meta = _shrink_case(
+        num_tokens, hidden, 16, LLAMA3_8B_QKV, 8, "interleaved", torch.bfloat16
+    )
+    _, b = lora_weights(8, 16, hidden, LLAMA3_8B_QKV, torch.bfloat16, four_d=True)
+    shrunk = poisoned((3, num_tokens, 16), torch.float32)
+    lora_shrink(x, a, shrunk, *meta.meta_args(num_tokens), 0.5)
+    assert_close(shrunk.cpu(), loop_shrink(x, a, mapping, 0.5).float(), REL_TOL[torch.bfloat16])
+    out = torch.randn(num_tokens, sum(LLAMA3_8B_QKV), device="cuda").bfloat16()
+    expected, written = _loop_expand(shrunk.bfloat16(), b, mapping, out, 0, True)
+    lora_expand(shrunk, b, out, *meta.meta_args(num_tokens), offset_start=0, add_inputs=True)
+    assert_equal(out.cpu()[~written], expected[~written].bfloat16())
+    assert_close(out.cpu()[written], expected[written], REL_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_opcheck_and_compile_triton_on_gpu():
+    _, x, a, meta = _shrink_case(64, 512, 16, (256, 128), 4, "interleaved", torch.bfloat16)
+    _, b = lora_weights(4, 16, 512, (256, 128), torch.bfloat16)
+    args = meta.meta_args(64)
+    torch.library.opcheck(
+        torch.ops.ifk.lora_shrink.default, (x, a, torch.empty(2, 64, 16, device="cuda"), *args, 0.5)
+    )
+    out = torch.randn(64, 384, device="cuda").bfloat16()
+    torch.library.opcheck(
+        torch.ops.ifk.lora_expand.default, (torch.randn(2, 64, 16, device="cuda"), b, out, *args, 0, True)
+    )
+
+    def step(x, y):
+        buf = torch.zeros(2, x.shape[0], 16, device=x.device)
+        lora_shrink(x, a, buf, *args, 0.5)
+        lora_expand(buf, b, y, *args, offset_start=0, add_inputs=True)
+        return y
+
+    want = step(x, torch.zeros(64, 384, device="cuda").bfloat16())
+    got = torch.compile(step, fullgraph=True)(x, torch.zeros(64, 384, device="cuda").bfloat16())
+    assert_close(got, want, REL_TOL[torch.bfloat16])
