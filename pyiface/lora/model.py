@@ -130,6 +130,7 @@ def apply_lora(
             without an ``output_sizes`` attribute whose slices differ in width (GQA qkv).
         trainable: stacked adapter weights as parameters.
 
+    Raises ``ValueError`` before changing the model when a target or a slice split is wrong.
     Returns a :class:`LoRAModules` whose names are the unpacked module paths (a packed
     ``layers.0.qkv_proj`` gives ``layers.0.q_proj``, ``layers.0.k_proj``, ``layers.0.v_proj``).
     """
@@ -141,6 +142,7 @@ def apply_lora(
     targets = None if target_modules is None else set(target_modules)
     given = dict(output_slices or {})
     entries: dict[str, tuple[LoRALayer, int]] = {}
+    replacements: list[tuple[str, str, LoRALayer]] = []
     matched: set[str] = set()
     for name, module in list(model.named_modules()):
         prefix, _, leaf = name.rpartition(".")
@@ -154,12 +156,14 @@ def apply_lora(
         else:
             continue
         matched |= hit
-        setattr(model.get_submodule(prefix), leaf, layer)
+        replacements.append((prefix, leaf, layer))
         for s, sub in enumerate(subs):
             entries[f"{prefix}.{sub}" if prefix else sub] = (layer, s)
     missing = sorted(targets - matched) if targets is not None else []
     if missing:
         raise ValueError(f"target_modules {missing} match no nn.Linear / nn.Embedding of the model")
+    for prefix, leaf, layer in replacements:  # only once everything was checked
+        setattr(model.get_submodule(prefix), leaf, layer)
     return LoRAModules(entries)
 
 

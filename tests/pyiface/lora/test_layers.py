@@ -1,0 +1,200 @@
+"""LoRA layers and apply_lora: forward against a float64 per-token loop, gradients against torch
+autograd of a float64 gather reference, packed modules, and all-or-nothing adapter loading."""
+
+import pytest
+import torch
+from torch import nn
+
+from pyiface.lora import LoRABatchWrapper, LoRAEmbedding, LoRALinear, LoRALogits, apply_lora
+from tests.pyiface.lora.common import BACKENDS, loop_delta, random_adapter
+from tests.utils import KERNEL_DEVICE, assert_close, assert_equal
+from triton_kernels import use_backend
+
+DEV = KERNEL_DEVICE
+H_IN, SLICES, MAX_LORAS, MAX_RANK = 13, (9, 3, 3), 4, 8
+MAPPING = [2, -1, 0, 2, 3, 3, 0, -1, 2, 1]  # slot 1 stays empty
+
+
+def _packed_layer(wrapper, trainable=False):
+    base = nn.Linear(H_IN, sum(SLICES), device=DEV)
+    layer = LoRALinear(base, wrapper, max_rank=MAX_RANK, output_slices=SLICES, trainable=trainable)
+    adapters = {0: random_adapter([1, 4, 2], H_IN, SLICES), 2: random_adapter(8, H_IN, SLICES)}
+    adapters[3] = random_adapter(5, H_IN, SLICES)
+    adapters[3][0][1] = adapters[3][1][1] = None  # adapter 3 leaves the k slice alone
+    for slot, adapter in adapters.items():
+        layer.set_lora(slot, *adapter)
+    return base, layer, adapters
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_linear_matches_loop(backend):
+    wrapper = LoRABatchWrapper(MAX_LORAS, 16, DEV)
+    base, layer, adapters = _packed_layer(wrapper)
+    x = torch.randn(2, 5, H_IN, device=DEV)  # leading dims flatten to the 10 mapped tokens
+    wrapper.update_metadata(torch.tensor(MAPPING))
+    with use_backend(backend), torch.no_grad():
+        y = layer(x)
+    flat = x.reshape(10, H_IN).cpu()
+    ref = flat.double() @ base.weight.detach().cpu().double().T + base.bias.detach().cpu().double()
+    ref += loop_delta(flat, MAPPING, adapters, SLICES)
+    assert y.shape == (2, 5, sum(SLICES))
+    assert_close(y.reshape(10, -1), ref.float().to(DEV))
+
+
+def _gather_reference(x, mapping, a_stacked, b_stacked):
+    """float64 LoRA delta by gathering each token's stacked weights (differentiable in all)."""
+    slots = torch.tensor(mapping, device=x.device)
+    keep = (slots >= 0).to(torch.float64)[:, None]
+    idx = slots.clamp_min(0)
+    cols = [
+        torch.einsum("tnr,trh,th->tn", b.double()[idx], a.double()[idx], x.double()) * keep
+        for a, b in zip(a_stacked, b_stacked)
+    ]
+    return torch.cat(cols, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_autograd(backend):
+    wrapper = LoRABatchWrapper(MAX_LORAS, 16, DEV)
+    _, layer, _ = _packed_layer(wrapper, trainable=True)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(10, H_IN, device=DEV, requires_grad=True)
+    grad_out = torch.randn(10, sum(SLICES), device=DEV)
+    wrapper.update_metadata(torch.tensor(MAPPING))
+    with use_backend(backend):
+        (layer(x) * grad_out).sum().backward()
+    weights = [*layer.slots.lora_a_stacked, *layer.slots.lora_b_stacked]
+    x64 = x.detach().double().requires_grad_()
+    w64 = [w.detach().double().requires_grad_() for w in weights]
+    y64 = x64 @ layer.weight.detach().double().T + _gather_reference(x64, MAPPING, w64[:3], w64[3:])
+    (y64 * grad_out.double()).sum().backward()
+    assert_close(x.grad, x64.grad.float(), name="dx")
+    for i, (w, ref) in enumerate(zip(weights, w64)):
+        assert_close(w.grad, ref.grad.float(), name=f"d{'AB'[i // 3]}[{i % 3}]")
+    assert not weights[0].grad[1].any(), "the empty slot gets no gradient"
+
+
+def test_no_grad_and_grad_paths_agree():
+    wrapper = LoRABatchWrapper(MAX_LORAS, 16, DEV)
+    _, layer, _ = _packed_layer(wrapper)
+    x = torch.randn(10, H_IN, device=DEV)
+    wrapper.update_metadata(torch.tensor(MAPPING))
+    with torch.no_grad():
+        inference = layer(x)
+    training = layer(x.requires_grad_())
+    assert training.requires_grad
+    assert_close(training.detach(), inference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_and_embedding_layers(backend):
+    vocab, hidden = 21, 6
+    wrapper = LoRABatchWrapper(MAX_LORAS, 8, DEV, max_num_samples=2)
+    embed = LoRAEmbedding(nn.Embedding(vocab, hidden, device=DEV), wrapper, max_rank=4, trainable=True)
+    head = LoRALogits(nn.Linear(hidden, vocab, bias=False, device=DEV), wrapper, max_rank=4)
+    emb_a, emb_b, head_adapter = torch.randn(3, vocab), torch.randn(hidden, 3), random_adapter(2, hidden, (vocab,))
+    embed.set_lora(1, emb_a, emb_b, 0.5)
+    head.set_lora(0, *head_adapter)
+    ids = torch.randint(0, vocab, (2, 3), device=DEV)
+    wrapper.update_metadata(torch.tensor([1, 1, 1, -1, -1, -1]), torch.tensor([0, -1]))
+    with use_backend(backend):
+        h = embed(ids)
+        logits = head(h[:, -1].detach())
+    ref_h = embed.weight.detach().double()[ids]
+    ref_h[0] += 0.5 * (emb_b.double() @ emb_a.double()[:, ids[0].cpu()]).T.to(DEV)
+    assert_close(h, ref_h.float())
+    last = h[:, -1].detach().cpu()
+    ref_logits = last.double() @ head.weight.detach().cpu().double().T + loop_delta(last, [0, -1], {0: head_adapter},
+                                                                                    (vocab,))  # fmt: skip
+    assert_close(logits, ref_logits.float().to(DEV))
+    # embedding LoRA trains: B's gradient reaches slot 1 only
+    with use_backend(backend):
+        h.sum().backward()
+    grad_b = embed.slots.lora_b_stacked[0].grad
+    assert grad_b[1].abs().sum() > 0
+    assert not grad_b[[0, 2, 3]].any()
+
+
+class TinyDecoder(nn.Module):
+    """A stand-in for a SupportsLoRA model: packed qkv (GQA widths) and gate_up projections."""
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, hidden=8):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(11, hidden)
+        self.qkv_proj = nn.Linear(hidden, hidden + 4 + 4, bias=False)
+        self.qkv_proj.output_sizes = [hidden, 4, 4]  # as vLLM's QKVParallelLinear exposes them
+        self.gate_up_proj = nn.Linear(hidden, 2 * 6, bias=False)
+        self.down_proj = nn.Linear(6, hidden)
+
+
+def test_apply_lora_names_slices_and_keeps_checkpoint_keys():
+    model = TinyDecoder()
+    keys = set(model.state_dict())
+    wrapper = LoRABatchWrapper(MAX_LORAS, 8, "cpu")
+    table = apply_lora(model, wrapper, max_rank=4)
+    assert set(model.state_dict()) == keys
+    assert isinstance(model.qkv_proj, LoRALinear)
+    assert isinstance(model.embed_tokens, nn.Embedding), "embeddings only when targeted"
+    assert model.qkv_proj.slots.output_slices == (8, 4, 4)
+    assert model.gate_up_proj.slots.output_slices == (6, 6)
+    assert set(table) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+    assert table["v_proj"] == (model.qkv_proj, 2)
+    assert len(table.layers) == 3
+
+    a, b = torch.randn(2, 8), torch.randn(4, 2)
+    table.set_lora(3, {"v_proj": (a, b), "down_proj": (torch.randn(3, 6), torch.randn(8, 3))}, {"v_proj": 2.0})
+    assert model.qkv_proj.slots.lora_ranks.tolist() == [0, 0, 0, 2]
+    assert_equal(model.qkv_proj.slots.lora_b_stacked[2][3, :, :2], b * 2.0)
+    assert not model.qkv_proj.slots.lora_a_stacked[0][3].any()
+    assert model.down_proj.slots.lora_ranks.tolist() == [0, 0, 0, 3]
+    assert not model.gate_up_proj.slots.lora_ranks.any()
+    table.reset_lora(3)
+    assert not any(layer.slots.lora_ranks.any() for layer in table.layers)
+
+
+def test_apply_lora_targets_and_explicit_slices():
+    model = TinyDecoder()
+    del model.qkv_proj.output_sizes
+    wrapper = LoRABatchWrapper(MAX_LORAS, 8, "cpu")
+    table = apply_lora(
+        model, wrapper, max_rank=4, target_modules=["k_proj", "embed_tokens"], output_slices={"qkv_proj": (8, 4, 4)}
+    )
+    assert isinstance(model.embed_tokens, LoRAEmbedding)
+    assert isinstance(model.gate_up_proj, nn.Linear)
+    assert set(table) == {"q_proj", "k_proj", "v_proj", "embed_tokens"}
+    assert model.qkv_proj.slots.output_slices == (8, 4, 4)
+
+
+def test_apply_lora_errors():
+    wrapper = LoRABatchWrapper(MAX_LORAS, 8, "cpu")
+    model = TinyDecoder()
+    with pytest.raises(ValueError, match=r"\['o_proj'\] match no"):
+        apply_lora(model, wrapper, max_rank=4, target_modules=["q_proj", "o_proj"])
+    assert isinstance(model.qkv_proj, nn.Linear), "the model is left alone on error"
+    model = TinyDecoder(hidden=6)  # qkv out 14 = 6 + 4 + 4
+    del model.qkv_proj.output_sizes
+    with pytest.raises(ValueError, match="does not split evenly"):
+        apply_lora(model, wrapper, max_rank=4)
+    with pytest.raises(ValueError, match="must sum to out_features"):
+        LoRALinear(nn.Linear(4, 6), wrapper, max_rank=2, output_slices=(3, 2))
+
+
+def test_set_lora_is_all_or_nothing():
+    model = TinyDecoder()
+    table = apply_lora(model, LoRABatchWrapper(MAX_LORAS, 8, "cpu"), max_rank=4)
+    table.set_lora(0, {"q_proj": (torch.randn(2, 8), torch.randn(8, 2))})
+    before = [t.clone() for layer in table.layers for t in (*layer.slots.lora_a_stacked, layer.slots.lora_ranks)]
+    good = (torch.randn(2, 8), torch.randn(8, 2))
+    for weights, error, match in (
+        ({"q_proj": good, "down_proj": (torch.randn(2, 5), torch.randn(8, 2))}, ValueError, r"shape\[1\] must be 6"),
+        ({"q_proj": good, "o_proj": good}, ValueError, "without LoRA layers"),
+        ({"q_proj": good, "up_proj": (torch.randn(9, 8), torch.randn(6, 9))}, ValueError, "rank 9"),
+        ({"q_proj": good[0]}, TypeError, "pair"),
+    ):
+        with pytest.raises(error, match=match):
+            table.set_lora(0, weights)
+    after = [t for layer in table.layers for t in (*layer.slots.lora_a_stacked, layer.slots.lora_ranks)]
+    for old, new in zip(before, after):
+        assert_equal(new, old)
