@@ -1,6 +1,8 @@
 """LoRA layers and apply_lora: forward against a float64 per-token loop, gradients against torch
 autograd of a float64 gather reference, packed modules, and all-or-nothing adapter loading."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -92,7 +94,11 @@ def test_logits_and_embedding_layers(backend):
     wrapper = LoRABatchWrapper(MAX_LORAS, 8, DEV, max_num_samples=2)
     embed = LoRAEmbedding(nn.Embedding(vocab, hidden, device=DEV), wrapper, max_rank=4, trainable=True)
     head = LoRALogits(nn.Linear(hidden, vocab, bias=False, device=DEV), wrapper, max_rank=4)
-    emb_a, emb_b, head_adapter = torch.randn(3, vocab), torch.randn(hidden, 3), random_adapter(2, hidden, (vocab,))
+    emb_a, emb_b, head_adapter = (
+        torch.randn(3, vocab),
+        torch.randn(hidden, 3),
+        random_adapter(2, hidden, (vocab,)),
+    )
     embed.set_lora(1, emb_a, emb_b, 0.5)
     head.set_lora(0, *head_adapter)
     ids = torch.randint(0, vocab, (2, 3), device=DEV)
@@ -104,8 +110,8 @@ def test_logits_and_embedding_layers(backend):
     ref_h[0] += 0.5 * (emb_b.double() @ emb_a.double()[:, ids[0].cpu()]).T.to(DEV)
     assert_close(h, ref_h.float())
     last = h[:, -1].detach().cpu()
-    ref_logits = last.double() @ head.weight.detach().cpu().double().T + loop_delta(last, [0, -1], {0: head_adapter},
-                                                                                    (vocab,))  # fmt: skip
+    ref_logits = last.double() @ head.weight.detach().cpu().double().T
+    ref_logits += loop_delta(last, [0, -1], {0: head_adapter}, (vocab,))
     assert_close(logits, ref_logits.float().to(DEV))
     # embedding LoRA trains: B's gradient reaches slot 1 only
     with use_backend(backend):
@@ -118,7 +124,10 @@ def test_logits_and_embedding_layers(backend):
 class TinyDecoder(nn.Module):
     """A stand-in for a SupportsLoRA model: packed qkv (GQA widths) and gate_up projections."""
 
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
 
     def __init__(self, hidden=8):
         super().__init__()
@@ -144,7 +153,9 @@ def test_apply_lora_names_slices_and_keeps_checkpoint_keys():
     assert len(table.layers) == 3
 
     a, b = torch.randn(2, 8), torch.randn(4, 2)
-    table.set_lora(3, {"v_proj": (a, b), "down_proj": (torch.randn(3, 6), torch.randn(8, 3))}, {"v_proj": 2.0})
+    table.set_lora(
+        3, {"v_proj": (a, b), "down_proj": (torch.randn(3, 6), torch.randn(8, 3))}, {"v_proj": 2.0}
+    )
     assert model.qkv_proj.slots.lora_ranks.tolist() == [0, 0, 0, 2]
     assert_equal(model.qkv_proj.slots.lora_b_stacked[2][3, :, :2], b * 2.0)
     assert not model.qkv_proj.slots.lora_a_stacked[0][3].any()
@@ -159,7 +170,11 @@ def test_apply_lora_targets_and_explicit_slices():
     del model.qkv_proj.output_sizes
     wrapper = LoRABatchWrapper(MAX_LORAS, 8, "cpu")
     table = apply_lora(
-        model, wrapper, max_rank=4, target_modules=["k_proj", "embed_tokens"], output_slices={"qkv_proj": (8, 4, 4)}
+        model,
+        wrapper,
+        max_rank=4,
+        target_modules=["k_proj", "embed_tokens"],
+        output_slices={"qkv_proj": (8, 4, 4)},
     )
     assert isinstance(model.embed_tokens, LoRAEmbedding)
     assert isinstance(model.gate_up_proj, nn.Linear)
@@ -185,10 +200,16 @@ def test_set_lora_is_all_or_nothing():
     model = TinyDecoder()
     table = apply_lora(model, LoRABatchWrapper(MAX_LORAS, 8, "cpu"), max_rank=4)
     table.set_lora(0, {"q_proj": (torch.randn(2, 8), torch.randn(8, 2))})
-    before = [t.clone() for layer in table.layers for t in (*layer.slots.lora_a_stacked, layer.slots.lora_ranks)]
+    before = [
+        t.clone() for layer in table.layers for t in (*layer.slots.lora_a_stacked, layer.slots.lora_ranks)
+    ]
     good = (torch.randn(2, 8), torch.randn(8, 2))
     for weights, error, match in (
-        ({"q_proj": good, "down_proj": (torch.randn(2, 5), torch.randn(8, 2))}, ValueError, r"shape\[1\] must be 6"),
+        (
+            {"q_proj": good, "down_proj": (torch.randn(2, 5), torch.randn(8, 2))},
+            ValueError,
+            r"shape\[1\] must be 6",
+        ),
         ({"q_proj": good, "o_proj": good}, ValueError, "without LoRA layers"),
         ({"q_proj": good, "up_proj": (torch.randn(9, 8), torch.randn(6, 9))}, ValueError, "rank 9"),
         ({"q_proj": good[0]}, TypeError, "pair"),

@@ -3,6 +3,7 @@ small unpacked model gives the same logits as our LoRA layers on its packed twin
 loaded with the same adapters of different ranks, scalings and targets - random non-zero B."""
 
 import copy
+from typing import ClassVar
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ class Unpacked(nn.Module):
 class Packed(Unpacked):
     """vLLM's layout of the same block: qkv_proj and gate_up_proj, as a SupportsLoRA model declares."""
 
-    packed_modules_mapping = {
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
@@ -76,12 +77,13 @@ class Packed(Unpacked):
 
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTERS = {  # name -> (slot, LoraConfig); B random (init_lora_weights=False), ranks and scalings differ
-    "small": (0, LoraConfig(r=2, lora_alpha=4, target_modules=ALL, init_lora_weights=False)),
-    "big": (2, LoraConfig(r=8, lora_alpha=8, target_modules=ALL + ["lm_head", "embed_tokens"],
-                          rank_pattern={"k_proj": 3}, alpha_pattern={"down_proj": 32}, init_lora_weights=False)),
+RANDOM_B = {"init_lora_weights": False}  # peft's default B = 0 would make every adapter a no-op
+ADAPTERS = {  # name -> (slot, LoraConfig): ranks, scalings and targets differ; slot 1 stays empty
+    "small": (0, LoraConfig(r=2, lora_alpha=4, target_modules=ALL, **RANDOM_B)),
+    "big": (2, LoraConfig(r=8, lora_alpha=8, target_modules=[*ALL, "lm_head", "embed_tokens"],
+                          rank_pattern={"k_proj": 3}, alpha_pattern={"down_proj": 32}, **RANDOM_B)),
     "partial": (3, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
-                              init_lora_weights=False)),
+                              **RANDOM_B)),
 }  # fmt: skip
 ROWS = ["big", "__base__", "small", "partial", "big", "small"]
 
