@@ -68,49 +68,33 @@ def lora_expand_ref(
             col += b.shape[1]
 
 
-def lora_delta_ref(
+def add_lora_linear_ref(
+    y: torch.Tensor,  # [T, sum n_s], updated in place for LoRA tokens
     x: torch.Tensor,  # [T, H_in]
     lora_a: list[torch.Tensor],  # S x [L, R, H_in]
     lora_b: list[torch.Tensor],  # S x [L, n_s, R]
     scale: float,
     segments: list[tuple[int, torch.Tensor]],
     lora_ranks: torch.Tensor | None = None,  # [L] rank used by each slot
-) -> torch.Tensor:
-    """``[T, sum n_s]`` in the compute dtype: ``scale * (x[t] @ A_s[l, :r]^T) @ B_s[l, :, :r]^T``
-    for token ``t`` of slot ``l`` with rank ``r``, zero rows for slot -1. Differentiable in x, A, B."""
+) -> None:
+    """``y[t] += scale * (x[t] @ A_s[l, :r]^T) @ B_s[l, :, :r]^T`` for each slice ``s``, for token
+    ``t`` of slot ``l`` with rank ``r``; one rounding to y's dtype; rows of slot -1 untouched."""
     dt = compute_dtype(x)
     ranks = lora_ranks.tolist() if lora_ranks is not None else None
-    delta = x.new_zeros((x.shape[0], sum(b.shape[1] for b in lora_b)), dtype=dt)
     for slot, tok in segments:
         xs = x.index_select(0, tok).to(dt)
         rank = ranks[slot] if ranks is not None else lora_a[0].shape[1]
-        cols = [
-            scale * ((xs @ a[slot, :rank].to(dt).T) @ b[slot, :, :rank].to(dt).T)
-            for a, b in zip(lora_a, lora_b)
-        ]
-        delta = delta.index_copy(0, tok, torch.cat(cols, 1))
-    return delta
-
-
-def add_lora_linear_ref(
-    y: torch.Tensor,  # [T, sum n_s], updated in place for LoRA tokens
-    x: torch.Tensor,  # [T, H_in]
-    lora_a: list[torch.Tensor],
-    lora_b: list[torch.Tensor],
-    scale: float,
-    segments: list[tuple[int, torch.Tensor]],
-    lora_ranks: torch.Tensor | None = None,
-) -> None:
-    """``y[t] += lora_delta_ref(...)[t]`` for the tokens of the segments, one rounding to y's dtype."""
-    if not segments:
-        return
-    delta = lora_delta_ref(x, lora_a, lora_b, scale, segments, lora_ranks)
-    tok = torch.cat([t for _, t in segments])
-    y.index_copy_(0, tok, (y.index_select(0, tok).to(delta.dtype) + delta.index_select(0, tok)).to(y.dtype))
+        rows = y.index_select(0, tok).to(dt)
+        col = 0
+        for a, b in zip(lora_a, lora_b):
+            shrunk = xs @ a[slot, :rank].to(dt).T
+            rows[:, col : col + b.shape[1]].addmm_(shrunk, b[slot, :, :rank].to(dt).T, alpha=scale)
+            col += b.shape[1]
+        y.index_copy_(0, tok, rows.to(y.dtype))
 
 
 def lora_delta_backward_ref(
-    grad: torch.Tensor,  # [T, sum n_s], gradient of lora_delta_ref's output
+    grad: torch.Tensor,  # [T, sum n_s], gradient of the loss w.r.t. the delta
     x: torch.Tensor,  # [T, H_in]
     lora_a: list[torch.Tensor],  # S x [L, R, H_in]
     lora_b: list[torch.Tensor],  # S x [L, n_s, R]
@@ -118,8 +102,8 @@ def lora_delta_backward_ref(
     segments: list[tuple[int, torch.Tensor]],
     lora_ranks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`lora_delta_ref`: ``dx [T, H_in]`` (x's dtype), ``dA [S, L, R, H_in]``
-    (A's dtype) and ``dB [L, sum n_s, R]`` (B's dtype); rows past a slot's rank get zero."""
+    """Backward of the delta that :func:`add_lora_linear_ref` adds: ``dx [T, H_in]`` (x's dtype),
+    ``dA [S, L, R, H_in]`` (A's dtype), ``dB [L, sum n_s, R]`` (B's dtype); zero past each rank."""
     dt = compute_dtype(x)
     num_slots, rank_cap, hidden = lora_a[0].shape
     ranks = lora_ranks.tolist() if lora_ranks is not None else None
