@@ -27,9 +27,8 @@ def _linear_step(wrapper, slots, mapping, dtype=torch.float32, sampled=None):
     x = torch.randn(len(mapping), H_IN, dtype=dtype, device=DEV)
     base = torch.randn(len(mapping), sum(slots.output_slices), dtype=dtype, device=DEV)
     y = base.clone()
-    wrapper.update_metadata(
-        torch.tensor(mapping, device=DEV), None if sampled is None else torch.tensor(sampled)
-    )
+    sampled = None if sampled is None else torch.tensor(sampled)
+    wrapper.update_metadata(torch.tensor(mapping, dtype=torch.int64, device=DEV), sampled)
     out = wrapper.add_lora_linear(
         y,
         x,
@@ -48,6 +47,7 @@ MAPPINGS = [
     pytest.param([3] * 10 + [1], id="skewed"),  # slot 1 has one token
     pytest.param([-1, -1, -1], id="all-minus-1"),
     pytest.param([2], id="T1"),
+    pytest.param([], id="T0"),
     pytest.param([1, 1, 0], id="empty-slot-1"),  # slot 1 holds no adapter: no update
 ]
 
@@ -61,7 +61,7 @@ def test_add_lora_linear_matches_loop(backend, mapping):
         x, base, y = _linear_step(wrapper, slots, mapping)
     ref = base.double() + loop_delta(x.cpu(), mapping, adapters, SLICES).to(DEV)
     assert_close(y, ref.float())
-    untouched = torch.tensor([s in (-1, 1) for s in mapping], device=DEV)
+    untouched = torch.tensor([s in (-1, 1) for s in mapping], dtype=torch.bool, device=DEV)
     assert_equal(y[untouched], base[untouched])
 
 
