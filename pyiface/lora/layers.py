@@ -31,7 +31,17 @@ class LoRALinear(nn.Module):
         trainable: the stacked adapter weights become parameters.
 
     Forward takes ``x[..., in]`` and returns ``[..., out]``; the leading dims flatten to the
-    ``T`` tokens of the wrapper's mapping.
+    ``T`` tokens of the wrapper's mapping. Under autograd the update is differentiable in ``x``
+    and in the stacked adapter weights (``trainable=True``).
+
+    Example:
+        >>> wrapper = LoRABatchWrapper(max_loras=2, max_num_tokens=8, device="cpu")
+        >>> qkv = LoRALinear(nn.Linear(16, 32), wrapper, max_rank=4, output_slices=(16, 8, 8))
+        >>> qkv.set_lora(1, [torch.randn(4, 16), None, torch.randn(2, 16)],
+        ...              [torch.randn(16, 4), None, torch.randn(8, 2)], scaling=0.5)
+        >>> wrapper.update_metadata(torch.tensor([1, -1, 1]))
+        >>> qkv(torch.randn(3, 16)).shape
+        torch.Size([3, 32])
     """
 
     def __init__(
@@ -46,6 +56,8 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(base, nn.Linear):
+            if bias is not None:
+                raise ValueError("bias is taken from the nn.Linear; pass it only with a weight tensor")
             weight, bias = base.weight, base.bias
         elif isinstance(base, torch.Tensor) and base.dim() == 2:
             weight = base if isinstance(base, nn.Parameter) else nn.Parameter(base, requires_grad=False)

@@ -74,7 +74,13 @@ class LoRAModules(Mapping[str, tuple[LoRALayer, int]]):
             layer, s = self._entries[name]
             plan[layer][0][s], plan[layer][1][s] = pair
             plan[layer][2][s] = per_name.get(name, 1.0)
-        prepared = [layer.slots.prepare(slot, a, b, sc) for layer, (a, b, sc) in plan.items()]
+        prepared = []
+        for layer, (a, b, sc) in plan.items():
+            try:
+                prepared.append(layer.slots.prepare(slot, a, b, sc))
+            except (TypeError, ValueError) as err:
+                names = [name for name, (other, _) in self._entries.items() if other is layer]
+                raise type(err)(f"{' / '.join(names)}: {err}") from err
         for p in prepared:
             p.slots.commit(p)
 

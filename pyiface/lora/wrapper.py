@@ -46,12 +46,14 @@ class LoRABatchWrapper:
         *,
         max_num_samples: int | None = None,
     ) -> None:
-        for name, value in (("max_loras", max_loras), ("max_num_tokens", max_num_tokens)):
+        max_num_samples = max_num_tokens if max_num_samples is None else max_num_samples
+        sizes = {"max_loras": max_loras, "max_num_tokens": max_num_tokens, "max_num_samples": max_num_samples}
+        for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.max_loras = max_loras
         self.max_num_tokens = max_num_tokens
-        self.max_num_samples = max_num_tokens if max_num_samples is None else max_num_samples
+        self.max_num_samples = max_num_samples
         self.device = torch.device(device)
         self.token_meta = LoRAKernelMeta.make(max_loras, max_num_tokens, self.device)
         self.sampler_meta = LoRAKernelMeta.make(max_loras, self.max_num_samples, self.device)
@@ -67,8 +69,8 @@ class LoRABatchWrapper:
         row that :meth:`add_lora_logits` will see. Both may live on the CPU or on the wrapper's
         device; they are copied into the same buffers every step. The slot range is checked
         with one host sync (:meth:`LoRAKernelMeta.prepare_tensors`, skipped during CUDA graph
-        capture). On a bad mapping it raises and the wrapper maps no tokens until the next
-        successful update, so a stale step cannot run by mistake.
+        capture), once per mapping. On a bad mapping it raises and the wrapper maps no tokens
+        until the next successful update, so a stale step cannot run by mistake.
         """
         self.num_tokens = self.num_samples = 0
         check_tensor("token_lora_mapping", token_lora_mapping, ndim=1, dtypes=INDEX_DTYPES)
@@ -90,22 +92,12 @@ class LoRABatchWrapper:
                 f"the inputs have {rows} rows but the last successful update_metadata mapped {mapped} {what}"
             )
 
-    def _apply(
-        self,
-        meta: LoRAKernelMeta,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        lora_a_stacked: Sequence[torch.Tensor],
-        lora_b_stacked: Sequence[torch.Tensor],
-        scale: float,
-        output_slices: Sequence[int],
-        lora_ranks: torch.Tensor | None,
-    ) -> torch.Tensor:
-        if _needs_grad(y, x, *lora_a_stacked, *lora_b_stacked):
-            return y + lora_linear(x, lora_a_stacked, lora_b_stacked, scale, meta, lora_ranks=lora_ranks)
-        return add_lora_linear(
-            y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, meta, lora_ranks=lora_ranks
-        )
+    def _apply(self, meta, mapped, y, x, lora_a, lora_b, scale, output_slices, lora_ranks) -> torch.Tensor:
+        """Shared body of the linear and logits updates (arguments typed on the public methods)."""
+        self._check_rows(x.shape[0], mapped, "tokens" if meta is self.token_meta else "sampled rows")
+        if _needs_grad(y, x, *lora_a, *lora_b):
+            return y + lora_linear(x, lora_a, lora_b, scale, meta, lora_ranks=lora_ranks)
+        return add_lora_linear(y, x, lora_a, lora_b, scale, output_slices, meta, lora_ranks=lora_ranks)
 
     def add_lora_linear(
         self,
@@ -133,10 +125,10 @@ class LoRABatchWrapper:
         left alone and ``y + delta`` is returned instead, differentiable in ``x``, ``y`` and
         the stacked weights - so always use the return value.
         """
-        self._check_rows(x.shape[0], self.num_tokens, "tokens")
         return self._apply(
-            self.token_meta, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, lora_ranks
-        )
+            self.token_meta, self.num_tokens, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+            lora_ranks,
+        )  # fmt: skip
 
     def add_lora_logits(
         self,
@@ -154,10 +146,10 @@ class LoRABatchWrapper:
         sampler mapping of :meth:`update_metadata`. Same return convention as
         :meth:`add_lora_linear`.
         """
-        self._check_rows(x.shape[0], self.num_samples, "sampled rows")
         return self._apply(
-            self.sampler_meta, y, x, (lora_a_stacked,), (lora_b_stacked,), scale, (y.shape[-1],), lora_ranks
-        )
+            self.sampler_meta, self.num_samples, y, x, (lora_a_stacked,), (lora_b_stacked,), scale,
+            (y.shape[-1],), lora_ranks,
+        )  # fmt: skip
 
     def add_lora_embedding(
         self,

@@ -208,10 +208,14 @@ def test_set_lora_is_all_or_nothing():
         (
             {"q_proj": good, "down_proj": (torch.randn(2, 5), torch.randn(8, 2))},
             ValueError,
-            r"shape\[1\] must be 6",
+            r"down_proj: lora_a.shape\[1\] must be 6",
         ),
         ({"q_proj": good, "o_proj": good}, ValueError, "without LoRA layers"),
-        ({"q_proj": good, "up_proj": (torch.randn(9, 8), torch.randn(6, 9))}, ValueError, "rank 9"),
+        (
+            {"q_proj": good, "up_proj": (torch.randn(9, 8), torch.randn(6, 9))},
+            ValueError,
+            r"gate_proj / up_proj: lora_a\[1\] has rank 9",
+        ),
         ({"q_proj": good[0]}, TypeError, "pair"),
     ):
         with pytest.raises(error, match=match):

@@ -173,3 +173,5 @@ def test_row_count_must_match_mapping():
         wrapper.add_lora_embedding(y_emb, ids, *emb.lora_a_stacked, *emb.lora_b_stacked)
     with pytest.raises(ValueError, match="max_loras"):
         LoRABatchWrapper(0, 8, DEV)
+    with pytest.raises(ValueError, match="max_num_samples"):
+        LoRABatchWrapper(2, 8, DEV, max_num_samples=0)
