@@ -25,6 +25,7 @@ from triton_kernels.lora._args import check_float, check_meta_args, check_weight
 from triton_kernels.lora.meta import LoRAKernelMeta
 from triton_kernels.lora.reference import add_lora_linear_ref, lora_delta_backward_ref, slot_segments
 from triton_kernels.lora.shrink_expand import (
+    DECODE_BLOCK_M,
     SLICES_PER_LAUNCH,
     _group_rows,
     _pick,
@@ -40,7 +41,8 @@ FUSED_SR_ELEMS = 8192  # B_K x (S_PAD * R_BLOCK) A-tile budget (16 KiB fp16) set
 FUSED_MAX_N_SPLITS = 8  # at most 8 programs share a row tile's columns (each redoes the shrink)
 FUSED_PROGRAMS_PER_SM = 2  # split columns until about this many programs per SM have work
 MID_RANK_CLASS = 64  # rank classes: 16, 64, capacity (next power of two of R)
-FUSED_WIDE_TILE = 8192  # fp32 shrink accumulator elements from which 8 warps hold it (no spills)
+FUSED_MAX_PREFILL_SR = 256  # wider stacked ranks (and fp32) keep 16-row tiles: 64 rows would spill
+FUSED_WIDE_TILE = 4096  # fp32 shrink-accumulator elements from which 8 warps (no spills: ptxas, sm_90)
 
 
 @triton.jit
@@ -175,8 +177,10 @@ def _launch_fused(y, x, lora_a, lora_b, scale, order, counts, starts, ids, ranks
     capacity = lora_a[0].shape[1]
     if num_tokens == 0 or capacity == 0:
         return
-    bm = block_m(num_tokens)
     max_r = max(16, triton.next_power_of_2(capacity))
+    s_pad_max = triton.next_power_of_2(min(len(lora_a), SLICES_PER_LAUNCH))
+    wide = s_pad_max * max_r > FUSED_MAX_PREFILL_SR or x.dtype == torch.float32  # fp32 dots: no tensor cores
+    bm = DECODE_BLOCK_M if wide else block_m(num_tokens)
     mid_r = min(MID_RANK_CLASS, max_r)
     row_tiles = triton.cdiv(num_tokens, bm)
     busy_tiles = min(num_tokens, row_tiles + ids.shape[0] - 1)  # (group, row tile) pairs with work, at most
