@@ -87,6 +87,8 @@ class LoRABatchWrapper:
         self.num_samples = self.sampler_meta.num_tokens
 
     def _check_rows(self, rows: int, mapped: int, what: str) -> None:
+        if torch.compiler.is_compiling():  # a host check would pin a dynamic token count to one T
+            return
         if rows != mapped:
             raise ValueError(
                 f"the inputs have {rows} rows but the last successful update_metadata mapped {mapped} {what}"

@@ -6,6 +6,7 @@ from typing import ClassVar
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 from pyiface.lora import LoRABatchWrapper, LoRAEmbedding, LoRALinear, LoRALogits, apply_lora
 from tests.pyiface.lora.common import BACKENDS, loop_delta, random_adapter
@@ -243,6 +244,21 @@ def test_compile_fullgraph_follows_new_mappings():
     x.grad = None
     layer(x).square().sum().backward()
     assert_close(grad, x.grad)
+
+
+def test_compile_dynamic_token_count_compiles_once():
+    """vLLM compiles with a dynamic token dim: steps of new lengths must not recompile."""
+    torch._dynamo.reset()
+    wrapper = LoRABatchWrapper(MAX_LORAS, 32, "cpu")
+    _, layer, _ = _packed_layer(wrapper)
+    counter = CompileCounter()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend=counter)
+    with torch.no_grad():
+        for num_tokens in (10, 6, 13, 29):
+            wrapper.update_metadata(torch.randint(-1, MAX_LORAS, (num_tokens,)))
+            x = torch.randn(num_tokens, H_IN)
+            assert_close(compiled(x), layer(x))
+    assert counter.frame_count == 1
 
 
 def _group_reference(layer: LoRALinear, x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
