@@ -123,3 +123,15 @@ def test_mixed_adapter_batch_matches_peft(models, backend):
     assert_close(got, expected, tol=1e-5)
     with torch.no_grad():  # and the adapters matter: the base model alone is far off
         assert (pristine(ids) - expected).abs().max() > 1e-2
+
+
+def test_peft_lora_weights_refuses_unknown_adapters_and_dora(models):
+    peft_model, pristine = models
+    weights, scaling = peft_lora_weights(peft_model, "partial")
+    assert set(weights) == {"q_proj", "v_proj", "up_proj"}
+    assert scaling["q_proj"] == 4.0
+    with pytest.raises(ValueError, match="no LoRA layer of the model holds adapter 'nope'"):
+        peft_lora_weights(peft_model, "nope")
+    dora = get_peft_model(copy.deepcopy(pristine), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="variant"):
+        peft_lora_weights(dora, "default")
