@@ -9,9 +9,9 @@ slice (slices of any widths, tiles may straddle two slices). With ``lora_ranks``
 ``r`` runs the code for the smallest rank class (16, 64, capacity) holding ``r`` and masks the
 rest: it reads only its ``r`` rows of each A and ``r`` columns of each B.
 
-Decode batches have few row tiles, so the columns are split over a few programs per tile (each
-recomputing the small shrink from L2) until the GPU is filled; no split over ``H_in``, so the
-sums are deterministic.
+Decode batches have few row tiles, so the columns are split over a few programs per tile until
+the GPU is filled; each recomputes the shrink of only the slices its columns belong to (the other
+A rows are masked, hence not read). No split over ``H_in``, so the sums are deterministic.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def _fused_tile(
     o_j = tl.arange(0, S_PAD * R_BLOCK)  # stacked intermediate column: (slice, rank) pairs
     j_s = o_j // R_BLOCK
     j_r = o_j % R_BLOCK
-    m_j = (j_s < NUM_SLICES) & (j_r < rank)
+    s_lo = (n_lo >= n0).to(tl.int32) + (n_lo >= n0 + n1).to(tl.int32)  # slices of this program's columns
+    s_hi = (n_hi - 1 >= n0).to(tl.int32) + (n_hi - 1 >= n0 + n1).to(tl.int32)
+    m_j = (j_s < NUM_SLICES) & (j_s >= s_lo) & (j_s <= s_hi) & (j_r < rank)  # masked rows are never read
     p_a = _pick(j_s, a0_ptr + slot * stride_a0_l, a1_ptr + slot * stride_a1_l, a2_ptr + slot * stride_a2_l)
     p_a += j_r * stride_a_r
     acc = tl.zeros((BLOCK_M, S_PAD * R_BLOCK), dtype=tl.float32)
