@@ -27,6 +27,7 @@ from triton_kernels.lora.reference import add_lora_linear_ref, lora_delta_backwa
 from triton_kernels.lora.shrink_expand import (
     DECODE_BLOCK_M,
     SLICES_PER_LAUNCH,
+    _gathered_dot,
     _group_rows,
     _pick,
     block_m,
@@ -63,17 +64,10 @@ def _fused_tile(
     m_j = (j_s < NUM_SLICES) & (j_s >= s_lo) & (j_s <= s_hi) & (j_r < rank)  # masked rows are never read
     p_a = _pick(j_s, a0_ptr + slot * stride_a0_l, a1_ptr + slot * stride_a1_l, a2_ptr + slot * stride_a2_l)
     p_a += j_r * stride_a_r
-    acc = tl.zeros((BLOCK_M, S_PAD * R_BLOCK), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < hidden
-        b_x = tl.load(
-            x_ptr + tok[:, None] * stride_x_t + o_k[None, :] * stride_x_h,
-            mask=m_m[:, None] & m_k[None, :],
-            other=0.0,
-        )
-        b_a = tl.load(p_a[None, :] + o_k[:, None] * stride_a_h, mask=m_k[:, None] & m_j[None, :], other=0.0)
-        acc = tl.dot(b_x, b_a, acc, input_precision=DOT_PRECISION)
+    acc = _gathered_dot(
+        x_ptr, stride_x_t, stride_x_h, tok, m_m, p_a, m_j, stride_a_h, hidden,
+        BLOCK_M, S_PAD * R_BLOCK, BLOCK_K, DOT_PRECISION,
+    )  # fmt: skip
     b_h = (acc * scale).to(x_ptr.dtype.element_ty)  # rounded like vLLM's shrink -> expand hand-off
     for c0 in range(n_lo, n_hi, BLOCK_N):
         o_n = c0 + tl.arange(0, BLOCK_N)

@@ -46,6 +46,37 @@ def _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, BLOCK_M: tl.constex
 
 
 @triton.jit
+def _gathered_dot(
+    p_rows,  # pointer: row 0 of the left operand (rows gathered by ``tok``)
+    stride_row,
+    stride_k,
+    tok,  # [BLOCK_M] int64 row indices
+    m_m,  # [BLOCK_M]
+    p_w,  # [BLOCK_N] pointers: element 0 of each right-operand row
+    m_w,  # [BLOCK_N]; masked rows are not read
+    stride_w_k,
+    size_k,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_N]`` fp32: ``lhs[tok, :size_k] @ W[:, :size_k]^T``, lhs cast to W's dtype."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, size_k, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < size_k
+        b_l = tl.load(
+            p_rows + tok[:, None] * stride_row + o_k[None, :] * stride_k,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        b_w = tl.load(p_w[None, :] + o_k[:, None] * stride_w_k, mask=m_k[:, None] & m_w[None, :], other=0.0)
+        acc = tl.dot(b_l.to(b_w.dtype), b_w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _lora_shrink_kernel(
     # pointers
     x_ptr,  # [T, H_in]
@@ -92,21 +123,10 @@ def _lora_shrink_kernel(
         p_a = _pick(
             i_s, a0_ptr + slot * stride_a0_l, a1_ptr + slot * stride_a1_l, a2_ptr + slot * stride_a2_l
         )
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            m_k = o_k < hidden
-            b_x = tl.load(
-                x_ptr + tok[:, None] * stride_x_t + o_k[None, :] * stride_x_h,
-                mask=m_m[:, None] & m_k[None, :],
-                other=0.0,
-            )
-            b_a = tl.load(
-                p_a + o_n[None, :] * stride_a_r + o_k[:, None] * stride_a_h,
-                mask=m_k[:, None] & m_n[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(b_x, b_a, acc, input_precision=DOT_PRECISION)
+        acc = _gathered_dot(
+            x_ptr, stride_x_t, stride_x_h, tok, m_m, p_a + o_n * stride_a_r, m_n, stride_a_h, hidden,
+            BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        )  # fmt: skip
         p_o = out_ptr + i_s * stride_o_s + tok[:, None] * stride_o_t + o_n[None, :] * stride_o_r
         tl.store(p_o, acc * scaling, mask=m_m[:, None] & m_n[None, :])
 
@@ -162,21 +182,10 @@ def _lora_expand_kernel(
         p_b = _pick(
             i_s, b0_ptr + slot * stride_b0_l, b1_ptr + slot * stride_b1_l, b2_ptr + slot * stride_b2_l
         )
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, rank, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            m_k = o_k < rank
-            b_in = tl.load(
-                in_ptr + i_s * stride_i_s + tok[:, None] * stride_i_t + o_k[None, :] * stride_i_r,
-                mask=m_m[:, None] & m_k[None, :],
-                other=0.0,
-            )
-            b_b = tl.load(
-                p_b + o_n[None, :] * stride_b_n + o_k[:, None] * stride_b_r,
-                mask=m_k[:, None] & m_n[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(b_in.to(b_b.dtype), b_b, acc, input_precision=DOT_PRECISION)
+        acc = _gathered_dot(
+            in_ptr + i_s * stride_i_s, stride_i_t, stride_i_r, tok, m_m, p_b + o_n * stride_b_n, m_n,
+            stride_b_r, rank, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        )  # fmt: skip
         col = offset_start + _pick(i_s, 0, n0, n0 + n1) + o_n
         p_o = out_ptr + tok[:, None] * stride_o_t + col[None, :] * stride_o_n
         m_o = m_m[:, None] & m_n[None, :]
