@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.triton_kernels.lora.helpers import loop_delta, lora_weights, prepared_meta, token_mapping
 from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal
@@ -49,6 +51,38 @@ def test_add_lora_linear(num_tokens, hidden, rank, widths, ranks, kind, dtype, b
     assert out is y
     assert_equal(y[untouched], keep, "rows of slot -1 tokens")
     assert_close(y, expected, REL_TOL[dtype])
+
+
+@st.composite
+def _random_batches(draw):
+    rank = draw(st.integers(1, 20))
+    slots = draw(st.integers(1, 5))
+    return dict(
+        num_tokens=draw(st.integers(0, 40)),
+        hidden=draw(st.integers(1, 70)),
+        rank=rank,
+        widths=tuple(draw(st.lists(st.integers(1, 80), min_size=1, max_size=4))),
+        slots=slots,
+        ranks=draw(st.none() | st.lists(st.integers(0, rank), min_size=slots, max_size=slots)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(_random_batches())
+def test_random_shapes_match_the_loop(batch):
+    """Any sizes (1s included), any slice widths and count, any mix of ranks and -1 tokens."""
+    torch.manual_seed(batch["seed"])
+    t, slots = batch["num_tokens"], batch["slots"]
+    mapping = torch.randint(-1, slots, (t,), dtype=torch.int32)
+    x = torch.randn(t, batch["hidden"], device=KERNEL_DEVICE)
+    a, b = lora_weights(slots, batch["rank"], batch["hidden"], batch["widths"], torch.float32)
+    ranks = None if batch["ranks"] is None else torch.tensor(batch["ranks"], device=KERNEL_DEVICE)
+    y = torch.randn(t, sum(batch["widths"]), device=KERNEL_DEVICE)
+    expected = y.double() + loop_delta(x, a, b, mapping, 1.5, ranks)
+    with use_backend("triton"):
+        add_lora_linear(y, x, a, b, 1.5, batch["widths"], prepared_meta(mapping, slots), lora_ranks=ranks)
+    assert_close(y, expected)
 
 
 def test_rank_costs_only_its_rows():

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.triton_kernels.lora.helpers import loop_shrink, lora_weights, prepared_meta, token_mapping
 from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, poisoned
@@ -100,6 +102,32 @@ def test_strided_inputs(backend):
     with use_backend(backend):
         lora_shrink(x, a, shrunk, *meta.meta_args(6), 1.0)
         lora_expand(shrunk, b, out, *meta.meta_args(6), offset_start=2, add_inputs=True)
+    assert_close(out.cpu(), expected.float())
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.integers(0, 30),
+    st.integers(1, 70),
+    st.integers(1, 40),
+    st.lists(st.integers(1, 70), min_size=1, max_size=4),
+    st.integers(1, 4),
+    st.integers(0, 3),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_random_shapes_match_the_loop(num_tokens, hidden, rank, widths, slots, offset, add, seed):
+    torch.manual_seed(seed)
+    mapping = torch.randint(-1, slots, (num_tokens,), dtype=torch.int32)
+    meta = prepared_meta(mapping, slots)
+    x = torch.randn(num_tokens, hidden, device=KERNEL_DEVICE)
+    a, b = lora_weights(slots, rank, hidden, widths, torch.float32)
+    shrunk = torch.zeros(len(widths), num_tokens, rank, device=KERNEL_DEVICE)
+    out = torch.randn(num_tokens, offset + sum(widths), device=KERNEL_DEVICE)
+    expected, _ = _loop_expand(loop_shrink(x, a, mapping, 0.5), b, mapping, out, offset, add)
+    with use_backend("triton"):
+        lora_shrink(x, a, shrunk, *meta.meta_args(num_tokens), 0.5)
+        lora_expand(shrunk, b, out, *meta.meta_args(num_tokens), offset_start=offset, add_inputs=add)
     assert_close(out.cpu(), expected.float())
 
 
