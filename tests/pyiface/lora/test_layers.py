@@ -1,5 +1,6 @@
-"""LoRA layers and apply_lora: forward against a float64 per-token loop, gradients against torch
-autograd of a float64 gather reference, packed modules, and all-or-nothing adapter loading."""
+"""LoRA layers: packed linear, LM head and embedding against a float64 per-token loop, gradients
+against torch autograd of a float64 gather reference, torch.compile, and the gpu tier (Llama-3-8B
+qkv in bf16, CUDA graph replay with new mappings, inductor)."""
 
 import pytest
 import torch
