@@ -192,6 +192,9 @@ def test_opcheck():
         )
         torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, *meta4, flag, ranks))
         torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, *meta4, flag, None))
+        grad = torch.randn(6, 10)
+        frozen = (x.detach(), [w.detach() for w in a], [w.detach() for w in b])
+        torch.library.opcheck(torch.ops.ifk.lora_linear_backward.default, (grad, *frozen, 0.5, *meta4, ranks))
 
 
 def test_compile_fullgraph_forward_and_backward():
