@@ -84,13 +84,17 @@ def add_lora_linear_ref(
     for slot, tok in segments:
         xs = x.index_select(0, tok).to(dt)
         rank = ranks[slot] if ranks is not None else lora_a[0].shape[1]
-        rows = y.index_select(0, tok).to(dt)
+        same = y.dtype == dt  # then add in place; else add in dt and round once
+        rows = y.new_zeros((tok.shape[0], y.shape[1]), dtype=dt) if same else y.index_select(0, tok).to(dt)
         col = 0
         for a, b in zip(lora_a, lora_b):
             shrunk = xs @ a[slot, :rank].to(dt).T
             rows[:, col : col + b.shape[1]].addmm_(shrunk, b[slot, :, :rank].to(dt).T, alpha=scale)
             col += b.shape[1]
-        y.index_copy_(0, tok, rows.to(y.dtype))
+        if same:
+            y.index_add_(0, tok, rows)
+        else:
+            y.index_copy_(0, tok, rows.to(y.dtype))
 
 
 def lora_delta_backward_ref(
