@@ -109,8 +109,14 @@ def _add_lora_linear_kernel(
     n0,
     n1,
     n_total,
-    n_per_split,
-    n_splits,
+    n_splits,  # column ranges per row tile, in up to 3 regions (a slice each, or all columns)
+    split_c0,  # ranges in regions 0 and 1 (region 2 has the rest)
+    split_c1,
+    region_end0,  # regions: [0, end0), [end0, end1), [end1, n_total)
+    region_end1,
+    split_w0,  # range width in each region (a multiple of BLOCK_N)
+    split_w1,
+    split_w2,
     scale,
     # strides
     stride_x_t, stride_x_h, stride_a0_l, stride_a1_l, stride_a2_l, stride_a_r, stride_a_h,
@@ -131,8 +137,15 @@ def _add_lora_linear_kernel(
     i_ms = tl.program_id(0)
     i_g = tl.program_id(2)
     i_m = i_ms // n_splits
-    n_lo = (i_ms % n_splits) * n_per_split
-    n_hi = tl.minimum(n_lo + n_per_split, n_total)
+    i_sp = i_ms % n_splits
+    region = (i_sp >= split_c0).to(tl.int32) + (i_sp >= split_c0 + split_c1).to(tl.int32)
+    n_lo = _pick(region, 0, region_end0, region_end1)
+    n_lo += (i_sp - _pick(region, 0, split_c0, split_c0 + split_c1)) * _pick(
+        region, split_w0, split_w1, split_w2
+    )
+    n_hi = tl.minimum(
+        n_lo + _pick(region, split_w0, split_w1, split_w2), _pick(region, region_end0, region_end1, n_total)
+    )
     slot = tl.load(ids_ptr + i_g).to(tl.int64)
     rank = capacity
     if HAS_RANKS:
@@ -168,6 +181,21 @@ def _block_k(s_pad: int, r_block: int) -> int:
     return max(16, min(128, FUSED_SR_ELEMS // (s_pad * r_block)))
 
 
+def _column_splits(widths: list[int], want: int) -> tuple[list[int], list[int], list[int]]:
+    """Split a row tile's columns into about ``want`` ranges: per slice when there are at least as
+    many ranges as slices (each program then reads one slice's A), else evenly over all columns
+    (a program reads x once for all slices: prefill). Returns ranges per region (3), range widths
+    per region (3), and the ends of regions 0 and 1."""
+    n_total, bn = sum(widths), FUSED_BLOCK_N
+    if want < len(widths) or len(widths) == 1:
+        width = triton.cdiv(triton.cdiv(n_total, bn), want) * bn
+        return [triton.cdiv(n_total, width), 0, 0], [width, bn, bn], [n_total, n_total]
+    shares = [min(triton.cdiv(w, bn), max(1, round(want * w / n_total))) for w in widths]
+    split_widths = [triton.cdiv(triton.cdiv(w, bn), c) * bn for w, c in zip(widths, shares)]
+    splits = [triton.cdiv(w, sw) for w, sw in zip(widths, split_widths)]
+    return padded3(splits, 0), padded3(split_widths, bn), [widths[0], widths[0] + widths[1]]
+
+
 def _launch_fused(y, x, lora_a, lora_b, scale, order, counts, starts, ids, ranks) -> None:
     num_tokens, hidden = x.shape
     capacity = lora_a[0].shape[1]
@@ -188,17 +216,14 @@ def _launch_fused(y, x, lora_a, lora_b, scale, order, counts, starts, ids, ranks
         n_total = sum(widths)
         s_pad = triton.next_power_of_2(len(ga))
         col_tiles = triton.cdiv(n_total, FUSED_BLOCK_N)
-        n_splits = max(
-            1, min(col_tiles, FUSED_MAX_N_SPLITS, triton.cdiv(_target_programs(x.device), busy_tiles))
-        )
-        n_per_split = triton.cdiv(col_tiles, n_splits) * FUSED_BLOCK_N
-        n_splits = triton.cdiv(n_total, n_per_split)
+        want = max(1, min(col_tiles, FUSED_MAX_N_SPLITS, triton.cdiv(_target_programs(x.device), busy_tiles)))
+        splits, split_widths, ends = _column_splits(widths, want)
         pa, pb = padded3(ga, ga[0]), padded3(gb, gb[0])
         y_cols = y[:, col : col + n_total]
-        _add_lora_linear_kernel[(row_tiles * n_splits, 1, ids.shape[0])](
+        _add_lora_linear_kernel[(row_tiles * sum(splits), 1, ids.shape[0])](
             x, y_cols, *pa, *pb, ranks if ranks is not None else ids, order, counts, starts, ids,
-            hidden, capacity, widths[0], widths[1] if len(widths) > 1 else 0, n_total, n_per_split, n_splits,
-            scale,
+            hidden, capacity, widths[0], widths[1] if len(widths) > 1 else 0, n_total,
+            sum(splits), *splits[:2], *ends, *split_widths, scale,
             x.stride(0), x.stride(1), *(w.stride(0) for w in pa), ga[0].stride(1), ga[0].stride(2),
             *(w.stride(0) for w in pb), gb[0].stride(1), gb[0].stride(2), y_cols.stride(0), y_cols.stride(1),
             NUM_SLICES=len(ga), S_PAD=s_pad, HAS_RANKS=ranks is not None,

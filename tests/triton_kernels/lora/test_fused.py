@@ -19,6 +19,7 @@ CASES = [
     pytest.param(6, 40, 12, (70,), (12, 0, 5, 12), "interleaved", id="T6-1slice-wide-rank0-slot"),
     pytest.param(1, 67, 8, (20, 9, 9), None, "interleaved", id="T1"),
     pytest.param(3, 24, 8, (70, 40, 30), (8, 2, 5, 8), "interleaved", id="T3-qkv-columns-split"),
+    pytest.param(1, 24, 8, (130, 70, 60), (8, 3, 8, 1), "interleaved", id="T1-qkv-per-slice-split"),
     pytest.param(9, 33, 8, (8, 9, 10, 11), (8, 3, 8, 1), "skewed", id="T9-4slices-skewed"),
     pytest.param(520, 24, 16, (16, 8), (16, 8, 1, 12), "interleaved", id="T520-prefill-tiles"),
     pytest.param(5, 67, 8, (20, 9), None, "no_lora", id="all-minus1"),
