@@ -10,8 +10,8 @@ slice (slices of any widths, tiles may straddle two slices). With ``lora_ranks``
 rest: it reads only its ``r`` rows of each A and ``r`` columns of each B.
 
 Decode batches have few row tiles, so the columns are split over a few programs per tile until
-the GPU is filled; each recomputes the shrink of only the slices its columns belong to (the other
-A rows are masked, hence not read). No split over ``H_in``, so the sums are deterministic.
+the GPU is filled, along slice boundaries, so that each recomputes the shrink of one slice only (the
+other A rows are masked, hence not read). No split over ``H_in``, so the sums are deterministic.
 """
 
 from __future__ import annotations
