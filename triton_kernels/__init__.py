@@ -6,6 +6,7 @@ Every op has a Triton kernel, a plain-torch reference and, where it wins, a csrc
 
 from triton_kernels.backend import BackendUnavailableError, use_backend
 from triton_kernels.constants import PAD_SLOT_ID
+from triton_kernels.lora import LoRAKernelMeta, add_lora_linear, lora_expand, lora_linear, lora_shrink
 from triton_kernels.mamba import (
     causal_conv1d_fn,
     causal_conv1d_update,
@@ -23,10 +24,15 @@ from triton_kernels.multimodal import (
 __all__ = [
     "PAD_SLOT_ID",
     "BackendUnavailableError",
+    "LoRAKernelMeta",
+    "add_lora_linear",
     "causal_conv1d_fn",
     "causal_conv1d_update",
     "causal_conv1d_varlen",
     "embed_multimodal_tokens",
+    "lora_expand",
+    "lora_linear",
+    "lora_shrink",
     "merge_multimodal_embeddings",
     "merge_multimodal_embeddings_by_mask",
     "selective_scan_fn",

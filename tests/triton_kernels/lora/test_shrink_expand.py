@@ -1,0 +1,269 @@
+"""lora_shrink / lora_expand against a float64 loop over adapters (vLLM semantics)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.triton_kernels.lora.helpers import loop_shrink, lora_weights, prepared_meta, token_mapping
+from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, poisoned
+from triton_kernels import lora_expand, lora_shrink, use_backend
+
+BACKENDS = ["triton", "torch"]
+
+# (T, H_in, R, slice widths, slots, mapping kind)
+CASES = [
+    pytest.param(7, 67, 12, (20, 9, 9), 4, "interleaved", id="T7-H67-R12-qkv-interleaved"),
+    pytest.param(1, 67, 8, (33,), 3, "interleaved", id="T1-H67-R8-1slice"),
+    pytest.param(9, 40, 16, (33, 17), 3, "skewed", id="T9-H40-R16-2slices-skewed"),
+    pytest.param(6, 67, 1, (5, 7), 2, "interleaved", id="T6-H67-R1"),
+    pytest.param(5, 33, 64, (18,), 2, "one_slot", id="T5-H33-R64"),
+    pytest.param(6, 24, 8, (8, 9, 10, 11), 3, "interleaved", id="T6-4slices-two-launches"),
+    pytest.param(520, 24, 8, (16,), 5, "interleaved", id="T520-prefill-tiles"),
+    pytest.param(5, 67, 8, (20, 9), 3, "no_lora", id="T5-all-minus1"),
+    pytest.param(0, 67, 8, (20, 9), 3, "interleaved", id="T0"),
+]
+
+
+def _shrink_case(num_tokens, hidden, rank, widths, slots, kind, dtype, four_d=False):
+    mapping = token_mapping(kind, num_tokens, slots)
+    x = torch.randn(num_tokens, hidden).to(dtype).to(KERNEL_DEVICE)
+    a, _ = lora_weights(slots, rank, hidden, widths, dtype, four_d=four_d)
+    return mapping, x, a, prepared_meta(mapping, slots)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("num_tokens", "hidden", "rank", "widths", "slots", "kind"), CASES)
+def test_shrink(num_tokens, hidden, rank, widths, slots, kind, dtype, backend):
+    mapping, x, a, meta = _shrink_case(
+        num_tokens, hidden, rank, widths, slots, kind, dtype, four_d=rank == 12
+    )
+    out = poisoned((len(widths), num_tokens, rank), torch.float32)
+    with use_backend(backend):
+        lora_shrink(x, a, out, *meta.meta_args(num_tokens), 0.7)
+    if (mapping == -1).all():  # vLLM returns at once: nothing written
+        assert torch.isnan(out).all()
+    else:
+        assert_close(out.cpu(), loop_shrink(x, a, mapping, 0.7).float(), REL_TOL[dtype])
+
+
+def _loop_expand(inputs, b, mapping, out, offset_start, add_inputs):
+    """Expected output (float64) and the mask of the elements the op writes."""
+    expected, written = out.cpu().double().clone(), torch.zeros(out.shape, dtype=torch.bool)
+    b = [w.cpu().double().reshape(w.shape[0], *w.shape[-2:]) for w in b]
+    mapping = mapping.cpu()
+    for slot in mapping.unique().tolist():
+        if slot < 0:
+            continue
+        rows = (mapping == slot).nonzero().flatten()
+        col = offset_start
+        for s, w in enumerate(b):
+            val = inputs[s].cpu().double()[rows] @ w[slot].T
+            region = expected[rows, col : col + w.shape[1]]
+            expected[rows, col : col + w.shape[1]] = val + region if add_inputs else val
+            written[rows, col : col + w.shape[1]] = True
+            col += w.shape[1]
+    return expected, written
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("add_inputs", "offset_start"), [(False, 0), (True, 0), (False, 5), (True, 3)])
+@pytest.mark.parametrize(("num_tokens", "hidden", "rank", "widths", "slots", "kind"), CASES)
+def test_expand(num_tokens, hidden, rank, widths, slots, kind, add_inputs, offset_start, dtype, backend):
+    mapping = token_mapping(kind, num_tokens, slots)
+    meta = prepared_meta(mapping, slots)
+    _, b = lora_weights(slots, rank, hidden, widths, dtype, four_d=add_inputs)
+    inputs = torch.randn(len(widths), num_tokens, rank, device=KERNEL_DEVICE) / rank**0.5
+    out = torch.randn(num_tokens, offset_start + sum(widths) + 3).to(dtype).to(KERNEL_DEVICE)
+    expected, written = _loop_expand(inputs.to(dtype), b, mapping, out, offset_start, add_inputs)
+    if not add_inputs:
+        out[written.to(out.device)] = float("nan")  # must be overwritten
+    with use_backend(backend):
+        lora_expand(
+            inputs, b, out, *meta.meta_args(num_tokens), offset_start=offset_start, add_inputs=add_inputs
+        )
+    out = out.cpu()
+    assert_equal(out[~written], expected[~written].to(dtype), "untouched elements")
+    assert_close(out[written], expected[written], REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """A transposed x and a column slice of a wider output are read/written through their strides."""
+    mapping, _, a, meta = _shrink_case(6, 40, 8, (16, 8), 3, "interleaved", torch.float32)
+    x = torch.randn(40, 6, device=KERNEL_DEVICE).T
+    shrunk = poisoned((2, 6, 8), torch.float32)
+    _, b = lora_weights(3, 8, 40, (16, 8), torch.float32)
+    wide = torch.randn(6, 50, device=KERNEL_DEVICE)
+    out = wide[:, 10:40]
+    expected, _ = _loop_expand(loop_shrink(x, a, mapping, 1.0), b, mapping, out, 2, True)
+    with use_backend(backend):
+        lora_shrink(x, a, shrunk, *meta.meta_args(6), 1.0)
+        lora_expand(shrunk, b, out, *meta.meta_args(6), offset_start=2, add_inputs=True)
+    assert_close(out.cpu(), expected.float())
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.integers(0, 30),
+    st.integers(1, 70),
+    st.integers(1, 40),
+    st.lists(st.integers(1, 70), min_size=1, max_size=4),
+    st.integers(1, 4),
+    st.integers(0, 3),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_random_shapes_match_the_loop(num_tokens, hidden, rank, widths, slots, offset, add, seed):
+    torch.manual_seed(seed)
+    mapping = torch.randint(-1, slots, (num_tokens,), dtype=torch.int32)
+    meta = prepared_meta(mapping, slots)
+    x = torch.randn(num_tokens, hidden, device=KERNEL_DEVICE)
+    a, b = lora_weights(slots, rank, hidden, widths, torch.float32)
+    shrunk = torch.zeros(len(widths), num_tokens, rank, device=KERNEL_DEVICE)
+    out = torch.randn(num_tokens, offset + sum(widths), device=KERNEL_DEVICE)
+    expected, _ = _loop_expand(loop_shrink(x, a, mapping, 0.5), b, mapping, out, offset, add)
+    with use_backend("triton"):
+        lora_shrink(x, a, shrunk, *meta.meta_args(num_tokens), 0.5)
+        lora_expand(shrunk, b, out, *meta.meta_args(num_tokens), offset_start=offset, add_inputs=add)
+    assert_close(out.cpu(), expected.float())
+
+
+def _expand_args(dtype=torch.float32):
+    mapping = token_mapping("interleaved", 5, 3)
+    meta = prepared_meta(mapping, 3)
+    _, b = lora_weights(3, 8, 16, (6, 4), dtype)
+    return torch.randn(2, 5, 8, device=KERNEL_DEVICE), b, torch.randn(5, 12, device=KERNEL_DEVICE), meta
+
+
+def test_shrink_bad_inputs_raise_before_writing():
+    _, x, a, meta = _shrink_case(5, 16, 8, (6, 4), 3, "interleaved", torch.float32)
+    out = torch.randn(2, 5, 8, device=KERNEL_DEVICE)
+    keep = out.clone()
+    args = meta.meta_args(5)
+    bad = [
+        (
+            TypeError,
+            "lora_a_weights\\[0\\] has dtype",
+            lambda: lora_shrink(x, [w.half() for w in a], out, *args, 1.0),
+        ),
+        (ValueError, "hidden size", lambda: lora_shrink(x[:, :15], a, out, *args, 1.0)),
+        (
+            ValueError,
+            "token_lora_mapping has 5 entries, expected 4",
+            lambda: lora_shrink(x[:4], a, out[:, :4], *args, 1.0),
+        ),
+        (TypeError, "output_tensor must have dtype", lambda: lora_shrink(x, a, out.half(), *args, 1.0)),
+        (ValueError, "output_tensor must have shape", lambda: lora_shrink(x, a, out[:1], *args, 1.0)),
+        (ValueError, "max_loras=3 slots", lambda: lora_shrink(x, [w[:2] for w in a], out, *args, 1.0)),
+        (TypeError, "no_lora_flag_cpu", lambda: lora_shrink(x, a, out, *args[:5], torch.tensor([0]), 1.0)),
+        (TypeError, "non-empty list", lambda: lora_shrink(x, [], out, *args, 1.0)),
+    ]
+    for exc, match, call in bad:
+        with pytest.raises(exc, match=match):
+            call()
+        assert_equal(out, keep)
+
+
+def test_expand_bad_inputs_raise_before_writing():
+    inputs, b, out, meta = _expand_args()
+    keep = out.clone()
+    args = meta.meta_args(5)
+    bad = [
+        (ValueError, ">= 13 columns", lambda: lora_expand(inputs, b, out, *args, offset_start=3)),
+        (ValueError, "offset_start", lambda: lora_expand(inputs, b, out, *args, offset_start=-1)),
+        (ValueError, "inputs must have shape", lambda: lora_expand(inputs[:1], b, out, *args)),
+        (
+            TypeError,
+            "lora_b_weights\\[1\\] has dtype",
+            lambda: lora_expand(inputs, [b[0], b[1].half()], out, *args),
+        ),
+        (ValueError, "last dim", lambda: lora_expand(inputs, [b[0], b[1][..., :4]], out, *args)),
+        (
+            ValueError,
+            "has 4 entries, expected 5",
+            lambda: lora_expand(inputs, b, out, args[0][:4], *args[1:]),
+        ),
+    ]
+    for exc, match, call in bad:
+        with pytest.raises(exc, match=match):
+            call()
+        assert_equal(out, keep)
+
+
+def test_opcheck():
+    _, x, a, meta = _shrink_case(5, 16, 8, (6, 4), 3, "interleaved", torch.float32)
+    inputs, b, out, _ = _expand_args()
+    with use_backend("torch"):
+        torch.library.opcheck(
+            torch.ops.ifk.lora_shrink.default, (x, a, torch.empty(2, 5, 8), *meta.meta_args(5), 0.5)
+        )
+        torch.library.opcheck(
+            torch.ops.ifk.lora_expand.default, (inputs, b, out, *meta.meta_args(5), 1, True)
+        )
+
+
+def test_compile_fullgraph():
+    _, x, a, meta = _shrink_case(5, 16, 8, (6, 4), 3, "interleaved", torch.float32)
+    _, b = lora_weights(3, 8, 16, (6, 4), torch.float32)
+
+    def step(x, y, args):
+        buf = torch.zeros(2, x.shape[0], 8)
+        lora_shrink(x, a, buf, *args, 0.5)
+        lora_expand(buf, b, y, *args, offset_start=0, add_inputs=True)
+        return y
+
+    with use_backend("torch"):
+        want = step(x, torch.ones(5, 10), meta.meta_args(5))
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(
+            x, torch.ones(5, 10), meta.meta_args(5)
+        )
+    assert_close(got, want)
+
+
+# --- gpu tier: real sizes, bf16 -------------------------------------------------------------------
+LLAMA3_8B_QKV = (4096, 1024, 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [4096, 2049])
+@pytest.mark.parametrize("num_tokens", [1, 64, 1000])
+def test_shrink_expand_bf16_llama_qkv(num_tokens, hidden):
+    mapping, x, a, meta = _shrink_case(
+        num_tokens, hidden, 16, LLAMA3_8B_QKV, 8, "interleaved", torch.bfloat16
+    )
+    _, b = lora_weights(8, 16, hidden, LLAMA3_8B_QKV, torch.bfloat16, four_d=True)
+    shrunk = poisoned((3, num_tokens, 16), torch.float32)
+    lora_shrink(x, a, shrunk, *meta.meta_args(num_tokens), 0.5)
+    assert_close(shrunk.cpu(), loop_shrink(x, a, mapping, 0.5).float(), REL_TOL[torch.bfloat16])
+    out = torch.randn(num_tokens, sum(LLAMA3_8B_QKV), device="cuda").bfloat16()
+    expected, written = _loop_expand(shrunk.bfloat16(), b, mapping, out, 0, True)
+    lora_expand(shrunk, b, out, *meta.meta_args(num_tokens), offset_start=0, add_inputs=True)
+    assert_equal(out.cpu()[~written], expected[~written].bfloat16())
+    assert_close(out.cpu()[written], expected[written], REL_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_opcheck_and_compile_triton_on_gpu():
+    _, x, a, meta = _shrink_case(64, 512, 16, (256, 128), 4, "interleaved", torch.bfloat16)
+    _, b = lora_weights(4, 16, 512, (256, 128), torch.bfloat16)
+    args = meta.meta_args(64)
+    torch.library.opcheck(
+        torch.ops.ifk.lora_shrink.default, (x, a, torch.empty(2, 64, 16, device="cuda"), *args, 0.5)
+    )
+    out = torch.randn(64, 384, device="cuda").bfloat16()
+    torch.library.opcheck(
+        torch.ops.ifk.lora_expand.default, (torch.randn(2, 64, 16, device="cuda"), b, out, *args, 0, True)
+    )
+
+    def step(x, y):
+        buf = torch.zeros(2, x.shape[0], 16, device=x.device)
+        lora_shrink(x, a, buf, *args, 0.5)
+        lora_expand(buf, b, y, *args, offset_start=0, add_inputs=True)
+        return y
+
+    want = step(x, torch.zeros(64, 384, device="cuda").bfloat16())
+    got = torch.compile(step, fullgraph=True)(x, torch.zeros(64, 384, device="cuda").bfloat16())
+    assert_close(got, want, REL_TOL[torch.bfloat16])

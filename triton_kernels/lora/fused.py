@@ -1,0 +1,475 @@
+"""Fused multi-LoRA linear: shrink and expand of all slices in one launch, each slot at its rank.
+
+``y[t, slice s] += scale * (x[t] @ A_s[l]^T) @ B_s[l]^T`` for the slot ``l`` of token ``t``.
+A program owns one row tile of one slot group (tokens gathered where they lie) and a range of
+output columns. It computes the shrink of every slice at once - the slices' A rows stacked into
+one ``[S * R, H_in]`` operand, ``x`` read once per tile - keeps the ``[BLOCK_M, S * R]``
+intermediate in registers, then walks its columns, each column taking the B rows of its own
+slice (slices of any widths, tiles may straddle two slices). With ``lora_ranks`` a slot of rank
+``r`` runs the code for the smallest rank class (16, 64, capacity) holding ``r`` and masks the
+rest: it reads only its ``r`` rows of each A and ``r`` columns of each B.
+
+Decode batches have few row tiles, so the columns are split over a few programs per tile until
+the GPU is filled, along slice boundaries, so that each recomputes the shrink of one slice only (the
+other A rows are masked, hence not read). No split over ``H_in``, so the sums are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_kernels._checks import INDEX_DTYPES, check_tensor
+from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend
+from triton_kernels.lora.meta import LoRAKernelMeta
+from triton_kernels.lora.reference import add_lora_linear_ref, lora_delta_backward_ref, slot_segments
+from triton_kernels.lora.shrink_expand import (
+    DECODE_BLOCK_M,
+    SLICES_PER_LAUNCH,
+    _gathered_dot,
+    _group_rows,
+    _pick,
+    block_m,
+    dot_precision,
+    on_device,
+    padded3,
+    uniform_strides,
+)
+
+FUSED_BLOCK_N = 64  # output columns per step: the B tile is [S_PAD * R, 64], <= 32 KiB at rank 64
+FUSED_SR_ELEMS = 8192  # B_K x (S_PAD * R_BLOCK) A-tile budget (16 KiB fp16) sets the hidden chunk
+FUSED_MAX_N_SPLITS = 8  # at most 8 programs share a row tile's columns (each redoes the shrink)
+FUSED_PROGRAMS_PER_SM = 2  # split columns until about this many programs per SM have work
+MID_RANK_CLASS = 64  # rank classes: 16, 64, capacity (next power of two of R)
+FUSED_MAX_PREFILL_SR = 256  # wider stacked ranks (and fp32) keep 16-row tiles: 64 rows would spill
+FUSED_WIDE_TILE = 4096  # fp32 shrink-accumulator elements from which 8 warps (no spills: ptxas, sm_90)
+
+
+@triton.jit
+def _fused_tile(
+    x_ptr, y_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr,
+    tok, m_m, slot, rank, hidden, n0, n1, n_lo, n_hi, scale,
+    stride_x_t, stride_x_h, stride_a0_l, stride_a1_l, stride_a2_l, stride_a_r, stride_a_h,
+    stride_b0_l, stride_b1_l, stride_b2_l, stride_b_n, stride_b_r, stride_y_t, stride_y_n,
+    NUM_SLICES: tl.constexpr, S_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One row tile at rank class ``R_BLOCK``: shrink of all slices, then ``y[:, n_lo:n_hi] +=``."""
+    o_j = tl.arange(0, S_PAD * R_BLOCK)  # stacked intermediate column: (slice, rank) pairs
+    j_s = o_j // R_BLOCK
+    j_r = o_j % R_BLOCK
+    s_lo = (n_lo >= n0).to(tl.int32) + (n_lo >= n0 + n1).to(tl.int32)  # slices of this program's columns
+    s_hi = (n_hi - 1 >= n0).to(tl.int32) + (n_hi - 1 >= n0 + n1).to(tl.int32)
+    m_j = (j_s < NUM_SLICES) & (j_s >= s_lo) & (j_s <= s_hi) & (j_r < rank)  # masked rows are never read
+    p_a = _pick(j_s, a0_ptr + slot * stride_a0_l, a1_ptr + slot * stride_a1_l, a2_ptr + slot * stride_a2_l)
+    p_a += j_r * stride_a_r
+    acc = _gathered_dot(
+        x_ptr, stride_x_t, stride_x_h, tok, m_m, p_a, m_j, stride_a_h, hidden,
+        BLOCK_M, S_PAD * R_BLOCK, BLOCK_K, DOT_PRECISION,
+    )  # fmt: skip
+    b_h = (acc * scale).to(x_ptr.dtype.element_ty)  # rounded like vLLM's shrink -> expand hand-off
+    for c0 in range(n_lo, n_hi, BLOCK_N):
+        o_n = c0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < n_hi
+        n_s = (o_n >= n0).to(tl.int32) + (o_n >= n0 + n1).to(tl.int32)  # slice of each column
+        local = o_n - _pick(n_s, 0, n0, n0 + n1)
+        p_b = _pick(
+            n_s, b0_ptr + slot * stride_b0_l, b1_ptr + slot * stride_b1_l, b2_ptr + slot * stride_b2_l
+        )
+        p_b += local * stride_b_n
+        m_b = (j_s[:, None] == n_s[None, :]) & (j_r[:, None] < rank) & m_n[None, :]
+        b_b = tl.load(p_b[None, :] + j_r[:, None] * stride_b_r, mask=m_b, other=0.0)
+        p_y = y_ptr + tok[:, None] * stride_y_t + o_n[None, :] * stride_y_n
+        m_y = m_m[:, None] & m_n[None, :]
+        b_y = tl.load(p_y, mask=m_y, other=0.0).to(tl.float32)
+        b_y = tl.dot(b_h, b_b, b_y, input_precision=DOT_PRECISION)
+        tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_y)
+
+
+@triton.jit
+def _add_lora_linear_kernel(
+    # pointers
+    x_ptr,  # [T, H_in]
+    y_ptr,  # [T, n0 + n1 + n2] (a column view of y)
+    a0_ptr,  # [L, R, H_in] per slice
+    a1_ptr,
+    a2_ptr,
+    b0_ptr,  # [L, n_s, R] per slice
+    b1_ptr,
+    b2_ptr,
+    ranks_ptr,  # [L] rank of each slot (read when HAS_RANKS)
+    order_ptr,  # [T]
+    counts_ptr,  # [G]
+    starts_ptr,  # [G + 1]
+    ids_ptr,  # [G]
+    # sizes
+    hidden,
+    capacity,
+    n0,
+    n1,
+    n_total,
+    n_splits,  # column ranges per row tile, in up to 3 regions (a slice each, or all columns)
+    split_c0,  # ranges in regions 0 and 1 (region 2 has the rest)
+    split_c1,
+    region_end0,  # regions: [0, end0), [end0, end1), [end1, n_total)
+    region_end1,
+    split_w0,  # range width in each region (a multiple of BLOCK_N)
+    split_w1,
+    split_w2,
+    scale,
+    # strides
+    stride_x_t, stride_x_h, stride_a0_l, stride_a1_l, stride_a2_l, stride_a_r, stride_a_h,
+    stride_b0_l, stride_b1_l, stride_b2_l, stride_b_n, stride_b_r, stride_y_t, stride_y_n,
+    # meta
+    NUM_SLICES: tl.constexpr,
+    S_PAD: tl.constexpr,
+    HAS_RANKS: tl.constexpr,
+    MID_R_BLOCK: tl.constexpr,
+    MAX_R_BLOCK: tl.constexpr,
+    BLOCK_K_LOW: tl.constexpr,
+    BLOCK_K_MID: tl.constexpr,
+    BLOCK_K_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_ms = tl.program_id(0)
+    i_g = tl.program_id(2)
+    i_m = i_ms // n_splits
+    i_sp = i_ms % n_splits
+    region = (i_sp >= split_c0).to(tl.int32) + (i_sp >= split_c0 + split_c1).to(tl.int32)
+    n_lo = _pick(region, 0, region_end0, region_end1)
+    n_lo += (i_sp - _pick(region, 0, split_c0, split_c0 + split_c1)) * _pick(
+        region, split_w0, split_w1, split_w2
+    )
+    n_hi = tl.minimum(
+        n_lo + _pick(region, split_w0, split_w1, split_w2), _pick(region, region_end0, region_end1, n_total)
+    )
+    slot = tl.load(ids_ptr + i_g).to(tl.int64)
+    rank = capacity
+    if HAS_RANKS:
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + tl.maximum(slot, 0)).to(tl.int32), 0), capacity)
+    if (slot >= 0) & (rank > 0) & (i_m * BLOCK_M < tl.load(counts_ptr + i_g)):
+        tok, m_m = _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, BLOCK_M)
+        args = (x_ptr, y_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, tok, m_m, slot, rank, hidden,
+                n0, n1, n_lo, n_hi, scale, stride_x_t, stride_x_h, stride_a0_l, stride_a1_l, stride_a2_l,
+                stride_a_r, stride_a_h, stride_b0_l, stride_b1_l, stride_b2_l, stride_b_n, stride_b_r,
+                stride_y_t, stride_y_n)  # fmt: skip
+        if HAS_RANKS:
+            if rank <= 16:
+                _fused_tile(*args, NUM_SLICES, S_PAD, 16, BLOCK_M, BLOCK_N, BLOCK_K_LOW, DOT_PRECISION)
+            elif rank <= MID_R_BLOCK:
+                _fused_tile(
+                    *args, NUM_SLICES, S_PAD, MID_R_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K_MID, DOT_PRECISION
+                )
+            else:
+                _fused_tile(
+                    *args, NUM_SLICES, S_PAD, MAX_R_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K_MAX, DOT_PRECISION
+                )
+        else:
+            _fused_tile(*args, NUM_SLICES, S_PAD, MAX_R_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K_MAX, DOT_PRECISION)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return FUSED_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: small, but enough that the tests walk the column split
+
+
+def _block_k(s_pad: int, r_block: int) -> int:
+    return max(16, min(128, FUSED_SR_ELEMS // (s_pad * r_block)))
+
+
+def _column_splits(widths: list[int], want: int) -> tuple[list[int], list[int], list[int]]:
+    """Split a row tile's columns into about ``want`` ranges: per slice when there are at least as
+    many ranges as slices (each program then reads one slice's A), else evenly over all columns
+    (a program reads x once for all slices: prefill). Returns ranges per region (3), range widths
+    per region (3), and the ends of regions 0 and 1."""
+    n_total, bn = sum(widths), FUSED_BLOCK_N
+    if want < len(widths) or len(widths) == 1:
+        width = triton.cdiv(triton.cdiv(n_total, bn), want) * bn
+        return [triton.cdiv(n_total, width), 0, 0], [width, bn, bn], [n_total, n_total]
+    shares = [min(triton.cdiv(w, bn), max(1, round(want * w / n_total))) for w in widths]
+    split_widths = [triton.cdiv(triton.cdiv(w, bn), c) * bn for w, c in zip(widths, shares)]
+    splits = [triton.cdiv(w, sw) for w, sw in zip(widths, split_widths)]
+    return padded3(splits, 0), padded3(split_widths, bn), [widths[0], widths[0] + widths[1]]
+
+
+def _launch_fused(y, x, lora_a, lora_b, scale, order, counts, starts, ids, ranks) -> None:
+    num_tokens, hidden = x.shape
+    capacity = lora_a[0].shape[1]
+    if num_tokens == 0 or capacity == 0:
+        return
+    max_r = max(16, triton.next_power_of_2(capacity))
+    s_pad_max = triton.next_power_of_2(min(len(lora_a), SLICES_PER_LAUNCH))
+    wide = s_pad_max * max_r > FUSED_MAX_PREFILL_SR or x.dtype == torch.float32  # fp32 dots: no tensor cores
+    bm = DECODE_BLOCK_M if wide else block_m(num_tokens)
+    mid_r = min(MID_RANK_CLASS, max_r)
+    row_tiles = triton.cdiv(num_tokens, bm)
+    busy_tiles = min(num_tokens, row_tiles + ids.shape[0] - 1)  # (group, row tile) pairs with work, at most
+    col = 0
+    for s0 in range(0, len(lora_a), SLICES_PER_LAUNCH):
+        ga = uniform_strides(lora_a[s0 : s0 + SLICES_PER_LAUNCH])
+        gb = uniform_strides(lora_b[s0 : s0 + SLICES_PER_LAUNCH])
+        widths = [w.shape[1] for w in gb]
+        n_total = sum(widths)
+        s_pad = triton.next_power_of_2(len(ga))
+        col_tiles = triton.cdiv(n_total, FUSED_BLOCK_N)
+        want = max(1, min(col_tiles, FUSED_MAX_N_SPLITS, triton.cdiv(_target_programs(x.device), busy_tiles)))
+        splits, split_widths, ends = _column_splits(widths, want)
+        pa, pb = padded3(ga, ga[0]), padded3(gb, gb[0])
+        y_cols = y[:, col : col + n_total]
+        _add_lora_linear_kernel[(row_tiles * sum(splits), 1, ids.shape[0])](
+            x, y_cols, *pa, *pb, ranks if ranks is not None else ids, order, counts, starts, ids,
+            hidden, capacity, widths[0], widths[1] if len(widths) > 1 else 0, n_total,
+            sum(splits), *splits[:2], *ends, *split_widths, scale,
+            x.stride(0), x.stride(1), *(w.stride(0) for w in pa), ga[0].stride(1), ga[0].stride(2),
+            *(w.stride(0) for w in pb), gb[0].stride(1), gb[0].stride(2), y_cols.stride(0), y_cols.stride(1),
+            NUM_SLICES=len(ga), S_PAD=s_pad, HAS_RANKS=ranks is not None,
+            MID_R_BLOCK=mid_r, MAX_R_BLOCK=max_r, BLOCK_K_LOW=_block_k(s_pad, 16),
+            BLOCK_K_MID=_block_k(s_pad, mid_r), BLOCK_K_MAX=_block_k(s_pad, max_r),
+            BLOCK_M=bm, BLOCK_N=FUSED_BLOCK_N, DOT_PRECISION=dot_precision(x.dtype),
+            num_warps=8 if bm * s_pad * max_r >= FUSED_WIDE_TILE else 4,
+        )  # fmt: skip
+        col += n_total
+
+
+_RANKS_CHECKED: set[tuple] = set()  # (data_ptr, version, capacity) of lora_ranks already read back
+
+
+def _check_rank_values(ranks: torch.Tensor | None, capacity: int) -> None:
+    """Rank values in ``[0, capacity]``: read back once per version of the tensor (one sync on a
+    GPU the first time, none while a CUDA graph is captured; the kernel clamps regardless)."""
+    if ranks is None or (ranks.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    key = (ranks.data_ptr(), ranks._version, ranks.device, capacity)
+    if key in _RANKS_CHECKED:
+        return
+    lo, hi = (int(v) for v in ranks.aminmax()) if ranks.numel() else (0, 0)
+    if lo < 0 or hi > capacity:
+        raise ValueError(
+            f"lora_ranks holds rank {lo if lo < 0 else hi}, outside [0, {capacity}] (the slot capacity R)"
+        )
+    if len(_RANKS_CHECKED) > 256:
+        _RANKS_CHECKED.clear()
+    _RANKS_CHECKED.add(key)
+
+
+def _add_into(y, x, lora_a, lora_b, scale, meta4, ranks) -> None:
+    """``y += delta`` on the chosen backend (validated inputs, at least one LoRA token)."""
+    _check_rank_values(ranks, lora_a[0].shape[1])
+    if lora_backend("add_lora_linear", x) == "torch":
+        add_lora_linear_ref(y, x, lora_a, lora_b, scale, slot_segments(*meta4), ranks)
+        return
+    with on_device(x.device):
+        _launch_fused(y, x, lora_a, lora_b, scale, *meta4, ranks)
+
+
+@torch.library.custom_op("ifk::add_lora_linear", mutates_args=("y",))
+def _add_lora_linear_op(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scale: float,
+    token_indices_sorted_by_lora_ids: torch.Tensor,
+    num_tokens_per_lora: torch.Tensor,
+    lora_token_start_loc: torch.Tensor,
+    lora_ids: torch.Tensor,
+    no_lora_flag_cpu: torch.Tensor,
+    lora_ranks: torch.Tensor | None,
+) -> None:
+    """Destination-passing core of :func:`add_lora_linear` (inputs already validated)."""
+    if no_lora_flag_cpu.item():
+        return
+    meta4 = (token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc, lora_ids)
+    _add_into(y, x, lora_a, lora_b, scale, meta4, lora_ranks)
+
+
+@_add_lora_linear_op.register_fake
+def _(y, x, lora_a, lora_b, *rest) -> None:
+    return None
+
+
+@torch.library.custom_op("ifk::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scale: float,
+    token_indices_sorted_by_lora_ids: torch.Tensor,
+    num_tokens_per_lora: torch.Tensor,
+    lora_token_start_loc: torch.Tensor,
+    lora_ids: torch.Tensor,
+    no_lora_flag_cpu: torch.Tensor,
+    lora_ranks: torch.Tensor | None,
+) -> torch.Tensor:
+    """The LoRA delta ``[T, sum n_s]`` as a new tensor (zero rows for slot -1)."""
+    delta = x.new_zeros((x.shape[0], sum(b.shape[1] for b in lora_b)))
+    if not no_lora_flag_cpu.item():
+        meta4 = (token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc, lora_ids)
+        _add_into(delta, x, lora_a, lora_b, scale, meta4, lora_ranks)
+    return delta
+
+
+@_lora_linear_op.register_fake
+def _(x, lora_a, lora_b, *rest) -> torch.Tensor:
+    return x.new_empty((x.shape[0], sum(b.shape[1] for b in lora_b)))
+
+
+@torch.library.custom_op("ifk::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scale: float,
+    token_indices_sorted_by_lora_ids: torch.Tensor,
+    num_tokens_per_lora: torch.Tensor,
+    lora_token_start_loc: torch.Tensor,
+    lora_ids: torch.Tensor,
+    lora_ranks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dx [T, H_in], dA [S, L, R, H_in], dB [L, sum n_s, R])`` by segment matmuls in
+    torch (reads the slot groups on the host: one sync on a GPU)."""
+    segments = slot_segments(
+        token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc, lora_ids
+    )
+    return lora_delta_backward_ref(grad, x, lora_a, lora_b, scale, segments, lora_ranks)
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad, x, lora_a, lora_b, *rest):
+    num_slots, rank, hidden = lora_a[0].shape
+    return (
+        torch.empty_like(x),
+        x.new_empty((len(lora_a), num_slots, rank, hidden), dtype=lora_a[0].dtype),
+        x.new_empty((num_slots, sum(b.shape[1] for b in lora_b), rank), dtype=lora_b[0].dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, lora_a, lora_b, scale, order, counts, starts, ids, _flag, ranks = inputs
+    ctx.save_for_backward(x, order, counts, starts, ids, ranks, *lora_a, *lora_b)
+    ctx.num_slices, ctx.scale = len(lora_a), scale
+    ctx.widths = [b.shape[1] for b in lora_b]
+
+
+def _backward(ctx, grad):
+    x, order, counts, starts, ids, ranks, *weights = ctx.saved_tensors
+    lora_a, lora_b = weights[: ctx.num_slices], weights[ctx.num_slices :]
+    dx, da, db = torch.ops.ifk.lora_linear_backward(
+        grad.contiguous(), x, lora_a, lora_b, ctx.scale, order, counts, starts, ids, ranks
+    )
+    return dx, list(da.unbind(0)), list(db.split(ctx.widths, dim=1)), None, None, None, None, None, None, None
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x, lora_a_stacked, lora_b_stacked, output_slices, meta, lora_ranks):
+    """Shared checks of the fused ops (``output_slices=None``: not checked); returns
+    ``(x, A list, B list, meta4, no-lora flag, ranks)``."""
+    x = check_float("x", x, 2)
+    lora_a = check_weights("lora_a_stacked", lora_a_stacked, x.dtype, x.device)
+    lora_b = check_weights("lora_b_stacked", lora_b_stacked, x.dtype, x.device)
+    num_slots, rank, hidden = lora_a[0].shape
+    if hidden != x.shape[1]:
+        raise ValueError(f"lora_a_stacked have hidden size {hidden}, x has {x.shape[1]}")
+    if len(lora_b) != len(lora_a) or lora_b[0].shape[0] != num_slots or lora_b[0].shape[2] != rank:
+        raise ValueError(
+            f"lora_b_stacked must hold {len(lora_a)} tensors [{num_slots}, n_s, {rank}] to match "
+            f"lora_a_stacked, got {[list(b.shape) for b in lora_b]}"
+        )
+    widths = tuple(b.shape[1] for b in lora_b)
+    if output_slices is not None and tuple(output_slices) != widths:
+        raise ValueError(
+            f"output_slices {tuple(output_slices)} differ from the widths of lora_b_stacked {widths}"
+        )
+    if not isinstance(meta, LoRAKernelMeta):
+        raise TypeError(f"meta must be a LoRAKernelMeta, got {type(meta).__name__}")
+    if not torch.compiler.is_compiling() and meta.num_tokens != x.shape[0]:  # no shape guard when traced
+        raise ValueError(
+            f"meta was prepared for {meta.num_tokens} tokens, but x has {x.shape[0]}; call "
+            "meta.prepare_tensors(token_lora_mapping) with one slot per token"
+        )
+    _, order, counts, starts, ids, flag = check_meta_args(
+        meta.meta_args(x.shape[0]), x.shape[0], num_slots, x.device
+    )
+    if lora_ranks is not None:
+        check_tensor("lora_ranks", lora_ranks, ndim=1, dtypes=INDEX_DTYPES, device=x.device)
+        if lora_ranks.shape[0] != num_slots:
+            raise ValueError(
+                f"lora_ranks has {lora_ranks.shape[0]} entries, expected one per slot ({num_slots})"
+            )
+    return x, lora_a, lora_b, (order, counts, starts, ids), flag, lora_ranks
+
+
+def add_lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: tuple[torch.Tensor, ...],
+    lora_b_stacked: tuple[torch.Tensor, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    meta: LoRAKernelMeta,
+    *,
+    lora_ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y[t, slice s] += scale * (x[t] @ A_s[l]^T) @ B_s[l]^T`` for the slot ``l`` of each token.
+
+    Args:
+        y: ``[T, sum(output_slices)]``, x's dtype, updated in place at the rows of LoRA tokens.
+        x: ``[T, H_in]`` fp16/bf16/fp32 (float64 on the torch backend only, e.g. for gradcheck).
+        lora_a_stacked: one tensor per slice, ``[L, 1, R, H_in]`` (vLLM's layout) or ``[L, R, H_in]``.
+        lora_b_stacked: one tensor per slice, ``[L, 1, n_s, R]`` or ``[L, n_s, R]``.
+        scale: multiplies the delta.
+        output_slices: the widths ``n_s`` (must match lora_b_stacked).
+        meta: a :class:`LoRAKernelMeta` prepared for these ``T`` tokens, ``max_loras <= L``.
+        lora_ranks: optional ``[L]`` int tensor: slot ``l`` uses rows ``[:r]`` of its A and columns
+            ``[:r]`` of its B, ``r = lora_ranks[l]`` in ``[0, R]``, and costs rank ``r``.
+
+    One launch for up to three slices (more take one per three), no host sync (``lora_ranks`` on a
+    GPU is read back once per tensor version to check its values), deterministic. Returns ``y``.
+
+    Example:
+        >>> meta = LoRAKernelMeta.make(2, 3, "cpu"); meta.prepare_tensors(torch.tensor([0, -1, 1]))
+        >>> a = (torch.randn(2, 1, 8, 32),); b = (torch.randn(2, 1, 48, 8),)
+        >>> add_lora_linear(torch.zeros(3, 48), torch.randn(3, 32), a, b, 0.5, (48,), meta).shape
+        torch.Size([3, 48])
+    """
+    x, lora_a, lora_b, meta4, flag, ranks = _validate(x, lora_a_stacked, lora_b_stacked, output_slices, meta,
+                                                      lora_ranks)  # fmt: skip
+    check_tensor("y", y, ndim=2, dtypes=(x.dtype,), device=x.device)
+    if tuple(y.shape) != (x.shape[0], sum(output_slices)):
+        raise ValueError(f"y must have shape [{x.shape[0]}, {sum(output_slices)}], got {list(y.shape)}")
+    torch.ops.ifk.add_lora_linear(y, x, lora_a, lora_b, float(scale), *meta4, flag, ranks)
+    return y
+
+
+def lora_linear(
+    x: torch.Tensor,
+    lora_a_stacked: tuple[torch.Tensor, ...],
+    lora_b_stacked: tuple[torch.Tensor, ...],
+    scale: float,
+    meta: LoRAKernelMeta,
+    *,
+    lora_ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The differentiable twin of :func:`add_lora_linear`: returns the delta ``[T, sum n_s]``.
+
+    Same arguments (the widths come from ``lora_b_stacked``); rows of slot -1 tokens are zero.
+    Forward runs the fused kernel into a zeroed tensor; backward gives ``x``, every A and every B
+    their gradients (rows past a slot's rank get zero) by per-slot segment matmuls in torch,
+    which read the slot groups on the host (one sync per backward on a GPU).
+
+    Example:
+        >>> meta = LoRAKernelMeta.make(2, 3, "cpu"); meta.prepare_tensors(torch.tensor([0, -1, 1]))
+        >>> a = (torch.randn(2, 8, 32, requires_grad=True),); b = (torch.randn(2, 48, 8),)
+        >>> lora_linear(torch.randn(3, 32), a, b, 0.5, meta).sum().backward()
+    """
+    x, lora_a, lora_b, meta4, flag, ranks = _validate(
+        x, lora_a_stacked, lora_b_stacked, None, meta, lora_ranks
+    )
+    return torch.ops.ifk.lora_linear(x, lora_a, lora_b, float(scale), *meta4, flag, ranks)
