@@ -28,6 +28,17 @@ from pyiface.interfaces import (
     supports_v0_only,
 )
 from pyiface.intermediate_tensors import IntermediateTensors, PPMissingLayer, make_empty_intermediate_tensors_factory
+from pyiface.lora import (
+    LoRABatchWrapper,
+    LoRAEmbedding,
+    LoRAEmbeddingSlots,
+    LoRALinear,
+    LoRALogits,
+    LoRAModules,
+    LoRASlots,
+    apply_lora,
+    peft_lora_weights,
+)
 from pyiface.mamba_cache import MambaCache
 from pyiface.multimodal import MultiModalEmbedder
 from pyiface.pipeline import make_layers, pp_layer_range
@@ -39,6 +50,13 @@ __all__ = [
     "IsAttentionFree",
     "IsHybrid",
     "KernelPlan",
+    "LoRABatchWrapper",
+    "LoRAEmbedding",
+    "LoRAEmbeddingSlots",
+    "LoRALinear",
+    "LoRALogits",
+    "LoRAModules",
+    "LoRASlots",
     "MambaCache",
     "MultiModalEmbedder",
     "MultiModalEmbeddings",
@@ -51,11 +69,13 @@ __all__ = [
     "SupportsQuant",
     "SupportsTranscription",
     "SupportsV0Only",
+    "apply_lora",
     "has_inner_state",
     "is_attention_free",
     "is_hybrid",
     "make_empty_intermediate_tensors_factory",
     "make_layers",
+    "peft_lora_weights",
     "plan",
     "pp_layer_range",
     "supports_cross_encoding",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -60,3 +61,9 @@ def check_dim(name: str, t: torch.Tensor, dim: int, size: int, what: str) -> Non
 def unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim has unit stride, else a copy that does."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for a launch (Triton launches on the current CUDA device;
+    ``with torch.device(...)`` would only change where new tensors go)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

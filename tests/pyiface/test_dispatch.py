@@ -150,3 +150,9 @@ def test_pp_size_without_support_raises():
 def test_default_device():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert plan(PlainModel).device.type == expected
+
+
+def test_lora_wrapper_built_with_sizes():
+    p = plan(VisionLoRAModel(), "cpu", max_loras=3, max_num_tokens=32)
+    assert p.lora_wrapper is not None
+    assert "batch wrapper" in str(p)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._checks import INDEX_DTYPES, check_tensor
+from triton_kernels._checks import INDEX_DTYPES, check_tensor, on_device
 from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend
 from triton_kernels.lora.meta import LoRAKernelMeta
 from triton_kernels.lora.reference import add_lora_linear_ref, lora_delta_backward_ref, slot_segments
@@ -32,7 +32,6 @@ from triton_kernels.lora.shrink_expand import (
     _pick,
     block_m,
     dot_precision,
-    on_device,
     padded3,
     uniform_strides,
 )

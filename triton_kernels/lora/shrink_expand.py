@@ -9,13 +9,11 @@ program among three pointers); more slices take one launch per three.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._checks import check_tensor
+from triton_kernels._checks import check_tensor, on_device
 from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend
 from triton_kernels.lora.reference import lora_expand_ref, lora_shrink_ref, slot_segments
 
@@ -192,11 +190,6 @@ def _lora_expand_kernel(
         if ADD_INPUTS:
             acc += tl.load(p_o, mask=m_o, other=0.0).to(tl.float32)
         tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_o)
-
-
-def on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Make ``device`` current for a launch (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

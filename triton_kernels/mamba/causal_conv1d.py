@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, check_shape, check_tensor
+from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, check_shape, check_tensor, on_device
 from triton_kernels.backend import select_backend
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba.conv_reference import (
@@ -206,7 +206,7 @@ def _launch_triton(
         n_blocks = batch * n_l_blocks
     init_mode = 0 if init is None else (2 if has_init is not None else 1)
     grid = (n_blocks, triton.cdiv(dim, block_d))
-    with torch.device(x.device):
+    with on_device(x.device):
         _causal_conv1d_kernel[grid](
             x, weight, x if bias is None else bias,
             x if init is None else init, x if final is None else final,

@@ -26,6 +26,7 @@ from triton_kernels._checks import (
     check_optional,
     check_shape,
     check_tensor,
+    on_device,
     unit_stride_last,
 )
 from triton_kernels.backend import forced_backend, select_backend
@@ -208,7 +209,7 @@ def _launch_triton(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softpl
     b_strides = ([0] if b_per_channel else []) + _strides(B, bc_dims(B))
     c_strides = ([0] if c_per_channel else []) + _strides(C, bc_dims(C))
     grid = (n_seq, groups * blocks_per_group)
-    with torch.device(u.device):
+    with on_device(u.device):
         _selective_scan_kernel[grid](
             u, delta, A, B, C,
             u if D is None else D,

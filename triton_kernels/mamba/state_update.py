@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, check_shape, check_tensor
+from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, check_shape, check_tensor, on_device
 from triton_kernels.backend import select_backend
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba.conv_reference import selective_state_update_ref
@@ -122,7 +122,7 @@ def _launch_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad
     block_p, num_warps = _block_config(dstate)
     block_p = min(block_p, triton.next_power_of_2(dim))
     grid = (triton.cdiv(dim, block_p), batch, heads)
-    with torch.device(x.device):
+    with on_device(x.device):
         _selective_state_update_kernel[grid](
             state, x, dt, x if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
             x if z is None else z, out, x if slots is None else slots,

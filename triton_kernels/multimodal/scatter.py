@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _csrc
-from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, unit_stride_last
+from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, on_device, unit_stride_last
 from triton_kernels.backend import forced_backend, select_backend
 from triton_kernels.multimodal.reference import embed_multimodal_tokens_ref, merge_multimodal_embeddings_ref
 
@@ -99,7 +99,7 @@ def _launch_triton(out, input_ids, weight, items, mask, rank, total_rows) -> Non
     block_h = min(triton.next_power_of_2(hidden), 8192 // out.element_size())
     gather = weight is not None
     grid = (num_tokens, triton.cdiv(hidden, block_h))
-    with torch.device(out.device):
+    with on_device(out.device):
         _embed_scatter_kernel[grid](
             out,
             input_ids if gather else mask,
