@@ -122,7 +122,7 @@ def compare(rows: Sequence[Row], ours_prefix: str = "ours") -> None:
 
 def format_table(rows: Sequence[Row]) -> str:
     """One text table: speedup is how many times slower the row is than our best for the case."""
-    header = f"{'case':<38} {'impl':<30} {'ms':>10} {'GB/s':>9} {'%roof':>6} {'TFLOP/s':>8} {'ours x':>7}"
+    header = f"{'case':<38} {'impl':<30} {'ms':>10} {'GB/s':>9} {'%roof':>6} {'TFLOP/s':>8} {'t/ours':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
         speed = f"{r.median_ms / r.baseline_ms:7.2f}" if r.baseline_ms else "      -"

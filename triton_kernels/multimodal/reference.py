@@ -15,10 +15,16 @@ def merge_multimodal_embeddings_ref(
     items: list[torch.Tensor],  # each [rows_i, H]
     is_multimodal: torch.Tensor,  # [T] bool
 ) -> torch.Tensor:
-    """vLLM's path: ``masked_scatter_`` of the concatenated items into the placeholder rows."""
-    if items:
-        flat = torch.cat(items) if len(items) > 1 else items[0]
-        inputs_embeds.masked_scatter_(is_multimodal.unsqueeze(-1), flat)
+    """Copy each item's rows to its placeholder positions (``index_copy_``, no concatenation).
+
+    Finding the positions syncs with the device once (``nonzero``): this is the CPU path; CUDA
+    tensors take the Triton kernel unless the torch backend is forced.
+    """
+    positions = is_multimodal.nonzero().squeeze(1)
+    start = 0
+    for item in items:
+        inputs_embeds.index_copy_(0, positions[start : start + item.shape[0]], item)
+        start += item.shape[0]
     return inputs_embeds
 
 
@@ -31,5 +37,8 @@ def embed_multimodal_tokens_ref(
 ) -> torch.Tensor:
     """Embedding lookup for text positions (placeholder ids never index the table), then scatter."""
     safe_ids = input_ids.masked_fill(is_multimodal, 0)
-    out.copy_(embedding_weight.index_select(0, safe_ids))
+    if out.is_contiguous():
+        torch.index_select(embedding_weight, 0, safe_ids, out=out)
+    else:
+        out.copy_(embedding_weight.index_select(0, safe_ids))
     return merge_multimodal_embeddings_ref(out, items, is_multimodal)

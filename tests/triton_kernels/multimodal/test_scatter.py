@@ -261,3 +261,17 @@ def test_opcheck_and_compile_cpu():
             lambda i, w, it: embed_multimodal_tokens(i, w, it, placeholder_token_id=PLACEHOLDER), fullgraph=True
         )
         assert_equal(compiled(ids, weight, items), expected(ids, weight[ids], items))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_out_rows(backend):
+    """``out`` a column slice of a wider buffer (row stride > H): only its own columns change."""
+    ids, items = make_case(19, 10, [2, 5], torch.float32)
+    weight = torch.randn(VOCAB, 10, device=KERNEL_DEVICE)
+    wide = torch.randn(19, 16, device=KERNEL_DEVICE)
+    before = wide.clone()
+    with use_backend(backend):
+        embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, out=wide[:, 3:13])
+    assert_equal(wide[:, 3:13], expected(ids, weight[ids], items))
+    assert_equal(wide[:, :3], before[:, :3])
+    assert_equal(wide[:, 13:], before[:, 13:])
