@@ -133,6 +133,16 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "CPU " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU " + (platform.processor() or platform.machine())
+
+
 def environment(device: torch.device) -> dict:
     """Device, versions and git revision, written beside every result."""
     try:
@@ -146,7 +156,7 @@ def environment(device: torch.device) -> dict:
                              cwd=Path(__file__).parent, check=False).stdout.strip() or None
     except OSError:
         rev = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": name,
         "device_type": device.type,
@@ -163,7 +173,8 @@ def write_results(rows: Sequence[Row], env: dict, roof_gbps: float, out_dir: Pat
     """JSON rows with the environment; returns the file path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if env["device_type"] == "cuda" else "cpu"
-    path = out_dir / f"bench-{tag}-{env['git_rev'] or 'norev'}.json"
+    stamp = env["date"].replace("-", "").replace(":", "")
+    path = out_dir / f"bench-{tag}-{env['git_rev'] or 'norev'}-{stamp}.json"
     payload = {
         "environment": env,
         "copy_roof_gbps": roof_gbps,
