@@ -15,6 +15,15 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _group_table(
+    num_tokens_per_lora: torch.Tensor, lora_token_start_loc: torch.Tensor, lora_ids: torch.Tensor
+) -> tuple[list[int], list[int], list[int]]:
+    """``(counts, starts, ids)`` of the groups as Python ints, read back in one host copy."""
+    groups = lora_ids.shape[0]
+    table = torch.cat((num_tokens_per_lora, lora_token_start_loc[:groups], lora_ids)).tolist()
+    return table[:groups], table[groups : 2 * groups], table[2 * groups :]
+
+
 def slot_segments(
     sorted_indices: torch.Tensor,  # [T] token indices sorted by slot
     num_tokens_per_lora: torch.Tensor,  # [G]
@@ -22,9 +31,10 @@ def slot_segments(
     lora_ids: torch.Tensor,  # [G] slot of each group, -1 = no LoRA
 ) -> list[tuple[int, torch.Tensor]]:
     """``(slot, token indices)`` of every group that has tokens and a slot (not -1)."""
-    counts, starts, ids = num_tokens_per_lora.tolist(), lora_token_start_loc.tolist(), lora_ids.tolist()
+    counts, starts, ids = _group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids)
+    order = sorted_indices.long()
     return [
-        (slot, sorted_indices[start : start + count].long())
+        (slot, order[start : start + count])
         for slot, start, count in zip(ids, starts, counts)
         if slot >= 0 and count > 0
     ]
@@ -95,6 +105,85 @@ def add_lora_linear_ref(
             y.index_add_(0, tok, rows)
         else:
             y.index_copy_(0, tok, rows.to(y.dtype))
+
+
+BATCHED_MAX_PADDING = 2  # padded rows (slots x longest group) at most 2x the LoRA tokens, else loop
+
+
+def add_lora_linear_batched(
+    y: torch.Tensor,  # [T, sum n_s], updated in place for LoRA tokens
+    x: torch.Tensor,  # [T, H_in]
+    lora_a: list[torch.Tensor],  # S x [L, R, H_in]
+    lora_b: list[torch.Tensor],  # S x [L, n_s, R]
+    scale: float,
+    sorted_indices: torch.Tensor,  # [T]
+    num_tokens_per_lora: torch.Tensor,  # [G]
+    lora_token_start_loc: torch.Tensor,  # [G + 1]
+    lora_ids: torch.Tensor,  # [G]
+    lora_ranks: torch.Tensor | None = None,  # [L], values in [0, R]
+) -> None:
+    """:func:`add_lora_linear_ref` (the torch backend) in a fixed, small number of torch ops.
+
+    The groups of the slot range ``[lo, hi)`` in use are padded to the longest group: one gather
+    of ``x`` to ``[n, M, H_in]`` (a view of the sorted indices when the groups are all of one
+    length), per slice two batched matmuls over views of the weights' slot range, one scatter of
+    the valid rows into ``y``. Falls back to the per-group loop when a slot has two groups, when
+    padding would more than double the rows, or when the slots of the range differ in rank (a
+    rank here slices the weights, so rows and columns past it are never read). Reads the group
+    table (and the ranks of the range) on the host: a sync on a GPU, like the loop.
+    """
+    counts, starts, ids = _group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids)
+    live = {slot: (start, count) for slot, start, count in zip(ids, starts, counts) if slot >= 0 and count > 0}
+    if not live:
+        return
+    lo, hi = min(live), max(live) + 1
+    longest = max(count for _, count in live.values())
+    total = sum(count for _, count in live.values())
+    duplicated = sum(1 for slot, count in zip(ids, counts) if slot >= 0 and count > 0) != len(live)
+    if duplicated or (hi - lo) * longest > BATCHED_MAX_PADDING * total + 64:
+        segments = slot_segments(sorted_indices, num_tokens_per_lora, lora_token_start_loc, lora_ids)
+        add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
+        return
+    rank = lora_a[0].shape[1]
+    if lora_ranks is not None:
+        in_use = set(lora_ranks[lo:hi].tolist())  # every slot of the range at one rank: weight views
+        if len(in_use) != 1:
+            segments = slot_segments(sorted_indices, num_tokens_per_lora, lora_token_start_loc, lora_ids)
+            add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
+            return
+        rank = in_use.pop()
+        if rank == 0:
+            return
+    n, dev, dt = hi - lo, x.device, compute_dtype(x)
+    span = [live.get(slot, (0, 0)) for slot in range(lo, hi)]
+    order = sorted_indices.long()
+    dense = all(count == longest for _, count in span) and all(
+        span[i + 1][0] == span[i][0] + longest for i in range(n - 1)
+    )
+    valid = None
+    if dense:  # the groups lie back to back, all of one length: a view of the sorted indices
+        tok = order[span[0][0] : span[0][0] + total].view(n, longest)
+    else:
+        table = torch.tensor(span, dtype=torch.int64).to(dev, non_blocking=True)  # [n, 2]: start, count
+        m = torch.arange(longest, device=dev)
+        valid = m < table[:, 1:]  # [n, M]
+        tok = order[torch.where(valid, table[:, :1] + m, 0)]  # [n, M], padded with the first sorted token
+    xg = x.index_select(0, tok.flatten()).view(n, longest, x.shape[1]).to(dt)
+    rows = torch.empty((n, longest, y.shape[1]), dtype=dt, device=dev)
+    col = 0
+    for a, b in zip(lora_a, lora_b):
+        aw, bw = a[lo:hi, :rank].to(dt), b[lo:hi, :, :rank].to(dt)
+        h = torch.bmm(xg, aw.transpose(1, 2))  # [n, M, r]
+        rows[:, :, col : col + b.shape[1]].baddbmm_(h, bw.transpose(1, 2), beta=0, alpha=scale)
+        col += b.shape[1]
+    rows, tok = rows.view(n * longest, -1), tok.flatten()
+    if valid is not None:
+        sel = valid.flatten().nonzero().squeeze(1)
+        rows, tok = rows.index_select(0, sel), tok.index_select(0, sel)
+    if y.dtype == dt:
+        y.index_add_(0, tok, rows)
+    else:  # add in dt and round once
+        y.index_copy_(0, tok, (y.index_select(0, tok).to(dt) + rows).to(y.dtype))
 
 
 def lora_delta_backward_ref(
