@@ -170,11 +170,16 @@ def add_lora_linear_batched(
         tok = order[torch.where(valid, table[:, :1] + m, 0)]  # [n, M], padded with the first sorted token
     xg = x.index_select(0, tok.flatten()).view(n, longest, x.shape[1]).to(dt)
     rows = torch.empty((n, longest, y.shape[1]), dtype=dt, device=dev)
+    whole = n == lora_a[0].shape[0] and rank == lora_a[0].shape[1]  # narrow() views cost Python time
+    cast = lora_a[0].dtype != dt
     col = 0
     for a, b in zip(lora_a, lora_b):
-        aw, bw = a[lo:hi, :rank].to(dt), b[lo:hi, :, :rank].to(dt)
-        h = torch.bmm(xg, aw.transpose(1, 2))  # [n, M, r]
-        rows[:, :, col : col + b.shape[1]].baddbmm_(h, bw.transpose(1, 2), beta=0, alpha=scale)
+        if not whole:
+            a, b = a.narrow(0, lo, n).narrow(1, 0, rank), b.narrow(0, lo, n).narrow(2, 0, rank)
+        if cast:
+            a, b = a.to(dt), b.to(dt)
+        h = torch.bmm(xg, a.mT)  # [n, M, r]
+        rows.narrow(2, col, b.shape[1]).baddbmm_(h, b.mT, beta=0, alpha=scale)
         col += b.shape[1]
     rows, tok = rows.view(n * longest, -1), tok.flatten()
     if valid is not None:
