@@ -16,12 +16,17 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _group_table(
-    num_tokens_per_lora: torch.Tensor, lora_token_start_loc: torch.Tensor, lora_ids: torch.Tensor
-) -> tuple[list[int], list[int], list[int]]:
-    """``(counts, starts, ids)`` of the groups as Python ints, read back in one host copy."""
+    num_tokens_per_lora: torch.Tensor,
+    lora_token_start_loc: torch.Tensor,
+    lora_ids: torch.Tensor,
+    lora_ranks: torch.Tensor | None = None,
+) -> tuple[list[int], list[int], list[int], list[int] | None]:
+    """``(counts, starts, ids, ranks or None)`` as Python ints, read back in one host copy."""
     groups = lora_ids.shape[0]
-    table = torch.cat((num_tokens_per_lora, lora_token_start_loc[:groups], lora_ids)).tolist()
-    return table[:groups], table[groups : 2 * groups], table[2 * groups :]
+    parts = (num_tokens_per_lora, lora_token_start_loc[:groups], lora_ids)
+    table = torch.cat(parts if lora_ranks is None else (*parts, lora_ranks)).tolist()
+    ranks = None if lora_ranks is None else table[3 * groups :]
+    return table[:groups], table[groups : 2 * groups], table[2 * groups : 3 * groups], ranks
 
 
 def slot_segments(
@@ -31,7 +36,7 @@ def slot_segments(
     lora_ids: torch.Tensor,  # [G] slot of each group, -1 = no LoRA
 ) -> list[tuple[int, torch.Tensor]]:
     """``(slot, token indices)`` of every group that has tokens and a slot (not -1)."""
-    counts, starts, ids = _group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids)
+    counts, starts, ids, _ = _group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids)
     order = sorted_indices.long()
     return [
         (slot, order[start : start + count])
@@ -110,6 +115,19 @@ def add_lora_linear_ref(
 BATCHED_MAX_PADDING = 2  # padded rows (slots x longest group) at most 2x the LoRA tokens, else loop
 
 
+def _add_one_slot(y, x, lora_a, lora_b, scale, slot, rank, dt) -> None:
+    """``y += delta`` when every token uses ``slot``: the token order does not matter then."""
+    rows = y if y.dtype == dt else y.to(dt)  # half y: add in dt, round once
+    xs = x.to(dt)
+    col = 0
+    for a, b in zip(lora_a, lora_b):
+        h = xs @ a[slot].narrow(0, 0, rank).to(dt).T
+        rows.narrow(1, col, b.shape[1]).addmm_(h, b[slot].narrow(1, 0, rank).to(dt).T, alpha=scale)
+        col += b.shape[1]
+    if rows is not y:
+        y.copy_(rows)
+
+
 def add_lora_linear_batched(
     y: torch.Tensor,  # [T, sum n_s], updated in place for LoRA tokens
     x: torch.Tensor,  # [T, H_in]
@@ -127,12 +145,14 @@ def add_lora_linear_batched(
     The groups of the slot range ``[lo, hi)`` in use are padded to the longest group: one gather
     of ``x`` to ``[n, M, H_in]`` (a view of the sorted indices when the groups are all of one
     length), per slice two batched matmuls over views of the weights' slot range, one scatter of
-    the valid rows into ``y``. Falls back to the per-group loop when a slot has two groups, when
-    padding would more than double the rows, or when the slots of the range differ in rank (a
-    rank here slices the weights, so rows and columns past it are never read). Reads the group
-    table (and the ranks of the range) on the host: a sync on a GPU, like the loop.
+    the valid rows into ``y``; when one slot owns every token, plain matmuls into ``y``. Falls
+    back to the per-group loop when a slot has two groups, when padding would more than double
+    the rows, or when the slots of the range differ in rank (a rank here slices the weights, so
+    rows and columns past it are never read). Reads the group table and the ranks on the host in
+    one copy (one sync on a GPU; the loop takes several).
     """
-    counts, starts, ids = _group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids)
+    table = _group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids, lora_ranks)
+    counts, starts, ids, ranks = table
     live = {slot: (start, count) for slot, start, count in zip(ids, starts, counts) if slot >= 0 and count > 0}
     if not live:
         return
@@ -145,8 +165,8 @@ def add_lora_linear_batched(
         add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
         return
     rank = lora_a[0].shape[1]
-    if lora_ranks is not None:
-        in_use = set(lora_ranks[lo:hi].tolist())  # every slot of the range at one rank: weight views
+    if ranks is not None:
+        in_use = set(ranks[lo:hi])  # every slot of the range at one rank: weight views
         if len(in_use) != 1:
             segments = slot_segments(sorted_indices, num_tokens_per_lora, lora_token_start_loc, lora_ids)
             add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
@@ -155,6 +175,9 @@ def add_lora_linear_batched(
         if rank == 0:
             return
     n, dev, dt = hi - lo, x.device, compute_dtype(x)
+    if n == 1 and total == x.shape[0]:  # one slot owns every token: no gather, no scatter
+        _add_one_slot(y, x, lora_a, lora_b, scale, lo, rank, dt)
+        return
     span = [live.get(slot, (0, 0)) for slot in range(lo, hi)]
     order = sorted_indices.long()
     dense = all(count == longest for _, count in span) and all(
@@ -183,7 +206,7 @@ def add_lora_linear_batched(
         col += b.shape[1]
     rows, tok = rows.view(n * longest, -1), tok.flatten()
     if valid is not None:
-        sel = valid.flatten().nonzero().squeeze(1)
+        sel = torch.nonzero_static(valid.flatten(), size=total).squeeze(1)  # no sync: the count is known
         rows, tok = rows.index_select(0, sel), tok.index_select(0, sel)
     if y.dtype == dt:
         y.index_add_(0, tok, rows)
