@@ -101,6 +101,47 @@ def test_rank_costs_only_its_rows():
         assert_close(y, clean)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    ("num_tokens", "kind", "ranks", "mapping"),
+    [
+        pytest.param(12, "interleaved", (5, 5, 5, 5), None, id="uniform-rank5-padded"),
+        pytest.param(8, None, (3, 3, 3, 3), (2, 0, 1, 0, 2, 1, -1, -1), id="dense-groups-rank3"),
+        pytest.param(8, None, None, (3, 0, 3, 3, 0, -1, 3, 0), id="empty-slots-inside-the-range"),
+        pytest.param(6, None, (8, 8, 5, 8), (2, 2, 2, 2, 2, 2), id="one-slot-all-tokens-rank5"),
+        pytest.param(6, None, (4, 4, 4, 4), (2, -1, 2, 2, -1, 2), id="one-slot-view"),
+        pytest.param(200, "skewed", None, None, id="skewed-T200-loop-fallback"),
+        pytest.param(12, "interleaved", (8, 2, 8, 8), None, id="mixed-ranks-loop-fallback"),
+    ],
+)
+def test_torch_backend_batched_paths(num_tokens, kind, ranks, mapping, dtype):
+    """The torch backend's batched form (padded groups, views of the sorted indices, one rank per
+    range) and its loop fallbacks, with NaN in every weight row and column past a slot's rank."""
+    rank, widths = 8, (20, 9, 9)
+    if mapping is None:
+        mapping = token_mapping(kind, num_tokens, NUM_SLOTS)
+    else:
+        mapping = torch.tensor(mapping, dtype=torch.int32)
+    x = torch.randn(num_tokens, 33).to(dtype).to(KERNEL_DEVICE)
+    a, b = lora_weights(NUM_SLOTS, rank, 33, widths, dtype)
+    ranks = None if ranks is None else torch.tensor(ranks, dtype=torch.int32, device=KERNEL_DEVICE)
+    expected_delta = loop_delta(x, a, b, mapping, 0.75, ranks)
+    for slot, r in enumerate(ranks.tolist() if ranks is not None else []):
+        for w in a:
+            w[slot, r:] = float("nan")
+        for w in b:
+            w[slot, :, r:] = float("nan")
+    base = torch.randn(num_tokens, 2 * sum(widths)).to(dtype).to(KERNEL_DEVICE)
+    y = base[:, ::2]  # a strided view: written in place, never copied
+    expected = y.double() + expected_delta
+    untouched = (mapping == -1).to(y.device)
+    keep = y[untouched].clone()
+    with use_backend("torch"):
+        add_lora_linear(y, x, a, b, 0.75, widths, prepared_meta(mapping, NUM_SLOTS), lora_ranks=ranks)
+    assert_close(y, expected, REL_TOL[dtype])
+    assert_equal(y[untouched], keep, "rows of slot -1 tokens")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ranks", [None, (3, 8, 1, 5)], ids=["full-rank", "mixed-ranks"])
 def test_lora_linear_gradients(ranks, backend):
@@ -189,7 +230,7 @@ def test_opcheck():
         t.requires_grad_(True)
     with use_backend("torch"):
         torch.library.opcheck(
-            torch.ops.ifk.add_lora_linear.default, (torch.randn(6, 10), x, a, b, 0.5, *meta4, flag, ranks)
+            torch.ops.ifk.add_lora_linear.default, (torch.randn(6, 10), x, a, b, 0.5, [*meta4, flag], ranks)
         )
         torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, *meta4, flag, ranks))
         torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, *meta4, flag, None))
@@ -286,7 +327,7 @@ def test_opcheck_compile_and_grads_triton_on_gpu():
     meta4, flag = meta.meta_args(64)[1:5], meta.no_lora_flag_cpu
     y = torch.randn(64, 384, device="cuda").bfloat16()
     a3, b3 = [w.squeeze(1) for w in a], [w.squeeze(1) for w in b]  # the raw op takes 3-D weights
-    torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (y, x, a3, b3, 0.5, *meta4, flag, ranks))
+    torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (y, x, a3, b3, 0.5, [*meta4, flag], ranks))
     a32 = [w.float().requires_grad_(True) for w in a]
     b32 = [w.float().requires_grad_(True) for w in b]
     x32 = x.float().requires_grad_(True)

@@ -198,10 +198,10 @@ def test_opcheck():
     inputs, b, out, _ = _expand_args()
     with use_backend("torch"):
         torch.library.opcheck(
-            torch.ops.ifk.lora_shrink.default, (x, a, torch.empty(2, 5, 8), *meta.meta_args(5), 0.5)
+            torch.ops.ifk.lora_shrink.default, (x, a, torch.empty(2, 5, 8), list(meta.meta_args(5)), 0.5)
         )
         torch.library.opcheck(
-            torch.ops.ifk.lora_expand.default, (inputs, b, out, *meta.meta_args(5), 1, True)
+            torch.ops.ifk.lora_expand.default, (inputs, b, out, list(meta.meta_args(5)), 1, True)
         )
 
 
@@ -251,11 +251,11 @@ def test_opcheck_and_compile_triton_on_gpu():
     _, b = lora_weights(4, 16, 512, (256, 128), torch.bfloat16)
     args = meta.meta_args(64)
     torch.library.opcheck(
-        torch.ops.ifk.lora_shrink.default, (x, a, torch.empty(2, 64, 16, device="cuda"), *args, 0.5)
+        torch.ops.ifk.lora_shrink.default, (x, a, torch.empty(2, 64, 16, device="cuda"), list(args), 0.5)
     )
     out = torch.randn(64, 384, device="cuda").bfloat16()
     torch.library.opcheck(
-        torch.ops.ifk.lora_expand.default, (torch.randn(2, 64, 16, device="cuda"), b, out, *args, 0, True)
+        torch.ops.ifk.lora_expand.default, (torch.randn(2, 64, 16, device="cuda"), b, out, list(args), 0, True)
     )
 
     def step(x, y):
