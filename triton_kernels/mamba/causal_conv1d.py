@@ -239,8 +239,7 @@ def _causal_conv1d_fwd(
 ) -> None:
     """Destination-passing core of :func:`causal_conv1d_fn` (inputs validated)."""
     if _use_torch("causal_conv1d_fn", x.device):
-        res, fin = causal_conv1d_fn_ref(x, weight, bias, silu, initial_states)
-        out.copy_(res)
+        _, fin = causal_conv1d_fn_ref(x, weight, bias, silu, initial_states, out=out)
         if final_states is not None:
             final_states.copy_(fin)
     else:

@@ -33,16 +33,32 @@ def causal_conv1d_fn_ref(
     bias: torch.Tensor | None,  # [D]
     silu: bool,
     initial_states: torch.Tensor | None = None,  # [B, D, W-1]
+    out: torch.Tensor | None = None,  # [B, D, L], written when given (not differentiable then)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """causal-conv1d's ``causal_conv1d_fn``: returns ``out [B, D, L]`` (x's dtype) and the final
     states ``[B, D, W-1]`` (fp32: the last W-1 inputs, initial states included when L < W-1).
-    Differentiable in every tensor argument."""
-    width = weight.shape[1]
+    Differentiable in every tensor argument when ``out`` is not given.
+
+    Without initial states the conv pads inside ``F.conv1d`` (its last W-1 columns are dropped)
+    instead of materialising a padded copy of x; with ``out`` the activation writes into it."""
+    width, length = weight.shape[1], x.shape[-1]
     if initial_states is None:
-        xcat = F.pad(x.float(), (width - 1, 0))
+        xf = x.float()
+        res = F.conv1d(xf, weight.float().unsqueeze(1), None if bias is None else bias.float(),
+                       padding=width - 1, groups=weight.shape[0])[..., :length]
+        tail = xf[..., max(length - (width - 1), 0):]
+        final = F.pad(tail, (width - 1 - tail.shape[-1], 0)) if tail.shape[-1] < width - 1 else tail
     else:
         xcat = torch.cat([initial_states.float(), x.float()], dim=-1)
-    return _conv(xcat, weight, bias, silu).to(x.dtype), xcat[..., xcat.shape[-1] - (width - 1):]
+        res = _conv(xcat, weight, bias, False)
+        final = xcat[..., xcat.shape[-1] - (width - 1):]
+    if out is None:
+        return (F.silu(res) if silu else res).to(x.dtype), final
+    if silu and out.dtype == res.dtype:
+        torch.ops.aten.silu.out(res, out=out)
+    else:
+        out.copy_(F.silu(res) if silu else res)
+    return out, final
 
 
 def causal_conv1d_bwd_ref(
@@ -139,26 +155,40 @@ def selective_state_update_ref(
     z: torch.Tensor | None,  # [B, H, P]
     dt_bias: torch.Tensor | None,  # [H, P]
     dt_softplus: bool,
-    slots: torch.Tensor,  # [B] int
+    slots: torch.Tensor | None,  # [B] int, or None: row b uses slot b (then slots == B)
     pad_slot_id: int,
     out: torch.Tensor,  # [B, H, P], written
 ) -> None:
     """mamba_ssm's ``selective_state_update`` in the heads form, gathering states by slot:
-    ``state = state * exp(dt A) + dt B x``; ``out = (state @ C + D x) * silu(z)``."""
-    heads, groups = x.shape[1], B.shape[1]
-    valid = slots != pad_slot_id
-    idx = slots.long().clamp(0, state.shape[0] - 1)
+    ``state = state * exp(dt A) + dt B x``; ``out = (state @ C + D x) * silu(z)``.
+    One ``[B, H, P, N]`` temporary, updated in place (the decode step is bound by its size)."""
+    if state.shape[0] == 0:  # an empty cache: every row is a pad row (the op checked the slots)
+        out.zero_()
+        return
+    rep = x.shape[1] // B.shape[1]
     dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)  # threshold 20: larger values pass through
-    Bh = B.float().repeat_interleave(heads // groups, dim=1)  # [B, H, N]
-    Ch = C.float().repeat_interleave(heads // groups, dim=1)
-    dBx = (dt * x.float()).unsqueeze(-1) * Bh.unsqueeze(2)  # [B, H, P, N]
-    new = torch.addcmul(dBx, state.index_select(0, idx).float(), torch.exp(dt.unsqueeze(-1) * A.float()))
+    Bh, Ch = B.float(), C.float()  # [B, G, N] -> [B, H, N]
+    if rep != 1:
+        Bh, Ch = Bh.repeat_interleave(rep, dim=1), Ch.repeat_interleave(rep, dim=1)
+    if slots is None:
+        valid = idx = None
+        old = state
+    else:
+        valid = slots != pad_slot_id
+        idx = slots.long().clamp(0, state.shape[0] - 1)
+        old = state.index_select(0, idx)
+    new = torch.mul(dt.unsqueeze(-1), A.float()).exp_().mul_(old)  # [B, H, P, N], fp32
+    new.addcmul_((dt * x.float()).unsqueeze(-1), Bh.unsqueeze(2))
     y = torch.matmul(new, Ch.unsqueeze(-1)).squeeze(-1)  # [B, H, P]
     if D is not None:
-        y = torch.addcmul(y, x.float(), D.float())
+        y.addcmul_(x.float(), D.float())
     if z is not None:
-        y = y * F.silu(z.float())
-    out.copy_(torch.where(valid[:, None, None], y, 0.0))
-    _scatter_rows(state, idx, valid, new)
+        y.mul_(F.silu(z.float()))
+    if valid is None:
+        out.copy_(y)
+        state.copy_(new)
+    else:
+        out.copy_(torch.where(valid[:, None, None], y, 0.0))
+        _scatter_rows(state, idx, valid, new)

@@ -33,6 +33,7 @@ FN_CASES = [
     pytest.param(2, 37, 9, 4, True, "silu", True, id="B2-D37-L9-W4-bias-silu-init"),
     pytest.param(1, 5, 1, 2, False, None, False, id="B1-D5-L1-W2"),
     pytest.param(3, 16, 2, 4, True, None, True, id="B3-L2-shorter-than-state"),
+    pytest.param(2, 12, 2, 4, True, "silu", False, id="B2-L2-shorter-than-state-no-init"),
     pytest.param(1, 70, 131, 3, False, "swish", False, id="B1-D70-L131-W3-multiblock"),
 ]
 
@@ -53,6 +54,25 @@ def test_fn_matches_reference(backend, dtype, batch, dim, length, width, has_bia
     assert_close(out, ref_out.to(dtype), tol(dtype))
     assert_equal(final, ref_final.to(dtype), "final_states")
     assert_equal(plain, out, "out without final states")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 2, 3, 8])
+@pytest.mark.parametrize("has_init", [False, True])
+def test_fn_reference_matches_padded_conv(dtype, length, has_init):
+    """The reference (conv padded inside F.conv1d, activation written into ``out``) against the
+    textbook form: left-pad with the initial states (or zeros), valid depthwise conv, silu."""
+    x, weight, bias = rnd(2, 6, length, dtype=dtype), rnd(6, 4, dtype=dtype), rnd(6, dtype=dtype)
+    init = rnd(2, 6, 3, dtype=dtype) if has_init else None
+    xcat = torch.cat([torch.zeros(2, 6, 3) if init is None else init.float(), x.float()], dim=-1)
+    want = torch.nn.functional.silu(torch.nn.functional.conv1d(
+        xcat, weight.float().unsqueeze(1), bias.float(), groups=6))
+    out, final = causal_conv1d_fn_ref(x, weight, bias, True, init)
+    assert_close(out, want.to(dtype), tol(dtype))
+    assert_equal(final, xcat[..., -3:], "final_states")
+    into = torch.full_like(x, float("nan"))
+    causal_conv1d_fn_ref(x, weight, bias, True, init, out=into)
+    assert_equal(into, out, "out=")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -214,19 +214,27 @@ def test_torch_library_opcheck():
         torch.ops.ifk.selective_state_update,
         (
             state,
-            a["x"],
-            a["dt"],
-            a["A"],
-            a["B"],
-            a["C"],
-            a["D"],
-            a["z"],
-            a["dt_bias"],
-            True,
-            torch.tensor([3, PAD_SLOT_ID, 0], device=KERNEL_DEVICE),
-            PAD_SLOT_ID,
             torch.empty_like(a["x"]),
+            [
+                a["x"],
+                a["dt"],
+                a["A"],
+                a["B"],
+                a["C"],
+                a["D"],
+                a["z"],
+                a["dt_bias"],
+                torch.tensor([3, PAD_SLOT_ID, 0], device=KERNEL_DEVICE),
+            ],
+            True,
+            PAD_SLOT_ID,
         ),
+    )
+    # optional inputs absent, default slots
+    torch.library.opcheck(
+        torch.ops.ifk.selective_state_update,
+        (state[:3].clone(), torch.empty_like(a["x"]), [a["x"], a["dt"], a["A"], a["B"], a["C"], None, None, None, None],
+         False, PAD_SLOT_ID),
     )
 
 
@@ -279,6 +287,12 @@ BAD = [
         ValueError,
         r"holds -2, outside the cache",
         id="index-negative",
+    ),
+    pytest.param(
+        lambda a: {"state_batch_indices": torch.tensor([PAD_SLOT_ID, 7], device=KERNEL_DEVICE)},
+        ValueError,
+        r"holds 7, outside the cache",
+        id="index-past-end-beside-pad",
     ),
     pytest.param(
         lambda a: {"state_batch_indices": torch.tensor([0.0, 1.0], device=KERNEL_DEVICE)},
@@ -368,18 +382,20 @@ def test_gpu_opcheck():
         torch.ops.ifk.selective_state_update,
         (
             args["state"].unsqueeze(1),
-            args["x"].unsqueeze(1),
-            args["dt"].unsqueeze(1),
-            args["A"].unsqueeze(0),
-            args["B"].unsqueeze(1),
-            args["C"].unsqueeze(1),
-            args["D"].unsqueeze(0),
-            args["z"].unsqueeze(1),
-            args["dt_bias"].unsqueeze(0),
-            True,
-            torch.arange(8, device="cuda"),
-            PAD_SLOT_ID,
             torch.empty_like(args["x"]).unsqueeze(1),
+            [
+                args["x"].unsqueeze(1),
+                args["dt"].unsqueeze(1),
+                args["A"].unsqueeze(0),
+                args["B"].unsqueeze(1),
+                args["C"].unsqueeze(1),
+                args["D"].unsqueeze(0),
+                args["z"].unsqueeze(1),
+                args["dt_bias"].unsqueeze(0),
+                torch.arange(8, device="cuda"),
+            ],
+            True,
+            PAD_SLOT_ID,
         ),
     )
 
@@ -411,3 +427,21 @@ def test_gpu_torch_compile_fullgraph():
     out = step(**args)
     assert_close(out, ref_out.to(torch.bfloat16))
     assert_close(args["state"], ref_state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pad_slot_id_inside_cache_and_empty_cache(backend):
+    """The slot check accepts a pad id that is also a cache index (it is then a pad row) and a batch
+    of pad rows over an empty cache."""
+    args = make_case(2, 3, 5, 4)
+    idx = torch.tensor([1, 2], device=KERNEL_DEVICE)
+    ref_state, ref_out = expected(args, idx, pad_slot_id=2)
+    with use_backend(backend):
+        out = selective_state_update(**args, state_batch_indices=idx, pad_slot_id=2)
+    assert_close(out, ref_out)
+    assert_close(args["state"], ref_state)
+    assert bool(out[1].eq(0).all())
+    empty = make_case(2, 0, 5, 4)
+    with use_backend(backend):
+        out = selective_state_update(**empty, state_batch_indices=torch.full((2,), PAD_SLOT_ID, device=KERNEL_DEVICE))
+    assert bool(out.eq(0).all())
