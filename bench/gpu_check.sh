@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (torch + triton present, no network): the gpu test tier,
 # the benchmarks, then the default tier on the GPU, each under a time cap, logs under $OUT.
-# Usage: OUT=/some/dir bash bench/gpu_check.sh   (about 8 minutes at most)
+# Usage: OUT=/some/dir bash bench/gpu_check.sh   (at most about 8.5 minutes: 240 + 240 + 60 s caps)
+# The benchmarks run with --quick (one shape per headline case) to fit a 15-minute device lease;
+# a failing implementation is recorded as a NaN row with its error, not a crash.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M)}"
@@ -15,11 +17,11 @@ export IFK_CACHE_DIR="${IFK_CACHE_DIR:-/tmp/ifk-cache}"
 cat "$OUT/device.txt"
 
 echo "== gpu tier =="
-timeout 200 python -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout 240 python -m pytest tests -m gpu -q --maxfail=20 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 
 echo "== benchmarks =="
-IFK_BENCH_OUT="$OUT" timeout 200 python -m bench 2>&1 | tee "$OUT/bench.log" | grep -v '^  \.\.'
+IFK_BENCH_OUT="$OUT" timeout 240 python -m bench --quick 2>&1 | tee "$OUT/bench.log" | grep -v '^  \.\.'
 
 echo "== default tier on the GPU =="
-timeout 90 python -m pytest tests -m "not gpu" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/default_tier.log" | tail -15
+timeout 60 python -m pytest tests -m "not gpu" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/default_tier.log" | tail -15
 echo "logs in $OUT"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -36,7 +37,7 @@ class Row:
 
     @property
     def gbps(self) -> float:
-        return self.bytes_moved / (self.median_ms * 1e-3) / 1e9 if self.median_ms > 0 else 0.0
+        return self.bytes_moved / (self.median_ms * 1e-3) / 1e9 if self.median_ms > 0 else math.nan
 
     @property
     def pct_roof(self) -> float:
@@ -59,8 +60,15 @@ class Context:
 
     def row(self, family: str, case: str, impl: str, fn: Callable[[], object], bytes_moved: float,
             flops: float = 0.0, **extra) -> Row:
+        """Time ``fn``; a failure is recorded in the row (NaN time, ``extra["error"]``), not raised,
+        so one broken implementation does not cost a whole run on a lent GPU."""
         self.progress(f"{family} {case} {impl}")
-        return Row(family, case, impl, self.time(fn), bytes_moved, flops, self.roof_gbps, extra=extra)
+        try:
+            ms = self.time(fn)
+        except Exception as exc:  # report and go on: the error lands in the table and the JSON
+            self.progress(f"FAILED {family} {case} {impl}: {type(exc).__name__}: {exc}")
+            ms, extra = math.nan, {**extra, "error": f"{type(exc).__name__}: {exc}"}
+        return Row(family, case, impl, ms, bytes_moved, flops, self.roof_gbps, extra=extra)
 
 
 def _sync(device: torch.device) -> None:
@@ -115,7 +123,7 @@ def compare(rows: Sequence[Row], ours_prefix: str = "ours") -> None:
     for row in rows:
         by_case.setdefault(row.case, []).append(row)
     for case_rows in by_case.values():
-        ours = [r.median_ms for r in case_rows if r.impl.startswith(ours_prefix)]
+        ours = [r.median_ms for r in case_rows if r.impl.startswith(ours_prefix) and not math.isnan(r.median_ms)]
         for row in case_rows:
             row.baseline_ms = min(ours) if ours else None
 
