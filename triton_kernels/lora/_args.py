@@ -88,3 +88,11 @@ def lora_backend(op: str, *tensors: torch.Tensor) -> str:
             raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run float64; use 'torch'")
         return "torch"
     return backend
+
+
+def skip_no_lora(no_lora_flag_cpu: torch.Tensor, device: torch.device) -> bool:
+    """True when the batch has no LoRA token and the launch can be skipped; never while a CUDA
+    graph is being captured, so a graph captured on an all -1 step still holds the launch for
+    replays with LoRA tokens (the kernels skip slot -1 rows themselves)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return bool(no_lora_flag_cpu.item()) and not capturing

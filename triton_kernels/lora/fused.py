@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import INDEX_DTYPES, check_tensor, on_device
-from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend
+from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend, skip_no_lora
 from triton_kernels.lora.meta import LoRAKernelMeta
 from triton_kernels.lora.reference import add_lora_linear_batched, lora_delta_backward_ref, slot_segments
 from triton_kernels.lora.shrink_expand import (
@@ -256,7 +256,7 @@ def _check_rank_values(ranks: torch.Tensor | None, capacity: int) -> None:
 
 
 def _add_into(y, x, lora_a, lora_b, scale, meta4, ranks) -> None:
-    """``y += delta`` on the chosen backend (validated inputs, at least one LoRA token)."""
+    """``y += delta`` on the chosen backend (validated inputs)."""
     _check_rank_values(ranks, lora_a[0].shape[1])
     if lora_backend("add_lora_linear", x) == "torch":
         add_lora_linear_batched(y, x, lora_a, lora_b, scale, *meta4, ranks)
@@ -283,7 +283,7 @@ def _add_lora_linear_op(
     with the square of the argument count (11 arguments: ~65 us a call on a small CPU; 7: ~30 us).
     """
     order, counts, starts, ids, flag = meta
-    if flag.item():
+    if skip_no_lora(flag, x.device):
         return
     _add_into(y, x, lora_a, lora_b, scale, (order, counts, starts, ids), lora_ranks)
 
@@ -308,7 +308,7 @@ def _lora_linear_op(
 ) -> torch.Tensor:
     """The LoRA delta ``[T, sum n_s]`` as a new tensor (zero rows for slot -1)."""
     delta = x.new_zeros((x.shape[0], sum(b.shape[1] for b in lora_b)))
-    if not no_lora_flag_cpu.item():
+    if not skip_no_lora(no_lora_flag_cpu, x.device):
         meta4 = (token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc, lora_ids)
         _add_into(delta, x, lora_a, lora_b, scale, meta4, lora_ranks)
     return delta

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import check_tensor, on_device
-from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend
+from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend, skip_no_lora
 from triton_kernels.lora.reference import lora_expand_ref, lora_shrink_ref, slot_segments
 
 SLICES_PER_LAUNCH = 3  # q/k/v; the slice's weights are picked among this many pointers
@@ -272,7 +272,7 @@ def _lora_shrink_op(
     (10 arguments: ~55 us a call on a small CPU; 5: ~17 us).
     """
     _, order, counts, starts, ids, no_lora_flag_cpu = meta_args
-    if no_lora_flag_cpu.item():  # a CPU tensor: no device sync
+    if skip_no_lora(no_lora_flag_cpu, inputs.device):  # a CPU tensor: no device sync
         return
     meta = (order, counts, starts, ids)
     if lora_backend("lora_shrink", inputs) == "torch":
@@ -299,7 +299,7 @@ def _lora_expand_op(
     """Destination-passing core of :func:`lora_expand` (inputs already validated; ``meta_args``
     as in :func:`_lora_shrink_op`)."""
     _, order, counts, starts, ids, no_lora_flag_cpu = meta_args
-    if no_lora_flag_cpu.item():
+    if skip_no_lora(no_lora_flag_cpu, inputs.device):
         return
     meta = (order, counts, starts, ids)
     if lora_backend("lora_expand", output_tensor, inputs, lora_b_weights[0]) == "torch":

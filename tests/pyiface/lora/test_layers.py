@@ -193,9 +193,10 @@ def test_gpu_llama_qkv_bf16(num_tokens):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replays_new_mappings():
-    """Capture once (with LoRA tokens, so the launch is recorded), then replay after each
-    update_metadata with a different mapping: the graph reads the refilled buffers."""
+@pytest.mark.parametrize("capture_all_no_lora", [False, True], ids=["capture-with-lora", "capture-all-minus-1"])
+def test_gpu_cuda_graph_replays_new_mappings(capture_all_no_lora):
+    """Capture once, then replay after each update_metadata with a different mapping: the graph
+    reads the refilled buffers. A capture on an all -1 step must still record the launch."""
     num_tokens = 64
     wrapper = LoRABatchWrapper(8, num_tokens, "cuda")
     layer = _llama_qkv_layer(wrapper)
@@ -205,8 +206,10 @@ def test_gpu_cuda_graph_replays_new_mappings():
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            layer(x)  # warm-up: autotuning and first-use checks happen outside the capture
+            layer(x)  # warm-up with LoRA tokens: compiles and first-use checks happen outside the capture
         torch.cuda.current_stream().wait_stream(stream)
+        if capture_all_no_lora:
+            wrapper.update_metadata(torch.full((num_tokens,), -1, device="cuda"))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = layer(x)
