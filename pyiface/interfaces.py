@@ -29,7 +29,7 @@ from torch import Tensor
 from typing_extensions import Self
 
 from pyiface.intermediate_tensors import IntermediateTensors
-from triton_kernels import embed_multimodal_tokens
+from pyiface.multimodal import embed_with_placeholders
 
 MultiModalEmbeddings: TypeAlias = list[Tensor] | Tensor | tuple[Tensor, ...]
 """A list/tuple of 2-D ``[rows_i, H]`` tensors, one per item (image, audio clip) in prompt order,
@@ -190,18 +190,10 @@ def _embed_with_placeholders(
     multimodal_embeddings: MultiModalEmbeddings | None,
     is_multimodal: Tensor | None,
 ) -> Tensor:
-    weight = model.get_input_embedding_weight()
-    if not _has_items(multimodal_embeddings):
-        return torch.nn.functional.embedding(input_ids, weight)
-    if is_multimodal is not None:
-        return embed_multimodal_tokens(input_ids, weight, multimodal_embeddings, is_multimodal=is_multimodal)
-    placeholder = getattr(model, "placeholder_token_id", None)
-    if placeholder is None:
-        raise ValueError(
-            f"{type(model).__name__}: pass is_multimodal or set placeholder_token_id to say where "
-            "the multimodal embeddings go"
-        )
-    return embed_multimodal_tokens(input_ids, weight, multimodal_embeddings, placeholder_token_id=placeholder)
+    return embed_with_placeholders(
+        input_ids, model.get_input_embedding_weight(), multimodal_embeddings, is_multimodal=is_multimodal,
+        placeholder_token_id=getattr(model, "placeholder_token_id", None), owner=type(model).__name__,
+    )
 
 
 # --------------------------------------------------------------------------------------------

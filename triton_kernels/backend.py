@@ -22,13 +22,16 @@ from collections.abc import Iterator
 
 import torch
 
+from triton_kernels import _csrc
+
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
-# The csrc kernels each op has, by op name: the one table that backend choice and
-# pyiface.dispatch read. An op not listed has Triton and torch only.
-NATIVE_KERNELS: dict[str, frozenset[str]] = {
-    "multimodal_scatter": frozenset({"cuda"}),
-    "selective_scan": frozenset({"cpu"}),
+# The csrc kernels each op has, by op name, with the extension (``_csrc.EXTENSIONS``) that
+# provides each: the one table that backend choice and pyiface.dispatch read. An op not listed
+# has Triton and torch only.
+NATIVE_KERNELS: dict[str, dict[str, str]] = {
+    "multimodal_scatter": {"cuda": "multimodal_cuda"},
+    "selective_scan": {"cpu": "mamba_cpu"},
 }
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("ifk_backend", default=None)
@@ -97,11 +100,11 @@ def select_backend(
 ) -> str:
     """The backend that runs ``op`` on ``device``.
 
-    ``native`` names the csrc kernels the op has (default: ``NATIVE_KERNELS[op]``);
+    ``native`` names the csrc kernels the op has (default: the keys of ``NATIVE_KERNELS[op]``);
     ``prefer_cuda`` is the op's measured verdict that its CUDA kernel beats Triton for the shape.
     """
     if native is None:
-        native = NATIVE_KERNELS.get(op, frozenset())
+        native = frozenset(NATIVE_KERNELS.get(op, {}))
     forced = forced_backend()
     if forced is not None:
         reason = _unavailable_reason(forced, op, device, native)
@@ -115,3 +118,16 @@ def select_backend(
     if "cpu" in native:
         return "cpu"
     return "torch"
+
+
+def resolve_backend(op: str, device: torch.device) -> str:
+    """:func:`select_backend`, then load the csrc extension a native choice needs.
+
+    An automatic choice whose build fails falls back to ``torch`` with a warning; a forced one
+    raises :class:`triton_kernels._csrc.ExtensionBuildError`.
+    """
+    backend = select_backend(op, device)
+    extension = NATIVE_KERNELS.get(op, {}).get(backend)
+    if extension is not None and not _csrc.try_load(extension, forced=forced_backend() is not None):
+        return "torch"
+    return backend

@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels import _csrc
 from triton_kernels._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -29,7 +28,7 @@ from triton_kernels._checks import (
     on_device,
     unit_stride_last,
 )
-from triton_kernels.backend import forced_backend, select_backend
+from triton_kernels.backend import resolve_backend
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
 
@@ -318,10 +317,7 @@ def _selective_scan(
     varlen = query_start_loc is not None
     if varlen:
         _check_varlen_data(query_start_loc, cache_indices, u.shape[1], state.shape[0], pad_slot_id)
-    forced = forced_backend()
-    backend = select_backend("selective_scan", u.device)
-    if backend == "cpu" and not _csrc.try_load("mamba_cpu", forced=forced is not None):
-        backend = "torch"
+    backend = resolve_backend("selective_scan", u.device)
     if backend == "torch":
         if varlen:
             selective_scan_varlen_ref(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,

@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels import _csrc
 from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, on_device, unit_stride_last
-from triton_kernels.backend import forced_backend, select_backend
+from triton_kernels.backend import resolve_backend
 from triton_kernels.multimodal.reference import embed_multimodal_tokens_ref, merge_multimodal_embeddings_ref
 
 MultiModalItems = torch.Tensor | Sequence[torch.Tensor]
@@ -131,11 +130,10 @@ def _launch_cuda(out, input_ids, weight, items, mask, rank, total_rows) -> None:
     )
 
 
-def _check_counts_and_ids(input_ids, weight, items, mask, count_expr) -> None:
+def _check_counts_and_ids(input_ids, weight, total_rows, mask, count_expr) -> None:
     """The data-dependent checks: one host sync, skipped while a CUDA graph is being captured."""
     if mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    total_rows = sum(item.shape[0] for item in items)
     if weight is None or mask.numel() == 0:
         num_placeholders, lo, hi = int(mask.sum()), 0, 0
     else:
@@ -164,15 +162,14 @@ def _multimodal_scatter(
     count_expr: str,
 ) -> None:
     """Destination-passing core of the three public ops (inputs already validated)."""
-    _check_counts_and_ids(input_ids, weight, items, is_multimodal, count_expr)
+    total_rows = sum(item.shape[0] for item in items)
+    _check_counts_and_ids(input_ids, weight, total_rows, is_multimodal, count_expr)
     if len(items) > 1 and out.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError(
             f"multimodal_embeddings: {len(items)} separate items cannot be captured in a CUDA "
             "graph (their pointer table is host data); pass one 3-D or 2-D tensor instead"
         )
-    backend = select_backend("multimodal_scatter", out.device)
-    if backend == "cuda" and not _csrc.try_load("multimodal_cuda", forced=forced_backend() is not None):
-        backend = "torch"
+    backend = resolve_backend("multimodal_scatter", out.device)
     if backend == "torch":
         if weight is None:
             merge_multimodal_embeddings_ref(out, items, is_multimodal)
@@ -180,7 +177,6 @@ def _multimodal_scatter(
             embed_multimodal_tokens_ref(input_ids, weight, items, is_multimodal, out)
         return
     rank = torch.cumsum(is_multimodal, 0, dtype=torch.int32)
-    total_rows = sum(item.shape[0] for item in items)
     launch = _launch_cuda if backend == "cuda" else _launch_triton
     launch(out, input_ids, weight, items, is_multimodal, rank, total_rows)
 
