@@ -18,7 +18,7 @@ import torch
 
 from bench.harness import Context, Row
 from triton_kernels import LoRAKernelMeta, add_lora_linear, lora_expand, lora_shrink
-from triton_kernels.backend import select_backend
+from triton_kernels.registry import ADD_LORA_LINEAR
 
 QKV = (4096, 1024, 1024)
 O_PROJ = (4096,)
@@ -149,5 +149,5 @@ def _case_rows(ctx: Context, case: Case, dtype: torch.dtype, backend: str) -> li
 
 def run(ctx: Context) -> list[Row]:
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    backend = select_backend("add_lora_linear", ctx.device)
+    backend = ADD_LORA_LINEAR.select(ctx.device)
     return [row for case in _cases(ctx.device, ctx.quick) for row in _case_rows(ctx, case, dtype, backend)]

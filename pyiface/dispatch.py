@@ -14,13 +14,16 @@ import torch
 from pyiface import interfaces as itf
 from pyiface.mamba_cache import MambaCache
 from pyiface.pipeline import pp_layer_range
-from triton_kernels.backend import BackendUnavailableError, select_backend
+from triton_kernels import registry
+from triton_kernels._csrc import ExtensionBuildError
+from triton_kernels.backend import BackendUnavailableError, Op
 
-# The ops each capability runs (names as in triton_kernels.backend.NATIVE_KERNELS).
-OPS_BY_CAPABILITY: dict[str, tuple[str, ...]] = {
-    "multimodal": ("multimodal_scatter",),
-    "lora": ("add_lora_linear", "lora_shrink", "lora_expand"),
-    "mamba": ("selective_scan", "selective_state_update", "causal_conv1d_varlen", "causal_conv1d_update"),
+# The ops each capability runs (declared in triton_kernels.registry).
+OPS_BY_CAPABILITY: dict[str, tuple[Op, ...]] = {
+    "multimodal": (registry.MULTIMODAL_SCATTER,),
+    "lora": (registry.ADD_LORA_LINEAR, registry.LORA_SHRINK, registry.LORA_EXPAND),
+    "mamba": (registry.SELECTIVE_SCAN, registry.SELECTIVE_STATE_UPDATE, registry.CAUSAL_CONV1D_VARLEN,
+              registry.CAUSAL_CONV1D_UPDATE),
 }
 
 FLAG_PREDICATES = {
@@ -125,9 +128,9 @@ def _backends(capabilities: list[str], device: torch.device) -> dict[str, str]:
     for cap in capabilities:
         for op in OPS_BY_CAPABILITY[cap]:
             try:
-                chosen[op] = select_backend(op, device)
-            except BackendUnavailableError as exc:
-                chosen[op] = f"unavailable: {exc}"
+                chosen[op.name] = op.resolve(device)
+            except (BackendUnavailableError, ExtensionBuildError) as exc:
+                chosen[op.name] = f"unavailable: {exc}"
     return chosen
 
 

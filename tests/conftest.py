@@ -1,6 +1,7 @@
 """Test tiers: ``cpu`` (default), ``gpu`` (auto-skipped without CUDA), ``oracle`` (other projects'
 implementations). Without CUDA, Triton kernels run under the interpreter on CPU tensors, so
-``TRITON_INTERPRET=1`` is set here, before any kernel module is imported."""
+``TRITON_INTERPRET=1`` is set here, before any kernel module is imported, as is
+``IFK_POISON_OUTPUTS=1``."""
 
 import os
 
@@ -9,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every output the package allocates is NaN/sentinel-filled first (triton_kernels._alloc), so a
+# kernel that skips part of its output fails every test.
+os.environ["IFK_POISON_OUTPUTS"] = "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:

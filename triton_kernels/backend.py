@@ -1,38 +1,36 @@
-"""Backend choice for every public op.
+"""Backend choice for every public op: the :class:`Op` record each op is declared with, and the
+rules that pick the backend that runs it.
 
 Backends:
     ``triton``  the Triton kernel; default for CUDA tensors, and for CPU tensors when
                 ``TRITON_INTERPRET=1`` (the interpreter, slow, used by CI).
     ``cuda``    a hand-written CUDA kernel from ``csrc/`` (built on first use), where one exists
-                and a committed measurement says it wins for the shape.
+                and a committed measurement says it wins (``Op.prefer_cuda``).
     ``cpu``     a C++ kernel from ``csrc/`` for CPU tensors, where one exists.
-    ``torch``   the plain-PyTorch reference; default for CPU tensors otherwise.
+    ``torch``   the plain-PyTorch reference; default for CPU tensors otherwise, and the only
+                backend for dtypes the kernels do not take (float64).
 
 Override globally with ``IFK_BACKEND=triton|cuda|cpu|torch`` or locally with
 ``with use_backend("torch"): ...``. A forced backend that cannot run raises
-:class:`BackendUnavailableError` with the reason; it never silently falls back.
+:class:`BackendUnavailableError` with the reason; it never silently falls back. The ops
+themselves are declared once, in :mod:`triton_kernels.registry`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from triton_kernels import _csrc
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-
-# The csrc kernels each op has, by op name, with the extension (``_csrc.EXTENSIONS``) that
-# provides each: the one table that backend choice and pyiface.dispatch read. An op not listed
-# has Triton and torch only.
-NATIVE_KERNELS: dict[str, dict[str, str]] = {
-    "multimodal_scatter": {"cuda": "multimodal_cuda"},
-    "selective_scan": {"cpu": "mamba_cpu"},
-}
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("ifk_backend", default=None)
 
@@ -73,61 +71,77 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _unavailable_reason(
-    backend: str, op: str, device: torch.device, native: frozenset[str]
-) -> str | None:
-    if backend == "torch":
-        return None
-    if backend == "triton":
-        if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One public op family's declaration: the single source every launcher, ``plan()``, test and
+    benchmark asks which backend runs.
+
+    Attributes:
+        name: the op's name; its custom ops are ``torch.ops.ifk.<name>`` (and ``<name>_*``).
+        reference: ``"module:function"`` of the plain-torch implementation (the torch backend).
+        native: csrc backends (``"cuda"``/``"cpu"``) -> the ``_csrc.EXTENSIONS`` entry behind each.
+        prefer_cuda: a committed measurement says the ``cuda`` kernel beats Triton.
+        kernel_dtypes: the float dtypes the non-torch backends take; any other (float64) runs
+            on torch, and forcing another backend for it raises.
+    """
+
+    name: str
+    reference: str
+    native: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    prefer_cuda: bool = False
+    kernel_dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends this op has, in :data:`BACKENDS` order."""
+        return tuple(b for b in BACKENDS if b in ("triton", "torch") or b in self.native)
+
+    def reference_fn(self) -> Callable:
+        """The torch implementation (imported on first use)."""
+        module, _, fn = self.reference.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+    def _unavailable_reason(self, backend: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> str | None:
+        if backend == "torch":
             return None
-        return f"triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (got {device})"
-    if backend not in native:
-        return f"{op} has no {backend} kernel in csrc/"
-    if backend == "cuda" and device.type != "cuda":
-        return f"the cuda backend needs CUDA tensors (got {device})"
-    if backend == "cpu" and device.type != "cpu":
-        return f"the cpu backend needs CPU tensors (got {device})"
-    return None
+        odd = sorted({str(d).removeprefix("torch.") for d in dtypes if d not in self.kernel_dtypes})
+        if odd:
+            return f"the {backend} kernel takes {', '.join(map(str, self.kernel_dtypes))}, not {', '.join(odd)}"
+        if backend == "triton":
+            if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+                return None
+            return f"triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (got {device})"
+        if backend not in self.native:
+            return f"{self.name} has no {backend} kernel in csrc/"
+        if backend == "cuda" and device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors (got {device})"
+        if backend == "cpu" and device.type != "cpu":
+            return f"the cpu backend needs CPU tensors (got {device})"
+        return None
 
+    def select(self, device: torch.device, dtypes: Iterable[torch.dtype] = ()) -> str:
+        """The backend chosen for ``device`` and the inputs' ``dtypes`` (no extension is loaded)."""
+        dtypes = tuple(dtypes)
+        forced = forced_backend()
+        if forced is not None:
+            reason = self._unavailable_reason(forced, device, dtypes)
+            if reason is not None:
+                raise BackendUnavailableError(f"{self.name}: backend {forced!r} cannot run: {reason}")
+            return forced
+        if any(d not in self.kernel_dtypes for d in dtypes):
+            return "torch"
+        if device.type == "cuda":
+            return "cuda" if self.prefer_cuda and "cuda" in self.native else "triton"
+        if interpreter_enabled():
+            return "triton"
+        return "cpu" if "cpu" in self.native else "torch"
 
-def select_backend(
-    op: str,
-    device: torch.device,
-    *,
-    native: frozenset[str] | None = None,
-    prefer_cuda: bool = False,
-) -> str:
-    """The backend that runs ``op`` on ``device``.
-
-    ``native`` names the csrc kernels the op has (default: the keys of ``NATIVE_KERNELS[op]``);
-    ``prefer_cuda`` is the op's measured verdict that its CUDA kernel beats Triton for the shape.
-    """
-    if native is None:
-        native = frozenset(NATIVE_KERNELS.get(op, {}))
-    forced = forced_backend()
-    if forced is not None:
-        reason = _unavailable_reason(forced, op, device, native)
-        if reason is not None:
-            raise BackendUnavailableError(f"{op}: backend {forced!r} cannot run: {reason}")
-        return forced
-    if device.type == "cuda":
-        return "cuda" if prefer_cuda and "cuda" in native else "triton"
-    if interpreter_enabled():
-        return "triton"
-    if "cpu" in native:
-        return "cpu"
-    return "torch"
-
-
-def resolve_backend(op: str, device: torch.device) -> str:
-    """:func:`select_backend`, then load the csrc extension a native choice needs.
-
-    An automatic choice whose build fails falls back to ``torch`` with a warning; a forced one
-    raises :class:`triton_kernels._csrc.ExtensionBuildError`.
-    """
-    backend = select_backend(op, device)
-    extension = NATIVE_KERNELS.get(op, {}).get(backend)
-    if extension is not None and not _csrc.try_load(extension, forced=forced_backend() is not None):
-        return "torch"
-    return backend
+    def resolve(self, device: torch.device, dtypes: Iterable[torch.dtype] = ()) -> str:
+        """:meth:`select`, then load the csrc extension a native choice needs: the backend that
+        will actually run. An automatic choice whose build fails falls back to ``torch`` with a
+        warning; a forced one raises :class:`triton_kernels._csrc.ExtensionBuildError`."""
+        backend = self.select(device, dtypes)
+        extension = self.native.get(backend)
+        if extension is not None and not _csrc.try_load(extension, forced=forced_backend() is not None):
+            return "torch"
+        return backend

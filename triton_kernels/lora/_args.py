@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
-from triton_kernels.backend import BackendUnavailableError, forced_backend, select_backend
+from triton_kernels.backend import Op
 
 # float64 runs on the torch backend only (gradcheck, oracles); the kernels take the other three.
 LORA_DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -80,14 +80,9 @@ def check_float(name: str, t: object, ndim: int, device: torch.device | None = N
     return check_tensor(name, t, ndim=ndim, dtypes=LORA_DTYPES, device=device)
 
 
-def lora_backend(op: str, *tensors: torch.Tensor) -> str:
-    """:func:`select_backend`, except that float64 takes the torch backend (raising if another is forced)."""
-    backend = select_backend(op, tensors[0].device)
-    if any(t.dtype == torch.float64 for t in tensors) and backend != "torch":
-        if forced_backend() is not None:
-            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run float64; use 'torch'")
-        return "torch"
-    return backend
+def lora_backend(op: Op, *tensors: torch.Tensor) -> str:
+    """The backend that runs ``op`` on these tensors (float64 runs on torch)."""
+    return op.resolve(tensors[0].device, (t.dtype for t in tensors))
 
 
 def skip_no_lora(no_lora_flag_cpu: torch.Tensor, device: torch.device) -> bool:

@@ -35,6 +35,7 @@ from triton_kernels.lora.shrink_expand import (
     padded3,
     uniform_strides,
 )
+from triton_kernels.registry import ADD_LORA_LINEAR
 
 FUSED_BLOCK_N = 64  # output columns per step: the B tile is [S_PAD * R, 64], <= 32 KiB at rank 64
 FUSED_SR_ELEMS = 8192  # B_K x (S_PAD * R_BLOCK) A-tile budget (16 KiB fp16) sets the hidden chunk
@@ -258,7 +259,7 @@ def _check_rank_values(ranks: torch.Tensor | None, capacity: int) -> None:
 def _add_into(y, x, lora_a, lora_b, scale, meta4, ranks) -> None:
     """``y += delta`` on the chosen backend (validated inputs)."""
     _check_rank_values(ranks, lora_a[0].shape[1])
-    if lora_backend("add_lora_linear", x) == "torch":
+    if lora_backend(ADD_LORA_LINEAR, x) == "torch":
         add_lora_linear_batched(y, x, lora_a, lora_b, scale, *meta4, ranks)
         return
     with on_device(x.device):

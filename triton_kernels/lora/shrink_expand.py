@@ -16,6 +16,7 @@ import triton.language as tl
 from triton_kernels._checks import check_tensor, on_device
 from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend, skip_no_lora
 from triton_kernels.lora.reference import lora_expand_ref, lora_shrink_ref, slot_segments
+from triton_kernels.registry import LORA_EXPAND, LORA_SHRINK
 
 SLICES_PER_LAUNCH = 3  # q/k/v; the slice's weights are picked among this many pointers
 
@@ -275,7 +276,7 @@ def _lora_shrink_op(
     if skip_no_lora(no_lora_flag_cpu, inputs.device):  # a CPU tensor: no device sync
         return
     meta = (order, counts, starts, ids)
-    if lora_backend("lora_shrink", inputs) == "torch":
+    if lora_backend(LORA_SHRINK, inputs) == "torch":
         lora_shrink_ref(inputs, lora_a_weights, output_tensor, slot_segments(*meta), scaling)
         return
     with on_device(inputs.device):
@@ -302,7 +303,7 @@ def _lora_expand_op(
     if skip_no_lora(no_lora_flag_cpu, inputs.device):
         return
     meta = (order, counts, starts, ids)
-    if lora_backend("lora_expand", output_tensor, inputs, lora_b_weights[0]) == "torch":
+    if lora_backend(LORA_EXPAND, output_tensor, inputs, lora_b_weights[0]) == "torch":
         lora_expand_ref(inputs, lora_b_weights, output_tensor, slot_segments(*meta), offset_start, add_inputs)
         return
     with on_device(inputs.device):

@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, check_shape, check_tensor, on_device
-from triton_kernels.backend import select_backend
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba.conv_reference import (
     causal_conv1d_bwd_ref,
@@ -24,6 +23,7 @@ from triton_kernels.mamba.conv_reference import (
     causal_conv1d_varlen_ref,
 )
 from triton_kernels.mamba.state_update import check_slot_range, check_slots
+from triton_kernels.registry import CAUSAL_CONV1D, CAUSAL_CONV1D_UPDATE, CAUSAL_CONV1D_VARLEN
 
 # Output tile: BLOCK_D * BLOCK_L = _TILE elements (16 x 64 for long sequences, 1024 x 1 for decode):
 # 8 fp32 accumulators per thread of 4 warps. Each of the W shifted loads costs ~14 registers per
@@ -223,10 +223,6 @@ def _launch_triton(
         )
 
 
-def _use_torch(op: str, device: torch.device) -> bool:
-    return select_backend(op, device) == "torch"
-
-
 @torch.library.custom_op("ifk::causal_conv1d_fwd", mutates_args=("out", "final_states"))
 def _causal_conv1d_fwd(
     out: torch.Tensor,
@@ -238,7 +234,7 @@ def _causal_conv1d_fwd(
     silu: bool,
 ) -> None:
     """Destination-passing core of :func:`causal_conv1d_fn` (inputs validated)."""
-    if _use_torch("causal_conv1d_fn", x.device):
+    if CAUSAL_CONV1D.resolve(x.device) == "torch":
         _, fin = causal_conv1d_fn_ref(x, weight, bias, silu, initial_states, out=out)
         if final_states is not None:
             final_states.copy_(fin)
@@ -267,7 +263,7 @@ def _causal_conv1d_varlen(
     """Destination-passing core of :func:`causal_conv1d_varlen` (metadata validated)."""
     _check_query_start_loc(query_start_loc, x.shape[1])
     check_slot_range("cache_indices", slots, conv_states.shape[0], pad_slot_id)
-    if _use_torch("causal_conv1d_varlen", x.device):
+    if CAUSAL_CONV1D_VARLEN.resolve(x.device) == "torch":
         batch = query_start_loc.shape[0] - 1
         slots = torch.arange(batch, device=x.device) if slots is None else slots
         if has_initial_state is None:
@@ -299,7 +295,7 @@ def _causal_conv1d_update(
 ) -> None:
     """Destination-passing core of :func:`causal_conv1d_update` (``x``/``out`` as ``[B, D, L]``)."""
     check_slot_range("conv_state_indices", slots, conv_state.shape[0], pad_slot_id)
-    if _use_torch("causal_conv1d_update", x.device):
+    if CAUSAL_CONV1D_UPDATE.resolve(x.device) == "torch":
         slots = torch.arange(x.shape[0], device=x.device) if slots is None else slots
         causal_conv1d_update_ref(x, conv_state, weight, bias, silu, slots, pad_slot_id, out)
     else:

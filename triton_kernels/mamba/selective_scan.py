@@ -28,9 +28,9 @@ from triton_kernels._checks import (
     on_device,
     unit_stride_last,
 )
-from triton_kernels.backend import resolve_backend
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
+from triton_kernels.registry import SELECTIVE_SCAN
 
 # Hand-picked launch shape (no autotune: the kernel overwrites the state cache in place, so
 # benchmarking configs would corrupt it). A [BLOCK_D, BLOCK_N, BLOCK_L] fp32 scan tile of 2048
@@ -317,7 +317,7 @@ def _selective_scan(
     varlen = query_start_loc is not None
     if varlen:
         _check_varlen_data(query_start_loc, cache_indices, u.shape[1], state.shape[0], pad_slot_id)
-    backend = resolve_backend("selective_scan", u.device)
+    backend = SELECTIVE_SCAN.resolve(u.device)
     if backend == "torch":
         if varlen:
             selective_scan_varlen_ref(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,

@@ -12,9 +12,9 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, check_shape, check_tensor, on_device
-from triton_kernels.backend import select_backend
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba.conv_reference import selective_state_update_ref
+from triton_kernels.registry import SELECTIVE_STATE_UPDATE
 
 
 @triton.jit
@@ -188,7 +188,7 @@ def _selective_state_update(
     check_slot_range("state_batch_indices", slots, state.shape[0], pad_slot_id)
     if x.shape[0] == 0:
         return
-    if select_backend("selective_state_update", x.device) == "torch":
+    if SELECTIVE_STATE_UPDATE.resolve(x.device) == "torch":
         selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad_slot_id, out)
     else:
         _launch_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad_slot_id, out)

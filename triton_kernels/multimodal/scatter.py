@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, on_device, unit_stride_last
-from triton_kernels.backend import resolve_backend
 from triton_kernels.multimodal.reference import embed_multimodal_tokens_ref, merge_multimodal_embeddings_ref
+from triton_kernels.registry import MULTIMODAL_SCATTER
 
 MultiModalItems = torch.Tensor | Sequence[torch.Tensor]
 
@@ -169,7 +169,7 @@ def _multimodal_scatter(
             f"multimodal_embeddings: {len(items)} separate items cannot be captured in a CUDA "
             "graph (their pointer table is host data); pass one 3-D or 2-D tensor instead"
         )
-    backend = resolve_backend("multimodal_scatter", out.device)
+    backend = MULTIMODAL_SCATTER.resolve(out.device)
     if backend == "torch":
         if weight is None:
             merge_multimodal_embeddings_ref(out, items, is_multimodal)
