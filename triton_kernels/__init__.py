@@ -15,6 +15,7 @@ from triton_kernels.mamba import (
     selective_scan_varlen,
     selective_state_update,
 )
+from triton_kernels.mamba2 import rms_norm_gated
 from triton_kernels.multimodal import (
     embed_multimodal_tokens,
     merge_multimodal_embeddings,
@@ -35,6 +36,7 @@ __all__ = [
     "lora_shrink",
     "merge_multimodal_embeddings",
     "merge_multimodal_embeddings_by_mask",
+    "rms_norm_gated",
     "selective_scan_fn",
     "selective_scan_varlen",
     "selective_state_update",

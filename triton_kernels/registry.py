@@ -36,6 +36,7 @@ CAUSAL_CONV1D_VARLEN = Op(
 CAUSAL_CONV1D_UPDATE = Op(
     "causal_conv1d_update", reference="triton_kernels.mamba.conv_reference:causal_conv1d_update_ref"
 )
+RMS_NORM_GATED = Op("rms_norm_gated", reference="triton_kernels.mamba2.rms_norm_gated:rms_norm_gated_ref")
 
 OPS: dict[str, Op] = {op.name: op for op in (
     MULTIMODAL_SCATTER,
@@ -47,4 +48,5 @@ OPS: dict[str, Op] = {op.name: op for op in (
     CAUSAL_CONV1D,
     CAUSAL_CONV1D_VARLEN,
     CAUSAL_CONV1D_UPDATE,
+    RMS_NORM_GATED,
 )}
