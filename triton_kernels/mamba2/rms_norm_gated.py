@@ -247,9 +247,8 @@ def rms_norm_gated_ref(
     gate = None if z is None else torch.nn.functional.silu(z.to(cdt))
     if gate is not None and not norm_before_gate:
         h = h * gate
-    groups = h.unflatten(-1, (-1, group_size))
-    rstd = torch.rsqrt(groups.square().mean(-1, keepdim=True) + eps)
-    y = (groups * rstd).flatten(-2) * weight.to(cdt)
+    y = torch.nn.functional.rms_norm(h.unflatten(-1, (-1, group_size)), (group_size,), eps=eps).flatten(-2)
+    y.mul_(weight.to(cdt))  # y is a fresh fp32 tensor: scale and gate in place
     if gate is not None and norm_before_gate:
-        y = y * gate
+        y.mul_(gate)
     return y.to(x.dtype)
