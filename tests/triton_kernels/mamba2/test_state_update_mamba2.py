@@ -153,6 +153,19 @@ def test_oracle_hf_mamba2_decode(backend, groups):
     assert_close(args["state"], hf_state, name="state")
 
 
+def test_opcheck_and_compile_with_expanded_inputs():
+    """The zero-stride expands survive the custom op's checks and torch.compile(fullgraph=True)."""
+    args = make_mamba2(3, 4, 4, 8, 16, 2, form="tied")
+    idx = torch.tensor([3, PAD_SLOT_ID, 0], device=KERNEL_DEVICE)
+    inputs = [args[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")] + [idx]
+    torch.library.opcheck(torch.ops.ifk.selective_state_update,
+                          (args["state"].clone(), torch.empty_like(args["x"]), inputs, True, PAD_SLOT_ID))
+    eager = {**args, "state": args["state"].clone()}
+    step = torch.compile(selective_state_update, fullgraph=True)
+    assert_close(step(**args, state_batch_indices=idx), selective_state_update(**eager, state_batch_indices=idx))
+    assert_equal(args["state"], eager["state"], "state")
+
+
 def test_tied_path_is_chosen_for_mamba2_expands():
     """The kernel's per-head (TIE_HDIM) path: taken for HF's / vLLM's expands, not for full tensors."""
     tied = make_mamba2(2, 2, 3, 4, 8, 1, form="tied")
