@@ -189,8 +189,8 @@ def test_gpu_mamba2_decode_bf16(state_dtype, batch, heads):
     args = make_mamba2(batch, batch + 5, heads, 64, 128, 8, dtype=torch.bfloat16, state_dtype=state_dtype,
                        device="cuda")
     idx = torch.randperm(batch + 5, device="cuda")[:batch].int()
-    idx[::7] = PAD_SLOT_ID
-    sub = [0, batch // 2, batch - 1]  # the float64 oracle row by row on a few rows only
+    idx[3::7] = PAD_SLOT_ID
+    sub = sorted({0, batch // 2, batch - 1, min(3, batch - 1)})  # the float64 oracle on a few rows only
     ref_cache, ref_out = oracle(**{**args, **{k: args[k][sub] for k in ("x", "dt", "B", "C", "z")}},
                                 state_batch_indices=idx[sub])
     out = selective_state_update(**args, state_batch_indices=idx)
