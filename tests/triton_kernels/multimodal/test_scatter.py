@@ -244,7 +244,9 @@ def test_gpu_opcheck_and_compile():
     ids, items = make_case(300, 257, [100, 20], torch.bfloat16, device="cuda")
     weight = torch.randn(VOCAB, 257, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(300, 257, dtype=torch.bfloat16, device="cuda")
-    torch.library.opcheck(torch.ops.ifk.multimodal_scatter, (out, ids, weight, items, ids == PLACEHOLDER, "100 + 20"))
+    torch.library.opcheck(
+        torch.ops.ifk.multimodal_scatter, (out, [ids, weight, ids == PLACEHOLDER, *items], "100 + 20", None)
+    )
     compiled = torch.compile(
         lambda i, w, it: embed_multimodal_tokens(i, w, it, placeholder_token_id=PLACEHOLDER), fullgraph=True
     )
@@ -256,7 +258,9 @@ def test_opcheck_and_compile_cpu():
     weight = torch.randn(VOCAB, 12, device=KERNEL_DEVICE)
     out = torch.empty(20, 12, device=KERNEL_DEVICE)
     with use_backend("torch"):
-        torch.library.opcheck(torch.ops.ifk.multimodal_scatter, (out, ids, weight, items, ids == PLACEHOLDER, "3 + 4"))
+        torch.library.opcheck(
+            torch.ops.ifk.multimodal_scatter, (out, [ids, weight, ids == PLACEHOLDER, *items], "3 + 4", None)
+        )
         compiled = torch.compile(
             lambda i, w, it: embed_multimodal_tokens(i, w, it, placeholder_token_id=PLACEHOLDER), fullgraph=True
         )
