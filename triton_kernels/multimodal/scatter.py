@@ -6,18 +6,22 @@ row is either left alone (merge) or gathered from the embedding table (fused emb
 read where they lie, through a small device table of base pointers, row starts and row strides,
 so a list of items is never concatenated.
 
-Launches and host syncs of one call on a GPU (kernel backends; counted with torch.profiler on
-CPU, see tests/triton_kernels/multimodal/test_scatter.py::test_launch_count):
+Launches and host syncs of one call on a GPU (kernel backends), counted with torch.profiler on
+CPU by tests/triton_kernels/multimodal/test_scatter.py::test_launch_count:
 
-    placeholder mask      1 (``input_ids == id``; a list of ids: 1 small copy + ``isin``), 0 with ``is_multimodal``
-    count/id check        3 + 1 sync (``masked_fill``, ``aminmax``, ``sum``, ``stack``, ``.tolist()``;
-                          merge: ``sum`` + 1 sync); 0 when the caller passes ``num_placeholders``
-    rank                  1 (``cumsum``)
-    item pointer table    1 host-to-device copy, only for 2+ items
-    the kernel            1
+    placeholder mask     1 ``input_ids == id`` (a list of ids: a small host-to-device copy and
+                         ``isin``); none when ``is_multimodal`` is given
+    rank                 1 ``cumsum`` (its last entry is the placeholder count)
+    data checks          fused: 3 (``masked_fill``, ``aminmax``, ``stack``) and 1 sync (``tolist``);
+                         merge: 1 sync (the count); none when ``num_placeholders`` is given
+    item pointer table   1 host-to-device copy, only for 2+ items
+    the kernel           1
 
-So the fused embed of a mask and one 3-D item with ``num_placeholders`` is 2 launches, no sync;
-by placeholder id with the data checks it is 6 launches and 1 sync (7 with a list of items).
+So the fused embed by placeholder id is 6 launches and 1 host sync (7 with a list of items); with
+``is_multimodal``, ``num_placeholders`` and one (3-D or 2-D) item it is 2 launches and no sync.
+Casting items to the target dtype, copying an item that aliases the target and a column-strided
+target add one copy each. The torch backend (the CPU path) syncs more: ``nonzero``, and ``any``
+for the fused op.
 """
 
 from __future__ import annotations
@@ -165,20 +169,25 @@ def _check_assign(count_expr: str, total_rows: int, num_placeholders: int) -> No
         )
 
 
-def _check_data(input_ids, weight, mask, total_rows, count_expr, num_placeholders) -> None:
+def _check_data(input_ids, weight, mask, rank, total_rows, count_expr, num_placeholders) -> None:
     """The value checks. With the caller's host ``num_placeholders``: the count only, no device
-    read. Otherwise one host sync for the placeholder count and (fused) the text-id range,
-    skipped while a CUDA graph is being captured."""
+    read. Otherwise one host sync for the placeholder count (``rank[-1]`` when the kernel's rank
+    was computed, else a sum) and, for the fused op, the text-id range; skipped while a CUDA
+    graph is being captured."""
     if num_placeholders is not None:
         _check_assign(count_expr, total_rows, num_placeholders)
         return
+    if mask.numel() == 0:
+        _check_assign(count_expr, total_rows, 0)
+        return
     if capturing(mask):
         return
-    if weight is None or mask.numel() == 0:
-        _check_assign(count_expr, total_rows, int(mask.sum()))
+    count = rank[-1] if rank is not None else mask.sum()
+    if weight is None:
+        _check_assign(count_expr, total_rows, int(count))
         return
     lo_hi = input_ids.masked_fill(mask, 0).aminmax()
-    count, lo, hi = torch.stack([mask.sum(dtype=input_ids.dtype), lo_hi.min, lo_hi.max]).tolist()
+    count, lo, hi = torch.stack([count, lo_hi.min, lo_hi.max]).tolist()
     _check_assign(count_expr, total_rows, count)
     if lo < 0 or hi >= weight.shape[0]:
         raise ValueError(
@@ -221,7 +230,9 @@ def _multimodal_scatter(
     input_ids, weight, mask, *items = inputs
     _check_core(out, input_ids, weight, mask, items)
     total_rows = sum(item.shape[0] for item in items)
-    _check_data(input_ids, weight, mask, total_rows, count_expr, num_placeholders)
+    backend = MULTIMODAL_SCATTER.resolve(out.device, (out.dtype,))
+    rank = None if backend == "torch" else torch.cumsum(mask, 0, dtype=torch.int32)
+    _check_data(input_ids, weight, mask, rank, total_rows, count_expr, num_placeholders)
     if len(items) > 1 and capturing(out):
         raise ValueError(
             f"multimodal_embeddings: {len(items)} separate items cannot be captured in a CUDA "
@@ -232,7 +243,6 @@ def _multimodal_scatter(
     items = [it.clone() if overlaps(it, out) else it for it in items]
     if weight is not None and overlaps(weight, out):
         weight = weight.clone()
-    backend = MULTIMODAL_SCATTER.resolve(out.device, (out.dtype,))
     if backend == "torch":
         if weight is None:
             merge_multimodal_embeddings_ref(out, items, mask)
@@ -243,7 +253,6 @@ def _multimodal_scatter(
     work = out
     if out.shape[1] > 1 and out.stride(1) != 1:
         work = _alloc.empty(out.shape, out.dtype, out.device) if weight is not None else out.contiguous()
-    rank = torch.cumsum(mask, 0, dtype=torch.int32)
     launch = _launch_cuda if backend == "cuda" else _launch_triton
     launch(work, input_ids, weight, items, mask, rank, total_rows)
     if work is not out:
@@ -343,12 +352,12 @@ def embed_multimodal_tokens(
 
     Returns ``out`` (or a new ``[T, H]`` tensor).
 
-    Launches and syncs on a GPU: without ``num_placeholders``, the placeholder count and the
-    text ids are checked with one host sync (skipped while a CUDA graph is being captured; then
-    a surplus of placeholders is left unwritten instead of raising): 6 launches by placeholder
-    id (mask, 3 for the checks, ``cumsum``, the kernel), plus a pointer-table copy for 2+ items.
-    With ``is_multimodal``, ``num_placeholders`` and one item (a 3-D or 2-D tensor): 2 launches
-    (``cumsum``, the kernel) and no sync.
+    Launches and syncs on a GPU: by placeholder id, 6 launches (mask, ``cumsum``, 3 for the
+    checks, the kernel; a list of items adds a pointer-table copy) and one host sync that checks
+    the placeholder count and the text ids (skipped while a CUDA graph is being captured; then a
+    surplus of placeholders is left unwritten instead of raising). With ``is_multimodal``,
+    ``num_placeholders`` and one item (a 3-D or 2-D tensor): 2 launches (``cumsum``, the
+    kernel) and no sync.
 
     Example:
         >>> w = torch.randn(10, 8); ids = torch.tensor([3, 99, 99, 4])
