@@ -42,7 +42,9 @@ def embed_multimodal_tokens_ref(
     """
     bad = ~is_multimodal & ((input_ids < 0) | (input_ids >= embedding_weight.shape[0]))
     safe_ids = input_ids.masked_fill(is_multimodal | bad, 0)
-    if out.is_contiguous():
+    if embedding_weight.shape[0] == 0:  # an empty table: nothing to gather, no index is valid
+        out.zero_()
+    elif out.is_contiguous():
         torch.index_select(embedding_weight, 0, safe_ids, out=out)
     else:
         out.copy_(embedding_weight.index_select(0, safe_ids))

@@ -189,7 +189,7 @@ def _check_data(input_ids, weight, mask, rank, total_rows, count_expr, num_place
     lo_hi = input_ids.masked_fill(mask, 0).aminmax()
     count, lo, hi = torch.stack([count, lo_hi.min, lo_hi.max]).tolist()
     _check_assign(count_expr, total_rows, count)
-    if lo < 0 or hi >= weight.shape[0]:
+    if count < mask.shape[0] and (lo < 0 or hi >= weight.shape[0]):  # some text position holds lo or hi
         raise ValueError(
             f"input_ids holds token id {lo if lo < 0 else hi} at a text position, outside the vocabulary "
             f"[0, {weight.shape[0]}) of embedding_weight"

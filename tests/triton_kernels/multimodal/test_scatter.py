@@ -433,3 +433,16 @@ def test_launch_count(monkeypatch):
     embeds = torch.randn(40, 16, device=KERNEL_DEVICE)
     launches, syncs = _device_work(monkeypatch, lambda: merge_multimodal_embeddings(ids, embeds, one_item, PLACEHOLDER))
     assert (len(launches), syncs) == (3, 1), launches
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_every_position_a_placeholder_with_an_empty_table(backend):
+    """V = 0 and no text position: nothing indexes the table, so nothing to complain about."""
+    ids = torch.full((5,), 3, device=KERNEL_DEVICE)
+    items = [torch.randn(5, 4, device=KERNEL_DEVICE)]
+    with use_backend(backend):
+        out = embed_multimodal_tokens(ids, torch.empty(0, 4, device=KERNEL_DEVICE), items, placeholder_token_id=3)
+    assert_equal(out, items[0])
+    with use_backend(backend), pytest.raises(ValueError, match=r"token id 0 at a text position, outside .*\[0, 0\)"):
+        embed_multimodal_tokens(ids.masked_fill(torch.arange(5) == 1, 0), torch.empty(0, 4, device=KERNEL_DEVICE),
+                                [torch.randn(4, 4, device=KERNEL_DEVICE)], placeholder_token_id=3)
