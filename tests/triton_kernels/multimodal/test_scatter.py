@@ -220,6 +220,26 @@ def test_bad_input_raises_and_writes_nothing(name):
     assert_equal(case.embeds, before)
 
 
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        pytest.param(lambda c: [c.ids, c.weight, c.ids == 7, torch.randn(3, 15)], "items must be", id="item-hidden"),
+        pytest.param(lambda c: [c.ids, c.weight[:, :8], c.ids == 7, torch.randn(3, 16)], "embedding_weight",
+                     id="weight-hidden"),
+        pytest.param(lambda c: [c.ids[:5], c.weight, c.ids == 7, torch.randn(3, 16)], "input_ids", id="ids-rows"),
+        pytest.param(lambda c: [c.ids, c.weight, c.ids, torch.randn(3, 16)], "is_multimodal", id="mask-dtype"),
+    ],
+)
+def test_custom_op_checks_metadata_itself(inputs, message):
+    """The registered op re-checks what its kernels rely on (torch.compile may drop the wrapper's
+    checks), before writing anything."""
+    case = _Case()
+    before = case.embeds.clone()
+    with use_backend("triton"), pytest.raises(ValueError, match=message):
+        torch.ops.ifk.multimodal_scatter(case.embeds, inputs(case), "3", None)
+    assert_equal(case.embeds, before)
+
+
 # --- gpu tier ------------------------------------------------------------------------------------
 
 
@@ -278,9 +298,10 @@ def test_opcheck_and_compile_cpu():
     weight = torch.randn(VOCAB, 12, device=KERNEL_DEVICE)
     out = torch.empty(20, 12, device=KERNEL_DEVICE)
     with use_backend("torch"):
-        torch.library.opcheck(
-            torch.ops.ifk.multimodal_scatter, (out, [ids, weight, ids == PLACEHOLDER, *items], "3 + 4", None)
-        )
+        for host_count in (None, 7):
+            torch.library.opcheck(
+                torch.ops.ifk.multimodal_scatter, (out, [ids, weight, ids == PLACEHOLDER, *items], "3 + 4", host_count)
+            )
         compiled = torch.compile(
             lambda i, w, it: embed_multimodal_tokens(i, w, it, placeholder_token_id=PLACEHOLDER), fullgraph=True
         )
