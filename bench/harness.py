@@ -14,6 +14,7 @@ files (``bench/test_bench_*.py``) use the same timing through :data:`CLOCK` and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -90,9 +91,7 @@ class Context:
             p20, p50, p80 = percentiles_ms(sample_times_ms(cycling(fn, sets), self.device,
                                                            rep_ms=30.0 if self.quick else 150.0))
         except Exception as exc:  # report and go on: the error lands in the table and the JSON
-            self.progress(f"FAILED {family} {case} {impl}: {type(exc).__name__}: {exc}")
-            p20 = p50 = p80 = math.nan
-            extra["error"] = f"{type(exc).__name__}: {exc}"
+            return self._failed(family, case, impl, exc, bytes_moved, extra)
         return Row(family, case, impl, p50, p20, p80, bytes_moved, flops, self.roof_gbps, extra=extra)
 
     def our_backends(self, op: Op, dtypes: Sequence[torch.dtype]) -> list[str]:
@@ -111,6 +110,46 @@ class Context:
                 self.progress(f"skip {op.name}[{backend}]: {exc}")
         self.progress(f"{op.name} on {self.device.type}: {auto} runs by default; timing {', '.join(names)}")
         return names
+
+
+    def ours_rows(self, family: str, case: str, op: Op, dtypes: Sequence[torch.dtype], fn: Callable[[Any], object],
+                  sets: Sequence[Any], bytes_moved: float, *, label: str = "", graphs: bool = False) -> list[Row]:
+        """A row ``ours[<backend>]<label>`` of ``fn`` under each of :meth:`our_backends`; with ``graphs``
+        on a GPU, each also timed as CUDA-graph replays (one graph per input set)."""
+        rows = []
+        for backend in self.our_backends(op, dtypes):
+            def call(inputs, backend=backend):
+                with use_backend(backend):
+                    return fn(inputs)
+
+            impl = f"ours[{backend}]{label}"
+            rows.append(self.row(family, case, impl, call, sets, bytes_moved))
+            if graphs and self.device.type == "cuda":
+                rows.append(self._graph_row(family, case, f"{impl} cuda-graph", call, sets, bytes_moved))
+        return rows
+
+    def _graph_row(self, family: str, case: str, impl: str, fn: Callable[[Any], object], sets: Sequence[Any],
+                   bytes_moved: float) -> Row:
+        try:
+            replays = [graphed(functools.partial(fn, inputs)) for inputs in sets]
+        except Exception as exc:  # a failed capture is a row with its error, as a failed run
+            return self._failed(family, case, impl, exc, bytes_moved, {})
+        return self.row(family, case, impl, lambda replay: replay(), replays, bytes_moved)
+
+    def _failed(self, family: str, case: str, impl: str, exc: Exception, bytes_moved: float, extra: dict) -> Row:
+        self.progress(f"FAILED {family} {case} {impl}: {type(exc).__name__}: {exc}")
+        extra = {**extra, "error": f"{type(exc).__name__}: {exc}"}
+        return Row(family, case, impl, math.nan, math.nan, math.nan, bytes_moved, 0.0, self.roof_gbps, extra=extra)
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph (after a warm-up call); the result replays it."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _sync(device: torch.device) -> None:
