@@ -85,11 +85,10 @@ class Context:
         lent GPU."""
         self.progress(f"{family} {case} {impl}")
         extra = {**extra, "input_sets": len(sets)}
+        rep_ms = 30.0 if self.quick else 150.0
         try:
-            for inputs in sets:  # warm up on every set: first-call work (a checked index, a cache) per set
-                fn(inputs)
-            p20, p50, p80 = percentiles_ms(sample_times_ms(cycling(fn, sets), self.device,
-                                                           rep_ms=30.0 if self.quick else 150.0))
+            warm_up(fn, sets, self.device, rep_ms)
+            p20, p50, p80 = percentiles_ms(sample_times_ms(cycling(fn, sets), self.device, rep_ms=rep_ms))
         except Exception as exc:  # report and go on: the error lands in the table and the JSON
             return self._failed(family, case, impl, exc, bytes_moved, extra)
         return Row(family, case, impl, p50, p20, p80, bytes_moved, flops, self.roof_gbps, extra=extra)
@@ -197,6 +196,16 @@ def input_sets(make: Callable[[], Any], device: torch.device) -> list[Any]:
     return [first] + [make() for _ in range(count - 1)]
 
 
+def warm_up(fn: Callable[[Any], object], sets: Sequence[Any], device: torch.device, budget_ms: float) -> None:
+    """Run ``fn`` on the first set, then on every other set if that fits in ``budget_ms``: first-call
+    work per set (an index check, a cache fill) then stays out of the samples, unless the op is
+    slow enough for it not to matter."""
+    first_ms = time_call_ms(functools.partial(fn, sets[0]), device)
+    if first_ms * len(sets) <= budget_ms:
+        for inputs in sets[1:]:
+            fn(inputs)
+
+
 def cycling(fn: Callable[[Any], object], sets: Sequence[Any]) -> Callable[[], object]:
     """A no-argument callable that runs ``fn`` on the next input set each call."""
     order = itertools.cycle(sets)
@@ -253,9 +262,8 @@ CLOCK = HarnessClock()
 
 def clocked(fn: Callable[[Any], object], sets: Sequence[Any], device: torch.device) -> Callable[[], None]:
     """A ``benchmark.pedantic`` target: each call times ``fn`` on the next input set and advances
-    :data:`CLOCK` by that time. Runs ``fn`` once on every set first (warm-up)."""
-    for inputs in sets:
-        fn(inputs)
+    :data:`CLOCK` by that time. Warms up first (:func:`warm_up`)."""
+    warm_up(fn, sets, device, budget_ms=1000.0)
     call = cycling(fn, sets)
 
     def target() -> None:
