@@ -295,14 +295,14 @@ def compare(rows: Sequence[Row], ours_prefix: str = "ours") -> None:
 def format_table(rows: Sequence[Row]) -> str:
     """One text table: p20/p50/p80 times in ms, GB/s and %roof at the median, and t/ours, how many
     times slower the row's median is than our best median for the case."""
-    header = (f"{'case':<38} {'impl':<30} {'p20 ms':>10} {'p50 ms':>10} {'p80 ms':>10} {'GB/s':>9} {'%roof':>6} "
+    header = (f"{'case':<46} {'impl':<30} {'p20 ms':>10} {'p50 ms':>10} {'p80 ms':>10} {'GB/s':>9} {'%roof':>6} "
               f"{'TFLOP/s':>8} {'t/ours':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         speed = f"{r.median_ms / r.baseline_ms:7.2f}" if r.baseline_ms else "      -"
         tf = f"{r.tflops:8.2f}" if r.flops else "       -"
         lines.append(
-            f"{r.case:<38} {r.impl:<30} {r.p20_ms:10.4f} {r.median_ms:10.4f} {r.p80_ms:10.4f} {r.gbps:9.1f} "
+            f"{r.case:<46} {r.impl:<30} {r.p20_ms:10.4f} {r.median_ms:10.4f} {r.p80_ms:10.4f} {r.gbps:9.1f} "
             f"{r.pct_roof:6.1f} {tf} {speed}"
         )
     return "\n".join(lines)
