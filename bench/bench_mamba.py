@@ -93,8 +93,9 @@ def _varlen_rows(ctx: Context, dim: int, dstate: int, lengths: tuple[int, ...],
                   ssm_states=torch.randn(2 * batch, dim, dstate, device=ctx.device),
                   cache_indices=torch.randperm(2 * batch)[:batch].to(ctx.device),
                   has_initial_state=torch.ones(batch, dtype=torch.bool, device=ctx.device))
-        slices = [{k: (v[..., s:e].contiguous() if v.dim() == 3 else v) for k, v in a.items()} for s, e in bounds]
-        return dict(packed=packed, kw=kw, slices=slices if ctx.device.type == "cuda" else None)
+        slices = [{k: (v[..., s:e].contiguous() if v.dim() == 3 else v) for k, v in a.items()}
+                  for s, e in bounds] if ctx.device.type == "cuda" else None  # the naive per-sequence baseline
+        return dict(packed=packed, kw=kw, slices=slices)
 
     sets = ctx.input_sets(make)
     case = f"varlen-D{dim}-N{dstate}-T{total}-{batch}seqs-{str(dtype).removeprefix('torch.')}"
