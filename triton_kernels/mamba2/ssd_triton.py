@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -97,19 +98,19 @@ def _ssd_chunk_state_kernel(
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_p, m_n = o_p < headdim, o_n < dstate
-    # [BLOCK_P, BLOCK_K] (x transposed) and [BLOCK_K, BLOCK_N] tiles, advanced by K-block
-    p_x = x_ptr + start * stride_x_t + i_h * stride_x_h + o_p[:, None] * stride_x_p + o_k[None, :] * stride_x_t
-    p_b = (b_ptr + start * stride_b_t + (i_h // heads_per_group) * stride_b_g + o_k[:, None] * stride_b_t
-           + o_n[None, :] * stride_b_n)
-    p_dt = dt_ptr + start * stride_dt_t + i_h * stride_dt_h + o_k * stride_dt_t
-    p_dtc = dtc_ptr + i_h * num_tokens + start + o_k
+    x_base = x_ptr + start * stride_x_t + i_h * stride_x_h
+    b_base = b_ptr + start * stride_b_t + (i_h // heads_per_group) * stride_b_g
+    dt_base = dt_ptr + start * stride_dt_t + i_h * stride_dt_h
+    dtc_base = dtc_ptr + i_h * num_tokens + start
     write_dtc = i_pn == 0
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # the chunk's state so far, decayed to the block end
     cum = 0.0  # dA summed over the previous K-blocks
+    # tile pointers are rebuilt per K-block from aranges (carrying [64, 128] pointer tiles costs 128 registers)
     for k0 in range(0, length, BLOCK_K):
-        m_k = o_k < length - k0
-        b_dt = tl.load(p_dt, mask=m_k, other=0.0).to(tl.float32)
+        o_t = k0 + o_k
+        m_k = o_t < length
+        b_dt = tl.load(dt_base + o_t * stride_dt_t, mask=m_k, other=0.0).to(tl.float32)
         if HAS_DT_BIAS:
             b_dt += bias
         if DT_SOFTPLUS:
@@ -121,17 +122,15 @@ def _ssd_chunk_state_kernel(
         b_cum = tl.cumsum(b_da, axis=0)
         blk = tl.sum(b_da, axis=0)
         if write_dtc:
-            tl.store(p_dtc, b_dt, mask=m_k)
-            tl.store(p_dtc + num_tokens * tl.num_programs(1), cum + b_cum, mask=m_k)
+            tl.store(dtc_base + o_t, b_dt, mask=m_k)
+            tl.store(dtc_base + num_tokens * tl.num_programs(1).to(tl.int64) + o_t, cum + b_cum, mask=m_k)
+        p_x = x_base + o_p[:, None] * stride_x_p + o_t[None, :] * stride_x_t  # [BLOCK_P, BLOCK_K]
         b_x = tl.load(p_x, mask=m_p[:, None] & m_k[None, :], other=0.0)
+        p_b = b_base + o_t[:, None] * stride_b_t + o_n[None, :] * stride_b_n  # [BLOCK_K, BLOCK_N]
         b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0).to(tl.float32)
         b_b = (b_b * (tl.exp(blk - b_cum) * b_dt)[:, None]).to(b_x.dtype)
         acc = acc * tl.exp(blk) + tl.dot(b_x, b_b, input_precision=DOT_PRECISION)
         cum += blk
-        p_x += BLOCK_K * stride_x_t
-        p_b += BLOCK_K * stride_b_t
-        p_dt += BLOCK_K * stride_dt_t
-        p_dtc += BLOCK_K
 
     slot = i_c + seq  # the slot this chunk enters with; its own state goes to slot + 1
     o_st = i_h * stride_st_h + o_p[:, None] * stride_st_p + o_n[None, :] * stride_st_n
@@ -313,6 +312,24 @@ def _chunk_table(seq_starts: list[int], chunk_size: int, device: torch.device) -
     return table[:n], table[n:2 * n], table[2 * n:3 * n], table[3 * n:]
 
 
+class _Config(NamedTuple):
+    state_block_k: int  # launch 1: tokens per K-block (its tile is [64 (p), state_block_n] fp32)
+    state_block_n: int
+    state_warps: int
+    scan_block_m: int  # launch 3: rows per program (its tile is [scan_block_m, 64 (p)] fp32, n in one block)
+    scan_block_k: int
+
+
+# Hand-picked by the sm_90 build (registers, no spills; tests/.../test_ssd_triton.py), keyed by "x is fp32".
+# 16-bit inputs: dots on wgmma; launch 1 at 8 warps takes ~100 registers (227 at 4), launch 3 at
+# [64, 32] K-blocks ~130 (n 128) to ~165 (n 256), launch 2's [32, 128] tile ~80. fp32 inputs: IEEE dots
+# run on FMA units (tf32 would cost ~1e-3 relative error, tf32x3 spilled), so smaller tiles.
+_CONFIGS = {
+    False: _Config(state_block_k=64, state_block_n=128, state_warps=8, scan_block_m=64, scan_block_k=32),
+    True: _Config(state_block_k=16, state_block_n=64, state_warps=8, scan_block_m=32, scan_block_k=32),
+}
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
@@ -360,14 +377,14 @@ def ssd_core_triton(
     init_strides = init_states.stride() if init_states is not None else (0, 0, 0, 0)
     fin_strides = final_states.stride() if final_states is not None else (0, 0, 0, 0)
 
-    # launch 1 and 2 tiles: [64, 128] fp32 state per program (64 registers a thread at 4 warps)
-    block_p, block_n = _pow2(headdim, 16, 64), _pow2(dstate, 16, 128)
-    block_k = _pow2(chunk_size, 16, 64)
+    cfg = _CONFIGS[x.dtype == torch.float32]
+    block_p, block_n = _pow2(headdim, 16, 64), _pow2(dstate, 16, cfg.state_block_n)
     n_pn = triton.cdiv(headdim, block_p) * triton.cdiv(dstate, block_n)
-    # launch 3: rows x p tile [64, 64], n in one block, C.B^T per [64, 64] K-block
-    block_m, block_pc, block_nc = _pow2(chunk_size, 16, 64), _pow2(headdim, 16, 64), _pow2(dstate, 16, 256)
+    pass_p, pass_n = _pow2(headdim, 16, 32), _pow2(dstate, 16, 128)
+    n_pass = triton.cdiv(headdim, pass_p) * triton.cdiv(dstate, pass_n)
+    block_m, block_pc = _pow2(chunk_size, 16, cfg.scan_block_m), _pow2(headdim, 16, 64)
+    block_nc = max(16, triton.next_power_of_2(dstate))  # launch 3 holds all of n (sm_90 checked up to 256)
     n_mp = triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_pc)
-    warps3 = 4 if block_nc <= 64 else 8
     with on_device(device):
         _ssd_chunk_state_kernel[(nchunks, nheads, n_pn)](
             x, dt, A, B, x if dt_bias is None else dt_bias, x if init_states is None else init_states,
@@ -376,12 +393,13 @@ def ssd_core_triton(
             *x.stride(), *dt.stride(), *B.stride(), *init_strides, *states.stride(),
             HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus), DT_CLAMP=clamp,
             HAS_INIT=init_states is not None, DOT_PRECISION=precision,
-            BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+            BLOCK_K=_pow2(chunk_size, 16, cfg.state_block_k), BLOCK_P=block_p, BLOCK_N=block_n,
+            num_warps=cfg.state_warps,
         )
-        _ssd_state_passing_kernel[(nseq, nheads, n_pn)](
+        _ssd_state_passing_kernel[(nseq, nheads, n_pass)](
             states, dtc, chunk_start, chunk_len, seq_chunk, x if final_states is None else final_states,
             final_index, num_tokens, headdim, dstate, *states.stride(), *fin_strides,
-            HAS_FINAL=final_states is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+            HAS_FINAL=final_states is not None, BLOCK_P=pass_p, BLOCK_N=pass_n, num_warps=4,
         )
         d_strides = (0, 0) if D is None else (D.stride(0), D.stride(1) if D.dim() == 2 else 0)
         _ssd_chunk_scan_kernel[(nchunks, nheads, n_mp)](
@@ -391,5 +409,6 @@ def ssd_core_triton(
             *out.stride(), *x.stride(), *B.stride(), *C.stride(), *d_strides,
             *(z.stride() if z is not None else (0, 0, 0)), *states.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, DOT_PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_K=block_m, BLOCK_P=block_pc, BLOCK_N=block_nc, num_warps=warps3,
+            BLOCK_M=block_m, BLOCK_K=_pow2(chunk_size, 16, cfg.scan_block_k), BLOCK_P=block_pc, BLOCK_N=block_nc,
+            num_warps=4,
         )
