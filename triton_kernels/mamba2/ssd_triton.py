@@ -247,7 +247,7 @@ def _ssd_chunk_scan_kernel(
         seq = tl.load(chunk_seq_ptr + i_c)
         i_g = i_h // heads_per_group
         dt_base = dtc_ptr + i_h * num_tokens + start
-        cum_base = dt_base + tl.num_programs(1) * num_tokens
+        cum_base = dt_base + tl.num_programs(1).to(tl.int64) * num_tokens
         x_base = x_ptr + start * stride_x_t + i_h * stride_x_h
         b_base = b_ptr + start * stride_b_t + i_g * stride_b_g
         o_m = m0 + tl.arange(0, BLOCK_M)
@@ -322,7 +322,7 @@ class _Config(NamedTuple):
 
 # Hand-picked by the sm_90 build (registers, no spills; tests/.../test_ssd_triton.py), keyed by "x is fp32".
 # 16-bit inputs: dots on wgmma; launch 1 at 8 warps takes ~100 registers (227 at 4), launch 3 at
-# [64, 32] K-blocks ~130 (n 128) to ~165 (n 256), launch 2's [32, 128] tile ~80. fp32 inputs: IEEE dots
+# [64, 32] K-blocks ~130 (n 128; n 256 at 8 warps: ~140), launch 2's [32, 128] tile ~80. fp32 inputs: IEEE dots
 # run on FMA units (tf32 would cost ~1e-3 relative error, tf32x3 spilled), so smaller tiles.
 _CONFIGS = {
     False: _Config(state_block_k=64, state_block_n=128, state_warps=8, scan_block_m=64, scan_block_k=32),
@@ -410,5 +410,5 @@ def ssd_core_triton(
             *(z.stride() if z is not None else (0, 0, 0)), *states.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, DOT_PRECISION=precision,
             BLOCK_M=block_m, BLOCK_K=_pow2(chunk_size, 16, cfg.scan_block_k), BLOCK_P=block_pc, BLOCK_N=block_nc,
-            num_warps=4,
+            num_warps=4 if block_nc <= 128 else 8,
         )

@@ -165,6 +165,28 @@ def test_ssd_core_triton_gpu_model_sizes(dtype, chunk) -> None:
               device=torch.device("cuda"))
 
 
+
+@pytest.mark.gpu
+def test_ssd_core_triton_gpu_offsets_past_int32() -> None:
+    """x holds 2^31+ elements (mamba_ssm issue 1015: its SSD kernels go wrong beyond ~61K tokens at
+    these sizes); the last sequence, whose offsets pass 2^31, matches the oracle."""
+    dev, h, p, n, tail = torch.device("cuda"), 64, 64, 128, 100
+    num_tokens = 2**31 // (h * p) + 4096
+    seq_starts = [0, num_tokens - tail, num_tokens]
+    x = torch.randn(num_tokens, h, p, device=dev, dtype=BF16)
+    dt = torch.rand(num_tokens, h, device=dev, dtype=BF16) * 0.2
+    A = -torch.rand(h, device=dev)
+    B, C = (torch.randn(num_tokens, 1, n, device=dev, dtype=BF16) for _ in range(2))
+    out, final = torch.empty_like(x), torch.zeros(2, h, p, n, device=dev)
+    index = torch.tensor([-1, 1], device=dev)
+    ssd_core_triton(out, x, dt, A, B, C, None, None, None, False, (0.0, math.inf), seq_starts,
+                    torch.tensor(seq_starts, device=dev), None, index, final, index, 256)
+    part = slice(num_tokens - tail, num_tokens)
+    y_ref, fin_ref = _oracle(x[part].cpu(), dt[part].cpu(), A.cpu(), B[part].cpu(), C[part].cpu(), None, None,
+                             None, False, (0.0, math.inf), [0, tail], None, [-1])
+    assert_close(out[part].cpu(), y_ref, tol=TOL[BF16])
+    assert_close(final[1].cpu(), fin_ref[0], tol=TOL[BF16], name="final")
+
 # ---- sm_90 compile check (no GPU needed): the launches ssd_core_triton makes at model sizes -------
 _PTR = {BF16: "*bf16", F16: "*fp16", F32: "*fp32", torch.int64: "*i64"}
 SM90_CASES = {  # id -> (x/B/C/z dtype, p, n, chunk, all options)
