@@ -1,0 +1,262 @@
+"""ssd_core_triton (the Mamba-2 SSD Triton kernels) against a float64 sequential recurrence.
+
+Small shapes under the interpreter (fp32/fp16); bf16 and real sizes in the gpu tier. Every case
+poisons ``out``, checks the final rows written and the other state rows untouched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from tests.sm90 import needs_ptxas, run_sm90_script
+from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, poisoned
+from triton_kernels.mamba2.ssd_triton import ssd_core_triton
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# REL_TOL per dtype. Measured here (interpreter): fp32 <= 4.1e-7 (tl.dot in IEEE fp32: summation
+# order only), fp16 <= 2.6e-4 (the scaled B, C.B^T and the entering states are rounded to x's dtype
+# for the dots, as in mamba_ssm). bf16 is measured in the gpu tier only.
+TOL = REL_TOL
+
+
+def _oracle(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_starts, init_states, init_index):
+    """float64 sequential recurrence of the SSD core contract: returns ``(y [T, h, p], finals
+    [nseq, h, p, n])``."""
+    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    num_tokens, h, p = x.shape
+    g, n = B.shape[1:]
+    B, C = (t.repeat_interleave(h // g, dim=1) for t in (B, C))  # [T, h, n]
+    if dt_bias is not None:
+        dt = dt + dt_bias.double()
+    if dt_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    if dt_limit != (0.0, math.inf):
+        dt = dt.clamp(*dt_limit)
+    y = torch.zeros(num_tokens, h, p, dtype=torch.float64)
+    finals = []
+    for s, (s0, s1) in enumerate(itertools.pairwise(seq_starts)):
+        row = int(init_index[s])
+        state = (init_states[row].double().clone() if row >= 0 else torch.zeros(h, p, n, dtype=torch.float64))
+        for t in range(s0, s1):
+            decay = torch.exp(dt[t] * A.double())  # [h]
+            state = decay[:, None, None] * state + (dt[t][:, None] * x[t])[:, :, None] * B[t][:, None, :]
+            y[t] = (state * C[t][:, None, :]).sum(-1)
+        finals.append(state)
+    if D is not None:
+        y += x * (D.double()[:, None] if D.dim() == 1 else D.double())
+    if z is not None:
+        y *= torch.nn.functional.silu(z.double())
+    return y, torch.stack(finals) if finals else torch.zeros(0, h, p, n, dtype=torch.float64)
+
+
+def _strided(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Random values in a non-contiguous view (last dim stride 1, padded rows)."""
+    big = torch.randn(*shape[:-1], shape[-1] + 3, device=device).to(dtype)
+    return big[..., : shape[-1]]
+
+
+def _run_case(lengths, h, p, n, g, chunk, dtype, *, D="h", z=True, dt_bias=True, dt_softplus=True,
+              dt_limit=(0.0, math.inf), init="some", final="alias", strided=False, device=KERNEL_DEVICE):
+    seq_starts = [0]
+    for length in lengths:
+        seq_starts.append(seq_starts[-1] + length)
+    num_tokens, nseq = seq_starts[-1], len(lengths)
+    make = (lambda *s: _strided(s, dtype, device)) if strided else (lambda *s: torch.randn(*s, device=device).to(dtype))
+    x = make(num_tokens, h, p)
+    dt = (torch.rand(num_tokens, h, device=device) - 0.5).to(dtype)  # softplus'd below (or bias-shifted)
+    if not dt_softplus:
+        dt = (torch.rand(num_tokens, h, device=device) * 0.5 + 0.01).to(dtype)
+    A = -torch.rand(h, device=device) * 2 - 0.1
+    B, C = make(num_tokens, g, n), make(num_tokens, g, n)
+    d = {None: None, "h": torch.randn(h, device=device), "hp": torch.randn(h, p, device=device)}[D]
+    zz = make(num_tokens, h, p) if z else None
+    bias = torch.randn(h, device=device) * 0.5 if dt_bias else None
+    slots = nseq + 2
+    init_states = torch.randn(slots, h, p, n, device=device) if init else None
+    # sequences start from rows nseq+1, 0, 1, ... ("some": every other one from zeros)
+    init_rows = [(s - 1) % slots if init == "all" or s % 2 == 0 else -1 for s in range(nseq)] if init else [-1] * nseq
+    init_index = torch.tensor(init_rows, dtype=torch.int64, device=device)
+    if final == "alias":  # the state cache: sequence s writes row s, which sequence s + 1 may read
+        final_states = init_states if init_states is not None else torch.randn(slots, h, p, n, device=device)
+        final_rows = list(range(nseq))
+    elif final == "separate":
+        final_states = torch.randn(slots, h, p, n, device=device).to(dtype)
+        final_rows = [(s + 1) if s % 3 != 2 else -1 for s in range(nseq)]
+    else:
+        final_states, final_rows = None, [-1] * nseq
+    final_index = torch.tensor(final_rows, dtype=torch.int64, device=device)
+    init_before = init_states.clone() if init_states is not None else None
+    final_before = final_states.clone() if final_states is not None else None
+
+    y_ref, fin_ref = _oracle(x.cpu(), dt.cpu(), A.cpu(), B.cpu(), C.cpu(), None if d is None else d.cpu(),
+                             None if zz is None else zz.cpu(), None if bias is None else bias.cpu(), dt_softplus,
+                             dt_limit, seq_starts, None if init_before is None else init_before.cpu(), init_rows)
+    out = poisoned((num_tokens, h, p), dtype, device)
+    ssd_core_triton(out, x, dt, A, B, C, d, zz, bias, dt_softplus, dt_limit, seq_starts,
+                    torch.tensor(seq_starts, dtype=torch.int64, device=device), init_states, init_index,
+                    final_states, final_index, chunk)
+    tol = TOL[dtype]
+    if num_tokens:
+        assert_close(out.cpu(), y_ref, tol=tol, name="out")
+    if final_states is not None:
+        for s, row in enumerate(final_rows):
+            if row >= 0:
+                assert_close(final_states[row].cpu(), fin_ref[s], tol=tol, name=f"final row {row} (seq {s})")
+        untouched = [r for r in range(slots) if r not in final_rows]
+        assert_equal(final_states[untouched].cpu(), final_before[untouched].cpu(), name="rows not written")
+
+
+CASES = [
+    # (lengths, h, p, n, g, chunk, dtype, options)
+    pytest.param([1], 2, 16, 16, 1, 16, F32, {}, id="L1"),
+    pytest.param([7], 2, 8, 8, 1, 16, F32, {}, id="L7-p8-n8"),
+    pytest.param([63], 2, 16, 16, 2, 32, F32, {"D": "hp"}, id="L63-g2-Dhp"),
+    pytest.param([64], 4, 16, 16, 4, 64, F32, {"init": "all"}, id="L64-gh"),
+    pytest.param([65], 2, 16, 16, 1, 64, F32, {"dt_limit": (0.05, 0.6)}, id="L65-dtlimit"),
+    pytest.param([65], 2, 16, 16, 1, 16, F32, {"D": None, "z": False, "dt_bias": False, "dt_softplus": False,
+                                                "init": None, "final": None}, id="L65-plain"),
+    pytest.param([5, 0, 70, 33, 1, 17], 4, 16, 16, 2, 16, F32, {}, id="varlen-empty-alias"),
+    pytest.param([40, 0, 3, 29], 4, 16, 16, 1, 32, F32, {"final": "separate", "strided": True},
+                 id="varlen-strided-separate"),
+    pytest.param([0, 0], 2, 16, 16, 1, 16, F32, {"init": "all"}, id="all-empty"),
+    pytest.param([300], 2, 16, 16, 1, 64, F32, {"init": "all"}, id="L300"),
+    pytest.param([63, 7, 65], 2, 16, 16, 2, 32, F16, {"D": "hp"}, id="varlen-fp16"),
+    pytest.param([64, 1], 2, 16, 16, 1, 16, F16, {"final": "separate", "dt_limit": (0.0, 0.5)},
+                 id="fp16-separate-dtlimit"),
+]
+
+
+@pytest.mark.parametrize(("lengths", "h", "p", "n", "g", "chunk", "dtype", "opts"), CASES)
+def test_ssd_core_triton_matches_oracle(lengths, h, p, n, g, chunk, dtype, opts) -> None:
+    _run_case(lengths, h, p, n, g, chunk, dtype, **opts)
+
+
+def test_final_row_read_as_another_sequences_init() -> None:
+    """Sequence 0 writes the row sequence 1 starts from: every init read precedes every final write."""
+    dev, h, p, n = KERNEL_DEVICE, 2, 16, 16
+    seq_starts = [0, 20, 45]
+    x, z = torch.randn(45, h, p, device=dev), None
+    dt, A = torch.rand(45, h, device=dev) * 0.3, -torch.rand(h, device=dev)
+    B, C = torch.randn(45, 1, n, device=dev), torch.randn(45, 1, n, device=dev)
+    cache = torch.randn(3, h, p, n, device=dev)
+    init_rows, final_rows = [1, 0], [0, 2]
+    y_ref, fin_ref = _oracle(x.cpu(), dt.cpu(), A.cpu(), B.cpu(), C.cpu(), None, z, None, False, (0.0, math.inf),
+                             seq_starts, cache.cpu().clone(), init_rows)
+    out = poisoned((45, h, p), F32, dev)
+    ssd_core_triton(out, x, dt, A, B, C, None, z, None, False, (0.0, math.inf), seq_starts,
+                    torch.tensor(seq_starts, device=dev), cache, torch.tensor(init_rows, device=dev), cache,
+                    torch.tensor(final_rows, device=dev), 16)
+    assert_close(out.cpu(), y_ref, tol=TOL[F32])
+    assert_close(cache[0].cpu(), fin_ref[0], tol=TOL[F32], name="final seq 0")
+    assert_close(cache[2].cpu(), fin_ref[1], tol=TOL[F32], name="final seq 1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_ssd_core_triton_gpu_model_sizes(dtype, chunk) -> None:
+    """Real head sizes (h 8 of a 64-128 model, p 64, n 128, g 2), mixed lengths, the state cache."""
+    _run_case([1, 300, 0, 1000, 257], 8, 64, 128, 2, chunk, dtype, D="h", init="some", final="alias",
+              device=torch.device("cuda"))
+
+
+
+@pytest.mark.gpu
+def test_ssd_core_triton_gpu_offsets_past_int32() -> None:
+    """x holds 2^31+ elements (mamba_ssm issue 1015: its SSD kernels go wrong beyond ~61K tokens at
+    these sizes); the last sequence, whose offsets pass 2^31, matches the oracle."""
+    dev, h, p, n, tail = torch.device("cuda"), 64, 64, 128, 100
+    num_tokens = 2**31 // (h * p) + 4096
+    seq_starts = [0, num_tokens - tail, num_tokens]
+    x = torch.randn(num_tokens, h, p, device=dev, dtype=BF16)
+    dt = torch.rand(num_tokens, h, device=dev, dtype=BF16) * 0.2
+    A = -torch.rand(h, device=dev)
+    B, C = (torch.randn(num_tokens, 1, n, device=dev, dtype=BF16) for _ in range(2))
+    out, final = torch.empty_like(x), torch.zeros(2, h, p, n, device=dev)
+    index = torch.tensor([-1, 1], device=dev)
+    ssd_core_triton(out, x, dt, A, B, C, None, None, None, False, (0.0, math.inf), seq_starts,
+                    torch.tensor(seq_starts, device=dev), None, index, final, index, 256)
+    part = slice(num_tokens - tail, num_tokens)
+    y_ref, fin_ref = _oracle(x[part].cpu(), dt[part].cpu(), A.cpu(), B[part].cpu(), C[part].cpu(), None, None,
+                             None, False, (0.0, math.inf), [0, tail], None, [-1])
+    assert_close(out[part].cpu(), y_ref, tol=TOL[BF16])
+    assert_close(final[1].cpu(), fin_ref[0], tol=TOL[BF16], name="final")
+
+# ---- sm_90 compile check (no GPU needed): the launches ssd_core_triton makes at model sizes -------
+_PTR = {BF16: "*bf16", F16: "*fp16", F32: "*fp32", torch.int64: "*i64"}
+SM90_CASES = {  # id -> (x/B/C/z dtype, p, n, chunk, all options)
+    "bf16-p64-n128-c256-full": (BF16, 64, 128, 256, True),
+    "bf16-p64-n64-c128-plain": (BF16, 64, 64, 128, False),
+    "bf16-p64-n256-c256-full": (BF16, 64, 256, 256, True),
+    "fp16-p64-n128-c64-full": (F16, 64, 128, 64, True),
+    "fp32-p64-n128-c256-full": (F32, 64, 128, 256, True),
+}
+
+
+def _record_sm90_launches(dtype, p, n, chunk, full) -> list[tuple[str, dict, dict, int]]:
+    """Run ssd_core_triton on CPU tensors with its kernels swapped for recorders; return per launch
+    (kernel name, Triton signature, constexprs, num_warps) as Triton would specialize them."""
+    import triton_kernels.mamba2.ssd_triton as mod
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, kernel = name, getattr(mod, name)
+            self.names = kernel.arg_names
+            self.keep = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"])
+
+        def __getitem__(self, grid):
+            return self.launch
+
+        def launch(self, *args, num_warps, **meta):
+            sig, const = {}, dict(meta)
+            for name, arg in zip(self.names, args):
+                if isinstance(arg, torch.Tensor):
+                    sig[name] = _PTR[arg.dtype]
+                elif isinstance(arg, float):
+                    sig[name] = "fp32"
+                elif arg == 1 and name not in self.keep:
+                    const[name] = 1
+                else:
+                    sig[name] = "i32"
+            launches.append((self.name, sig, const, num_warps))
+
+    h, g, seq_starts = 4, 2, [0, 300, 300, 700]
+    t = seq_starts[-1]
+    x, dt, B, C = (torch.randn(*s).to(dtype) for s in [(t, h, p), (t, h), (t, g, n), (t, g, n)])
+    states = torch.randn(4, h, p, n)
+    extras = (torch.randn(h), x, torch.randn(h), True, (0.0, 0.5)) if full else (None, None, None, False,
+                                                                              (0.0, math.inf))
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel"):
+            mp.setattr(mod, name, Recorder(name))
+        index = torch.tensor([0, -1, 2])
+        mod.ssd_core_triton(torch.empty_like(x), x, dt, -torch.rand(h), B, C, *extras, seq_starts,
+                            torch.tensor(seq_starts), states if full else None, index, states, index, chunk)
+    return launches
+
+
+@pytest.fixture(scope="module")
+def sm90_stacks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
+    """case -> stack bytes of its three launches, compiled in one subprocess."""
+    launches = {case: _record_sm90_launches(*spec) for case, spec in SM90_CASES.items()}
+    src, dst = (tmp_path_factory.mktemp("sm90") / f for f in ("launches.json", "stacks.json"))
+    src.write_text(json.dumps(launches))
+    run_sm90_script(
+        "import json, pathlib\nfrom triton_kernels.mamba2 import ssd_triton as m\n"
+        f"launches = json.loads(pathlib.Path({str(src)!r}).read_text())\n"
+        "stacks = {c: [compile_sm90(getattr(m, k), s, ce, w) for k, s, ce, w in ls] for c, ls in launches.items()}\n"
+        f"pathlib.Path({str(dst)!r}).write_text(json.dumps(stacks))\n")
+    return json.loads(dst.read_text())
+
+
+@needs_ptxas
+@pytest.mark.parametrize("case", list(SM90_CASES))
+def test_ssd_kernels_compile_for_sm90_without_spills(sm90_stacks, case) -> None:
+    assert sm90_stacks[case] == [0, 0, 0], f"{case}: stack bytes per kernel {sm90_stacks[case]}"
