@@ -7,13 +7,11 @@ poisons ``out``, checks the final rows written and the other state rows untouche
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import pytest
 import torch
 
-from tests.sm90 import needs_ptxas, run_sm90_script
 from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, poisoned
 from triton_kernels.mamba2.ssd_triton import ssd_core_triton
 
@@ -186,77 +184,3 @@ def test_ssd_core_triton_gpu_offsets_past_int32() -> None:
                              None, False, (0.0, math.inf), [0, tail], None, [-1])
     assert_close(out[part].cpu(), y_ref, tol=TOL[BF16])
     assert_close(final[1].cpu(), fin_ref[0], tol=TOL[BF16], name="final")
-
-# ---- sm_90 compile check (no GPU needed): the launches ssd_core_triton makes at model sizes -------
-_PTR = {BF16: "*bf16", F16: "*fp16", F32: "*fp32", torch.int64: "*i64"}
-SM90_CASES = {  # id -> (x/B/C/z dtype, p, n, chunk, all options)
-    "bf16-p64-n128-c256-full": (BF16, 64, 128, 256, True),
-    "bf16-p64-n64-c128-plain": (BF16, 64, 64, 128, False),
-    "bf16-p64-n256-c256-full": (BF16, 64, 256, 256, True),
-    "fp16-p64-n128-c64-full": (F16, 64, 128, 64, True),
-    "fp32-p64-n128-c256-full": (F32, 64, 128, 256, True),
-}
-
-
-def _record_sm90_launches(dtype, p, n, chunk, full) -> list[tuple[str, dict, dict, int]]:
-    """Run ssd_core_triton on CPU tensors with its kernels swapped for recorders; return per launch
-    (kernel name, Triton signature, constexprs, num_warps) as Triton would specialize them."""
-    import triton_kernels.mamba2.ssd_triton as mod
-
-    launches = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name, kernel = name, getattr(mod, name)
-            self.names = kernel.arg_names
-            self.keep = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"])
-
-        def __getitem__(self, grid):
-            return self.launch
-
-        def launch(self, *args, num_warps, **meta):
-            sig, const = {}, dict(meta)
-            for name, arg in zip(self.names, args):
-                if isinstance(arg, torch.Tensor):
-                    sig[name] = _PTR[arg.dtype]
-                elif isinstance(arg, float):
-                    sig[name] = "fp32"
-                elif arg == 1 and name not in self.keep:
-                    const[name] = 1
-                else:
-                    sig[name] = "i32"
-            launches.append((self.name, sig, const, num_warps))
-
-    h, g, seq_starts = 4, 2, [0, 300, 300, 700]
-    t = seq_starts[-1]
-    x, dt, B, C = (torch.randn(*s).to(dtype) for s in [(t, h, p), (t, h), (t, g, n), (t, g, n)])
-    states = torch.randn(4, h, p, n)
-    extras = (torch.randn(h), x, torch.randn(h), True, (0.0, 0.5)) if full else (None, None, None, False,
-                                                                              (0.0, math.inf))
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_scan_kernel"):
-            mp.setattr(mod, name, Recorder(name))
-        index = torch.tensor([0, -1, 2])
-        mod.ssd_core_triton(torch.empty_like(x), x, dt, -torch.rand(h), B, C, *extras, seq_starts,
-                            torch.tensor(seq_starts), states if full else None, index, states, index, chunk)
-    return launches
-
-
-@pytest.fixture(scope="module")
-def sm90_stacks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
-    """case -> stack bytes of its three launches, compiled in one subprocess."""
-    launches = {case: _record_sm90_launches(*spec) for case, spec in SM90_CASES.items()}
-    src, dst = (tmp_path_factory.mktemp("sm90") / f for f in ("launches.json", "stacks.json"))
-    src.write_text(json.dumps(launches))
-    run_sm90_script(
-        "import json, pathlib\nfrom triton_kernels.mamba2 import ssd_triton as m\n"
-        f"launches = json.loads(pathlib.Path({str(src)!r}).read_text())\n"
-        "stacks = {c: [compile_sm90(getattr(m, k), s, ce, w) for k, s, ce, w in ls] for c, ls in launches.items()}\n"
-        f"pathlib.Path({str(dst)!r}).write_text(json.dumps(stacks))\n")
-    return json.loads(dst.read_text())
-
-
-@needs_ptxas
-@pytest.mark.parametrize("case", list(SM90_CASES))
-def test_ssd_kernels_compile_for_sm90_without_spills(sm90_stacks, case) -> None:
-    assert sm90_stacks[case] == [0, 0, 0], f"{case}: stack bytes per kernel {sm90_stacks[case]}"
