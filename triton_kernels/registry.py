@@ -36,6 +36,7 @@ CAUSAL_CONV1D_VARLEN = Op(
 CAUSAL_CONV1D_UPDATE = Op(
     "causal_conv1d_update", reference="triton_kernels.mamba.conv_reference:causal_conv1d_update_ref"
 )
+MAMBA_CHUNK_SCAN = Op("mamba_chunk_scan", reference="triton_kernels.mamba2.ssd_reference:ssd_core_torch")
 
 OPS: dict[str, Op] = {op.name: op for op in (
     MULTIMODAL_SCATTER,
@@ -47,4 +48,5 @@ OPS: dict[str, Op] = {op.name: op for op in (
     CAUSAL_CONV1D,
     CAUSAL_CONV1D_VARLEN,
     CAUSAL_CONV1D_UPDATE,
+    MAMBA_CHUNK_SCAN,
 )}
