@@ -27,6 +27,7 @@ they cannot be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -131,7 +132,7 @@ def _check_ssm(x, dt, A, B, C, D, z, dt_bias, lead: tuple[int, ...]) -> tuple[in
 def _check_combined(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens) -> tuple[int, ...]:
     check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
     batch, seqlen = x.shape[:2]
-    nheads, headdim, groups, dstate = _check_ssm(x, dt, A, B, C, D, z, dt_bias, (batch, seqlen))
+    nheads, headdim, _, dstate = _check_ssm(x, dt, A, B, C, D, z, dt_bias, (batch, seqlen))
     if check_optional("initial_states", initial_states, ndim=4, dtypes=FLOAT_DTYPES, device=x.device) is not None:
         check_shape("initial_states", initial_states, (batch, nheads, headdim, dstate))
     if check_optional("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES, device=x.device) is not None:
@@ -179,7 +180,7 @@ def _segments(batch: int, seqlen: int, seq_idx: torch.Tensor | None, cu: list[in
     if seq_idx is not None and seqlen > 1:
         for r, j in torch.nonzero(seq_idx[:, 1:] != seq_idx[:, :-1]).tolist():
             changes[r].append(j + 1)
-    bounds = [(0, seqlen)] if cu is None else list(zip(cu[:-1], cu[1:]))  # sequences of a row
+    bounds = [(0, seqlen)] if cu is None else list(itertools.pairwise(cu))  # sequences of a row
     starts, opens, closes_row, closes_seq = [0], [], [], []
     for r in range(batch):
         for i, (s0, s1) in enumerate(bounds):

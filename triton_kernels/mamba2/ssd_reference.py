@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 # The torch backend blocks the sequence at min(chunk_size, TORCH_BLOCK) tokens: the result does
 # not depend on the blocking (beyond rounding), and on CPU the [L, L] intra-chunk matmuls cost
@@ -38,7 +38,7 @@ def process_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool
     if dt_bias is not None:
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:
-        dt = torch.where(dt <= 20.0, F.softplus(dt), dt)
+        dt = torch.where(dt <= 20.0, functional.softplus(dt), dt)
     if tuple(dt_limit) != (0.0, math.inf):
         dt = dt.clamp(dt_limit[0], dt_limit[1])
     return dt
@@ -85,7 +85,7 @@ def _chunk_step(out, h, x, dt, a, B, C, D, z, tok, valid, block: int, groups: in
     if D is not None:
         y = y + (D.to(dtype)[:, None] if D.dim() == 1 else D.to(dtype)) * xk
     if z is not None:
-        y = y * F.silu(z[tok].to(dtype))
+        y = y * functional.silu(z[tok].to(dtype))
     out[tok[valid]] = y[valid].to(out.dtype)
     return h_new
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 
 def ssd_oracle(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_starts, seq_starts_t,
@@ -24,7 +24,7 @@ def ssd_oracle(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_st
     if dt_bias is not None:
         dt = dt + dt_bias.to(f64)
     if dt_softplus:
-        dt = torch.where(dt <= 20.0, F.softplus(dt), dt)
+        dt = torch.where(dt <= 20.0, functional.softplus(dt), dt)
     if tuple(dt_limit) != (0.0, math.inf):
         dt = dt.clamp(dt_limit[0], dt_limit[1])
     A = A.to(f64)
@@ -42,7 +42,7 @@ def ssd_oracle(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_st
             if D is not None:
                 y = y + D * xt
             if z is not None:
-                y = y * F.silu(z[t].to(f64))
+                y = y * functional.silu(z[t].to(f64))
             out[t] = y.to(out.dtype)
         finals.append(h)
     if final_states is not None:  # after every sequence has read its init row (they may alias)
