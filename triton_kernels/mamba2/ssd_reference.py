@@ -53,10 +53,11 @@ def _initial(init_states, init_index, nseq, shape, order, dtype, device) -> torc
     return torch.where(found, init_states[rows.clamp(min=0)].to(dtype), 0.0)
 
 
-def _chunk_step(out, h, x, dt, a, B, C, D, z, tok, valid, block: int, groups: int) -> torch.Tensor:
+def _chunk_step(out, h, x, dt, a, B, C, D, z, tok, valid, full: bool, causal, groups: int) -> torch.Tensor:
     """One chunk of ``K`` sequences: writes their outputs, returns the ``[K, h, p, n]`` new states.
 
-    ``tok`` ``[K, L]`` token ids (clamped into range), ``valid`` ``[K, L]``; ``h`` ``[K, h, p, n]``.
+    ``tok`` ``[K, L]`` token ids (clamped into range), ``valid`` ``[K, L]`` (all true when ``full``);
+    ``h`` ``[K, h, p, n]``; ``causal`` the ``[L, L]`` lower-triangular mask.
     """
     K, L = tok.shape
     nheads, p = x.shape[1], x.shape[2]
@@ -64,7 +65,6 @@ def _chunk_step(out, h, x, dt, a, B, C, D, z, tok, valid, block: int, groups: in
     dtype = h.dtype
     dt_k = dt[tok] * valid[..., None]  # [K, L, h]; padding steps are the identity
     S = (a[tok] * valid[..., None]).cumsum(1).transpose(1, 2)  # [K, h, L]
-    causal = torch.ones(L, L, dtype=torch.bool, device=tok.device).tril()
     decay = torch.exp((S[..., :, None] - S[..., None, :]).masked_fill(~causal, -math.inf))  # [K, h, L, L]
     xk = x[tok].to(dtype)  # [K, L, h, p]
     Bk = B[tok].to(dtype).transpose(1, 2)  # [K, g, L, n]
@@ -86,7 +86,10 @@ def _chunk_step(out, h, x, dt, a, B, C, D, z, tok, valid, block: int, groups: in
         y = y + (D.to(dtype)[:, None] if D.dim() == 1 else D.to(dtype)) * xk
     if z is not None:
         y = y * functional.silu(z[tok].to(dtype))
-    out[tok[valid]] = y[valid].to(out.dtype)
+    if full:
+        out.index_copy_(0, tok.flatten(), y.flatten(0, 1).to(out.dtype))
+    else:
+        out[tok[valid]] = y[valid].to(out.dtype)
     return h_new
 
 
@@ -118,6 +121,7 @@ def ssd_core_torch(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, se
         starts = torch.tensor([seq_starts[i] for i in order], device=device)
         ends = torch.tensor([seq_starts[i + 1] for i in order], device=device)
         offs = torch.arange(block, device=device)
+        causal = torch.ones(block, block, dtype=torch.bool, device=device).tril()
         per_step = max(1, MAX_STEP_ELEMENTS // (nheads * block * block))
         for j in range(max(nchunks)):
             active = sum(c > j for c in nchunks)
@@ -126,7 +130,8 @@ def ssd_core_torch(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, se
                 tok = starts[k0:k1, None] + j * block + offs
                 valid = tok < ends[k0:k1, None]
                 tok = torch.minimum(tok, ends[k0:k1, None] - 1)
-                h[k0:k1] = _chunk_step(out, h[k0:k1], x, dtp, a, B, C, D, z, tok, valid, block, groups)
+                full = all(lengths[order[k]] >= (j + 1) * block for k in range(k0, k1))
+                h[k0:k1] = _chunk_step(out, h[k0:k1], x, dtp, a, B, C, D, z, tok, valid, full, causal, groups)
 
     if final_states is not None and nseq:
         rows = final_index[order_t]
