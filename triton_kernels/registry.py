@@ -37,6 +37,7 @@ CAUSAL_CONV1D_UPDATE = Op(
     "causal_conv1d_update", reference="triton_kernels.mamba.conv_reference:causal_conv1d_update_ref"
 )
 RMS_NORM_GATED = Op("rms_norm_gated", reference="triton_kernels.mamba2.rms_norm_gated:rms_norm_gated_ref")
+MAMBA_CHUNK_SCAN = Op("mamba_chunk_scan", reference="triton_kernels.mamba2.ssd_reference:ssd_core_torch")
 
 OPS: dict[str, Op] = {op.name: op for op in (
     MULTIMODAL_SCATTER,
@@ -49,4 +50,5 @@ OPS: dict[str, Op] = {op.name: op for op in (
     CAUSAL_CONV1D_VARLEN,
     CAUSAL_CONV1D_UPDATE,
     RMS_NORM_GATED,
+    MAMBA_CHUNK_SCAN,
 )}

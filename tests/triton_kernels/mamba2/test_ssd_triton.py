@@ -6,12 +6,12 @@ poisons ``out``, checks the final rows written and the other state rows untouche
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 
+from tests.triton_kernels.mamba2.oracle import ssd_oracle
 from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, poisoned
 from triton_kernels.mamba2.ssd_triton import ssd_core_triton
 
@@ -23,33 +23,14 @@ TOL = REL_TOL
 
 
 def _oracle(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_starts, init_states, init_index):
-    """float64 sequential recurrence of the SSD core contract: returns ``(y [T, h, p], finals
-    [nseq, h, p, n])``."""
-    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    """:func:`ssd_oracle` (float64) into fresh float64 buffers: returns ``(y [T, h, p], finals [nseq, h, p, n])``."""
     num_tokens, h, p = x.shape
-    g, n = B.shape[1:]
-    B, C = (t.repeat_interleave(h // g, dim=1) for t in (B, C))  # [T, h, n]
-    if dt_bias is not None:
-        dt = dt + dt_bias.double()
-    if dt_softplus:
-        dt = torch.nn.functional.softplus(dt)
-    if dt_limit != (0.0, math.inf):
-        dt = dt.clamp(*dt_limit)
+    nseq = len(seq_starts) - 1
     y = torch.zeros(num_tokens, h, p, dtype=torch.float64)
-    finals = []
-    for s, (s0, s1) in enumerate(itertools.pairwise(seq_starts)):
-        row = int(init_index[s])
-        state = (init_states[row].double().clone() if row >= 0 else torch.zeros(h, p, n, dtype=torch.float64))
-        for t in range(s0, s1):
-            decay = torch.exp(dt[t] * A.double())  # [h]
-            state = decay[:, None, None] * state + (dt[t][:, None] * x[t])[:, :, None] * B[t][:, None, :]
-            y[t] = (state * C[t][:, None, :]).sum(-1)
-        finals.append(state)
-    if D is not None:
-        y += x * (D.double()[:, None] if D.dim() == 1 else D.double())
-    if z is not None:
-        y *= torch.nn.functional.silu(z.double())
-    return y, torch.stack(finals) if finals else torch.zeros(0, h, p, n, dtype=torch.float64)
+    finals = torch.zeros(nseq, h, p, B.shape[2], dtype=torch.float64)
+    ssd_oracle(y, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_starts, None, init_states,
+               torch.as_tensor(init_index), finals, torch.arange(nseq), None)
+    return y, finals
 
 
 def _strided(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
