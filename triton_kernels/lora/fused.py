@@ -394,7 +394,7 @@ def _backward(ctx, grad):
     meta, weights = rest[: ctx.num_meta], rest[ctx.num_meta :]
     lora_a, lora_b = weights[: ctx.num_slices], weights[ctx.num_slices :]
     dx, da, db = torch.ops.ifk.lora_linear_backward(grad.contiguous(), x, lora_a, lora_b, ctx.scale, meta, ranks)
-    return dx, list(da.unbind(0)), list(db.split(ctx.widths, dim=1)), None, None, None
+    return dx, list(da.unbind(0)), list(db.split(ctx.widths, dim=1)), None, [None] * ctx.num_meta, None
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
