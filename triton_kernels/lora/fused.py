@@ -14,6 +14,19 @@ the GPU is filled, along slice boundaries, so that each recomputes the shrink of
 other A rows are masked, hence not read). No split over ``H_in``, so the sums are deterministic.
 """
 
+# 64-bit offsets. Products of an index and a stride that can pass 2^31, and how each is widened:
+#   token x row stride (tok * stride_*_t): [T, H] inputs and [T, N] outputs pass 2^31 elements at
+#     e.g. T = 16k tokens x a 128k-vocab lm_head output; tok is loaded, then cast, to int64.
+#   slot x slot stride (slot * stride_*_l): stacked weights pass 2^31 elements, e.g. lm_head B
+#     [512 slots, 128k, 64]; slot is cast to int64 when it is loaded.
+#   slice x slice stride (i_s * stride_*_s, [S, T, R] buffers): the program id is cast to int64.
+#   column index x column stride (o_k, o_n, col, j_r): at most one tensor's extent, past 2^31 only
+#     for a strided (e.g. transposed) tensor of >= 2^31 elements; widened too (1-D vectors: cheap).
+#   group start + row (the sorted-index position): start is loaded as int64.
+# Checked by reading every `* stride` of the kernels here and in shrink_expand.py (each left operand traces to an int64
+# value) and by the gpu-tier test with a [17, 2^27] buffer (row offsets past 2^31; not run on a
+# CPU-only machine). Sizes (counts, ranks, widths, hidden) stay int32: each is one dimension.
+
 from __future__ import annotations
 
 import torch

@@ -422,3 +422,18 @@ def test_opcheck_compile_and_grads_triton_on_gpu():
     want_grads = torch.autograd.grad(delta.sum(), leaves)  # only lora_linear's half carries gradients
     for i, (g, w) in enumerate(zip(grads, want_grads)):
         assert_close(g, w, 1e-5, name=f"grad of leaf {i}")
+
+
+@pytest.mark.gpu
+def test_offsets_past_2_31():
+    """Rows of x and y start past element 2^31 of their buffer (int64 offsets)."""
+    rows, stride = 17, 2**27  # row 16 starts at element 2^31
+    mapping = torch.tensor([0, 1] * 8 + [2], dtype=torch.int32)
+    big = torch.empty(rows, stride, dtype=torch.bfloat16, device="cuda")
+    x, y = big[:, :64], big[:, -48:]
+    x.copy_(torch.randn(rows, 64, device="cuda"))
+    y.copy_(torch.randn(rows, 48, device="cuda"))
+    a, b = lora_weights(3, 16, 64, (32, 16), torch.bfloat16)
+    expected = y.double() + oracle_delta(x, a, b, mapping, 0.5)
+    add_lora_linear(y, x, a, b, 0.5, (32, 16), prepared_meta(mapping, 3))
+    assert_close(y, expected, REL_TOL[torch.bfloat16])

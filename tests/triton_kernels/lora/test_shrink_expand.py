@@ -364,3 +364,22 @@ def test_opcheck_and_compile_triton_on_gpu():
     want = step(x, torch.zeros(64, 384, device="cuda").bfloat16())
     got = torch.compile(step, fullgraph=True)(x, torch.zeros(64, 384, device="cuda").bfloat16())
     assert_close(got, want, REL_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_offsets_past_2_31():
+    """Rows of x and of the expand output start past element 2^31 of their buffer (int64 offsets)."""
+    rows, stride = 17, 2**27  # row 16 starts at element 2^31
+    mapping = torch.tensor([0, 1] * 8 + [2], dtype=torch.int32)
+    meta = prepared_meta(mapping, 3)
+    big = torch.empty(rows, stride, dtype=torch.float16, device="cuda")
+    x, out = big[:, :64], big[:, -32:]
+    x.copy_(torch.randn(rows, 64, device="cuda"))
+    out.copy_(torch.randn(rows, 32, device="cuda"))
+    a, b = lora_weights(3, 16, 64, (20, 12), torch.float16)
+    shrunk = poisoned((2, rows, 16), torch.float32)
+    lora_shrink(x, a, shrunk, *meta.meta_args(rows), 0.5)
+    assert_close(shrunk.cpu(), oracle_shrink(x, a, mapping, 0.5).cpu(), REL_TOL[torch.float16])
+    expected, written = oracle_expand(shrunk, b, mapping, out, 0, True)
+    lora_expand(shrunk, b, out, *meta.meta_args(rows), offset_start=0, add_inputs=True)
+    assert_close(out.cpu()[written], expected[written], REL_TOL[torch.float16])
