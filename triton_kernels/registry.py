@@ -20,7 +20,7 @@ MULTIMODAL_SCATTER = Op(
 )
 LORA_SHRINK = Op("lora_shrink", reference="triton_kernels.lora.reference:lora_shrink_ref")
 LORA_EXPAND = Op("lora_expand", reference="triton_kernels.lora.reference:lora_expand_ref")
-ADD_LORA_LINEAR = Op("add_lora_linear", reference="triton_kernels.lora.reference:add_lora_linear_batched")
+ADD_LORA_LINEAR = Op("add_lora_linear", reference="triton_kernels.lora.batched:add_lora_linear_batched")
 SELECTIVE_SCAN = Op(
     "selective_scan",
     reference="triton_kernels.mamba.reference:selective_scan_ref",
