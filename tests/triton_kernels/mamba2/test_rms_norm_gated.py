@@ -1,6 +1,8 @@
 """rms_norm_gated: every backend against one float64 oracle, both gate orders, groups, awkward sizes
 (H not a power of two, 1 and 0 rows, a group wider than one block), strided inputs, bad input,
-opcheck, torch.compile, HF transformers' MambaRMSNormGated as an oracle, and the gpu tier."""
+opcheck, torch.compile, HF transformers' MambaRMSNormGated as an oracle, and the gpu tier; the
+backward likewise (gradients against autograd through the oracle, gradcheck, bit-for-bit
+determinism, opcheck of ``ifk::rms_norm_gated_bwd``, torch.compile of forward + backward)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,31 @@ def make(lead, hidden, dtype=torch.float32, gate=True, device=KERNEL_DEVICE):
     x = torch.randn(*lead, hidden, device=device).to(dtype)
     z = torch.randn(*lead, hidden, device=device).to(dtype) * 2 if gate else None
     return x, torch.randn(hidden, device=device) * 0.5 + 1.0, z
+
+
+def leaves(*tensors):
+    """Fresh leaves that require grad (None stays None)."""
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def grads_of(fn, dy, *inputs):
+    """``(dx, dweight, dz)`` of ``(fn(*inputs) * dy).sum()`` (dz None without z)."""
+    inputs = leaves(*inputs)
+    fn(*inputs).backward(dy)
+    return [None if t is None else t.grad for t in inputs]
+
+
+def oracle_grads(dy, x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+    """Autograd through the float64 oracle."""
+    double = [None if t is None else t.double() for t in (x, weight, z)]
+    return grads_of(lambda *a: oracle(*a, eps, group_size, norm_before_gate), dy.double(), *double)
+
+
+def assert_grads_close(got, expected, tol=None):
+    for name, g, e in zip(("dx", "dweight", "dz"), got, expected):
+        assert (g is None) == (e is None), name
+        if g is not None:
+            assert_close(g, e.to(g.dtype), tol=tol, name=name)
 
 
 CASES = [
@@ -119,15 +146,6 @@ def test_oracle_hf_mamba_rms_norm_gated(backend, groups):
     assert_close(out, expected)
 
 
-def test_backward_raises_clearly():
-    x, w, z = make((2,), 8)
-    x.requires_grad_(True)
-    with use_backend("torch"):
-        out = rms_norm_gated(x, w, z)
-    with pytest.raises(NotImplementedError, match="rms_norm_gated has no backward pass yet"):
-        out.sum().backward()
-
-
 @pytest.mark.parametrize("forced", ["cpu", "cuda"])
 def test_forced_backend_without_kernel_raises(forced):
     x, w, z = make((2,), 8)
@@ -192,6 +210,152 @@ BAD = [
 def test_bad_input_raises(backend, changes, exc, match):
     with use_backend(backend), pytest.raises(exc, match=match):
         rms_norm_gated(**_bad_args(**changes))
+
+
+# ---------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm-gate", "gate-norm"])
+@pytest.mark.parametrize(("lead", "hidden", "group_size", "gate"), CASES)
+def test_grads_match_oracle(backend, dtype, norm_before_gate, lead, hidden, group_size, gate):
+    x, w, z = make(lead, hidden, dtype, gate)
+    dy = torch.randn_like(x)
+    with use_backend(backend):
+        got = grads_of(lambda *a: rms_norm_gated(*a, 1e-5, group_size, norm_before_gate), dy, x, w, z)
+    assert [None if g is None else g.dtype for g in got] == [dtype, torch.float32, dtype if gate else None]
+    assert_grads_close(got, oracle_grads(dy, x, w, z, 1e-5, group_size, norm_before_gate))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "nogate"])
+def test_grads_zero_rows(backend, gate):
+    x, w, z = make((0, 3), 16, gate=gate)
+    with use_backend(backend):
+        dx, dw, dz = grads_of(lambda *a: rms_norm_gated(*a, group_size=8), torch.randn(0, 3, 16), x, w, z)
+    assert dx.shape == (0, 3, 16)
+    assert torch.equal(dw, torch.zeros(16))
+    assert dz is None if not gate else dz.shape == (0, 3, 16)
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm-gate", "gate-norm"])
+def test_grads_group_wider_than_one_block(monkeypatch, norm_before_gate):
+    """Groups of 40 channels read in blocks of 16: the two-pass backward, dweight accumulated in the
+    workspace; 9 rows over 4 row blocks (the last one short)."""
+    monkeypatch.setattr(RMS, "MAX_BLOCK", 16)
+    x, w, z = make((9,), 80)
+    dy = torch.randn_like(x)
+    with use_backend("triton"):
+        got = grads_of(lambda *a: rms_norm_gated(*a, 1e-6, 40, norm_before_gate), dy, x, w, z)
+    assert_grads_close(got, oracle_grads(dy, x, w, z, 1e-6, 40, norm_before_gate))
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm-gate", "gate-norm"])
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "nogate"])
+def test_gradcheck_float64_torch_backend(norm_before_gate, gate):
+    """The closed-form torch backward against finite differences (float64 through the autograd
+    Function: the public op takes fp32/fp16/bf16 only)."""
+    x, w, z = (None if t is None else t.double() for t in make((3, 2), 12, gate=gate))
+
+    def fn(*a):
+        return RMS._RMSNormGatedFn.apply(*a, 1e-5, 4, norm_before_gate)
+
+    with use_backend("torch"):
+        assert torch.autograd.gradcheck(fn, tuple(leaves(x, w, z)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm-gate", "gate-norm"])
+def test_backward_is_deterministic(backend, norm_before_gate):
+    """Twice the same backward, bit-identical gradients (dweight sums 33 rows over several row blocks)."""
+    x, w, z = make((33,), 48, torch.float16)
+    dy = torch.randn_like(x)
+    with use_backend(backend):
+        first, second = (grads_of(lambda *a: rms_norm_gated(*a, 1e-6, 16, norm_before_gate), dy, x, w, z)
+                         for _ in range(2))
+    for name, a, b in zip(("dx", "dweight", "dz"), first, second):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_strided_inputs(backend):
+    """x and z as column slices of one projection (HF's split): the gradient lands in the projection;
+    ``out.sum()`` sends a stride-0 dy."""
+    proj = torch.randn(4, 5, 3 * 24, device=KERNEL_DEVICE)
+    w = torch.randn(24, device=KERNEL_DEVICE)
+
+    def split(norm):
+        return lambda p, w: norm(p[..., 24:48], w, p[..., :24], 1e-6, 8, False).sum()
+
+    with use_backend(backend):
+        got = grads_of(split(rms_norm_gated), torch.tensor(1.0), proj, w)
+    expected = grads_of(split(oracle), torch.tensor(1.0, dtype=torch.float64), proj.double(), w.double())
+    assert_close(got[0], expected[0].float(), name="dproj")
+    assert_close(got[1], expected[1].float(), name="dweight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_mixed_dtypes(backend):
+    """fp16 x with an fp32 gate and a bf16 weight: each gradient in its input's dtype."""
+    x, _, z = make((6,), 40, torch.float16)
+    z, w = z.float(), torch.randn(40, device=KERNEL_DEVICE).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    with use_backend(backend):
+        got = grads_of(lambda *a: rms_norm_gated(*a, norm_before_gate=False), dy, x, w, z)
+    assert [g.dtype for g in got] == [torch.float16, torch.bfloat16, torch.float32]
+    expected = oracle_grads(dy, x, w, z, norm_before_gate=False)
+    assert_grads_close(got, expected, tol=REL_TOL[torch.float16])
+    assert_close(got[1], expected[1].to(torch.bfloat16), name="dweight")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_oracle_hf_mamba_rms_norm_gated_grads(backend, groups):
+    """Gradients of transformers' ``MambaRMSNormGated`` (autograd through HF's fp32 torch code)."""
+    modeling = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+    hidden = 72
+    norm = modeling.MambaRMSNormGated(hidden, group_size=hidden // groups, eps=1e-5).to(KERNEL_DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden))
+    x, _, z = make((2, 3), hidden)
+    dy = torch.randn_like(x)
+    hx, hz = leaves(x, z)
+    norm(hx, hz).backward(dy)
+    with use_backend(backend):
+        got = grads_of(lambda *a: rms_norm_gated(*a, 1e-5, hidden // groups, False), dy, x, norm.weight.detach(), z)
+    assert_grads_close(got, [hx.grad, norm.weight.grad, hz.grad])
+
+
+def test_torch_library_opcheck_backward():
+    x, w, z = make((5,), 24)
+    dy = torch.randn_like(x)
+    for gate, nbg in ((z, True), (z, False), (None, True)):
+        dz = None if gate is None else torch.empty_like(x)
+        args = (torch.empty_like(x), dz, torch.empty_like(w), [dy, x, w, gate], 1e-6, 8, nbg)
+        torch.library.opcheck(torch.ops.ifk.rms_norm_gated_bwd, args)
+
+
+def test_torch_compile_fullgraph_backward():
+    x, w, z = make((2, 3), 24)
+    dy = torch.randn_like(x)
+    fn = torch.compile(lambda *a: rms_norm_gated(*a, group_size=8, norm_before_gate=False), fullgraph=True)
+    assert_grads_close(grads_of(fn, dy, x, w, z), oracle_grads(dy, x, w, z, 1e-6, 8, False))
+
+
+def test_backward_op_rechecks_shapes():
+    x, w, z = make((3,), 12)
+    dy, dx, dw = torch.randn_like(x), torch.empty_like(x), torch.empty_like(w)
+    with pytest.raises(ValueError, match=r"dz must be given exactly when z is, got dz=None and z=a tensor"):
+        torch.ops.ifk.rms_norm_gated_bwd(dx, None, dw, [dy, x, w, z], 1e-6, 12, True)
+    with pytest.raises(ValueError, match=r"dy must have shape \[3, 12\], got \[3, 6\]"):
+        torch.ops.ifk.rms_norm_gated_bwd(dx, torch.empty_like(x), dw, [dy[:, :6], x, w, z], 1e-6, 12, True)
+    with pytest.raises(ValueError, match=r"dweight must have shape \[12\]"):
+        torch.ops.ifk.rms_norm_gated_bwd(dx, torch.empty_like(x), dw[:4], [dy, x, w, z], 1e-6, 12, True)
+    with pytest.raises(ValueError, match=r"dy needs a unit stride"):
+        torch.ops.ifk.rms_norm_gated_bwd(dx, torch.empty_like(x), dw, [dy.t().contiguous().t(), x, w, z], 1e-6, 12,
+                                         True)
 
 
 # ---------------------------------------------------------------- gpu tier (real sizes, bf16)
