@@ -491,26 +491,27 @@ def rms_norm_gated_bwd_ref(
     """The torch backend's backward, closed form (fp32 math, float64 kept): ``(dx [M, H], dweight [H],
     dz [M, H] or None)`` in the dtypes of x, weight, z. ``dweight`` is a ``sum(0)`` over rows."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xc, dyc = x.to(cdt), dy.to(cdt)
+    xc, dyc, w = x.to(cdt), dy.to(cdt), weight.to(cdt).unflatten(-1, (-1, group_size))
     gate_first = z is not None and not norm_before_gate
     gate_after = z is not None and norm_before_gate
     if z is not None:
         zc = z.to(cdt)
         sig = torch.sigmoid(zc)
         gate = zc * sig
-        dgate = sig.mul_(1 + zc * (1 - sig))  # d silu / dz, in sig's storage
+        dgate = torch.addcmul(sig, gate, 1 - sig)  # d silu / dz = s + silu(z) (1 - s)
+    # [M, groups, G] views; in-place only on tensors made here (x.to(cdt) may be x itself)
     h = (xc * gate if gate_first else xc).unflatten(-1, (-1, group_size))
-    rstd = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
-    n = (h * rstd).flatten(-2)  # the normalised input
-    dyg = dyc * gate if gate_after else dyc  # the gradient reaching n * weight
-    dweight = (dyg * n).sum(0)
-    dn = (dyg * weight.to(cdt)).unflatten(-1, (-1, group_size))
-    ng = n.unflatten(-1, (-1, group_size))
-    dh = ((dn - ng * (dn * ng).mean(-1, keepdim=True)) * rstd).flatten(-2)
+    rstd = torch.rsqrt(torch.linalg.vecdot(h, h).unsqueeze(-1) / group_size + eps)  # [M, groups, 1]
+    n = h.mul_(rstd) if gate_first else h * rstd  # the normalised input
+    dyg = (dyc * gate if gate_after else dyc).unflatten(-1, (-1, group_size))  # the gradient reaching n w
+    dn = dyg * w
+    dweight = (dyg.mul_(n) if gate_after else dyg * n).flatten(-2).sum(0)
+    c = torch.linalg.vecdot(dn, n).unsqueeze(-1) / group_size  # mean(dn n) per group
+    dh = torch.addcmul(dn, n, c, value=-1).mul_(rstd).flatten(-2)
     dz = None
     if gate_first:
-        dz = (dh * xc * dgate).to(z.dtype)
+        dz = (dh * xc).mul_(dgate).to(z.dtype)
         dh.mul_(gate)
     elif gate_after:
-        dz = (dyc * n * weight.to(cdt) * dgate).to(z.dtype)
+        dz = (dyc * n.flatten(-2)).mul_(w.flatten(-2)).mul_(dgate).to(z.dtype)
     return dh.to(x.dtype), dweight.to(weight.dtype), dz
