@@ -6,6 +6,7 @@ determinism, opcheck of ``ifk::rms_norm_gated_bwd``, torch.compile of forward + 
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -378,3 +379,30 @@ def test_gpu_opcheck_and_compile():
     torch.library.opcheck(torch.ops.ifk.rms_norm_gated, (torch.empty_like(x), [x, w, z], 1e-6, 256, False))
     compiled = torch.compile(rms_norm_gated, fullgraph=True)
     torch.testing.assert_close(compiled(x, w, z, group_size=256), rms_norm_gated(x, w, z, group_size=256))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm_before_gate", [True, False], ids=["norm-gate", "gate-norm"])
+@pytest.mark.parametrize(("rows", "hidden", "groups"), [(4096, 4096, 1), (1000, 8192, 8), (3, 20480, 1)],
+                         ids=["M4096-H4096", "M1000-H8192-G8", "M3-H20480-twopass"])
+def test_gpu_bf16_grads_real_sizes(norm_before_gate, rows, hidden, groups):
+    x, w, z = make((rows,), hidden, torch.bfloat16, device="cuda")
+    dy = torch.randn_like(x)
+    fn = functools.partial(rms_norm_gated, eps=1e-6, group_size=hidden // groups, norm_before_gate=norm_before_gate)
+    got = grads_of(fn, dy, x, w, z)
+    assert_grads_close(got, oracle_grads(dy, x, w, z, 1e-6, hidden // groups, norm_before_gate),
+                       tol=REL_TOL[torch.bfloat16])
+    for name, a, b in zip(("dx", "dweight", "dz"), got, grads_of(fn, dy, x, w, z)):
+        assert torch.equal(a, b), f"{name} differs between two identical backward passes"
+
+
+@pytest.mark.gpu
+def test_gpu_backward_opcheck_and_compile():
+    x, w, z = make((64,), 1024, torch.bfloat16, device="cuda")
+    dy = torch.randn_like(x)
+    args = (torch.empty_like(x), torch.empty_like(z), torch.empty_like(w), [dy, x, w, z], 1e-6, 256, False)
+    torch.library.opcheck(torch.ops.ifk.rms_norm_gated_bwd, args)
+    fn = functools.partial(rms_norm_gated, group_size=256, norm_before_gate=False)
+    for name, a, b in zip(("dx", "dweight", "dz"), grads_of(torch.compile(fn, fullgraph=True), dy, x, w, z),
+                          grads_of(fn, dy, x, w, z)):
+        torch.testing.assert_close(a, b, msg=name)
