@@ -275,19 +275,24 @@ def _check_groups(group_size: int, hidden: int) -> None:
         raise ValueError(f"group_size={group_size} must be >= 1 and divide the last dim H={hidden}")
 
 
-def _check_shapes(out, x, weight, z, group_size: int) -> None:
-    """The shape facts the kernel relies on (run again inside the custom op: under torch.compile the
-    wrapper's eager checks may be traced away)."""
-    check_tensor("x", x, ndim=2)
-    hidden = x.shape[1]
-    check_shape("out", out, list(x.shape))
-    check_shape("weight", weight, [hidden])
-    if z is not None:
-        check_shape("z", z, list(x.shape))
-    _check_groups(group_size, hidden)
-    for name, t in (("x", x), ("weight", weight), ("z", z), ("out", out)):
+def _check_unit_stride(**tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
         if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} needs a unit stride along its last dim, got strides {t.stride()}")
+
+
+def _check_shapes(x, weight, z, group_size: int, **like_x: torch.Tensor | None) -> None:
+    """The shape facts the kernels rely on, for x, weight, z and the named ``[M, H]`` tensors
+    ``like_x`` (run again inside the custom ops: under torch.compile the wrapper's eager checks may be
+    traced away)."""
+    check_tensor("x", x, ndim=2)
+    hidden = x.shape[1]
+    check_shape("weight", weight, [hidden])
+    for name, t in {"z": z, **like_x}.items():
+        if t is not None:
+            check_shape(name, t, list(x.shape))
+    _check_groups(group_size, hidden)
+    _check_unit_stride(x=x, weight=weight, z=z, **like_x)
 
 
 @torch.library.custom_op("ifk::rms_norm_gated", mutates_args=("out",))
@@ -301,7 +306,7 @@ def _rms_norm_gated(
     """Destination-passing core: ``inputs`` is ``[x [M, H], weight [H], z [M, H] or None]``, every
     last dim with unit stride; ``out [M, H]`` is written."""
     x, weight, z = inputs
-    _check_shapes(out, x, weight, z, group_size)
+    _check_shapes(x, weight, z, group_size, out=out)
     if x.numel() == 0:
         return
     dtypes = [t.dtype for t in (x, weight, z) if t is not None]
@@ -330,17 +335,11 @@ def _rms_norm_gated_bwd(
     None]``, every last dim with unit stride; ``dx [M, H]``, ``dz [M, H]`` (None exactly when z is)
     and ``dweight [H]`` are written."""
     dy, x, weight, z = inputs
-    _check_shapes(dx, x, weight, z, group_size)
-    check_shape("dy", dy, list(x.shape))
-    check_shape("dweight", dweight, [x.shape[1]])
     if (dz is None) != (z is None):
         raise ValueError(f"dz must be given exactly when z is, got dz={'None' if dz is None else 'a tensor'} "
                          f"and z={'None' if z is None else 'a tensor'}")
-    if dz is not None:
-        check_shape("dz", dz, list(x.shape))
-    for name, t in (("dy", dy), ("dz", dz)):
-        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} needs a unit stride along its last dim, got strides {t.stride()}")
+    _check_shapes(x, weight, z, group_size, dy=dy, dx=dx, dz=dz)
+    check_shape("dweight", dweight, [x.shape[1]])
     if x.shape[0] == 0:
         dweight.zero_()
         return
