@@ -330,12 +330,14 @@ def test_oracle_hf_mamba_rms_norm_gated_grads(backend, groups):
 
 
 def test_torch_library_opcheck_backward():
+    """The backward op, and the forward op on inputs that require grad (what training calls)."""
     x, w, z = make((5,), 24)
     dy = torch.randn_like(x)
     for gate, nbg in ((z, True), (z, False), (None, True)):
         dz = None if gate is None else torch.empty_like(x)
         args = (torch.empty_like(x), dz, torch.empty_like(w), [dy, x, w, gate], 1e-6, 8, nbg)
         torch.library.opcheck(torch.ops.ifk.rms_norm_gated_bwd, args)
+    torch.library.opcheck(torch.ops.ifk.rms_norm_gated, (torch.empty_like(x), leaves(x, w, z), 1e-6, 8, False))
 
 
 def test_torch_compile_fullgraph_backward():
