@@ -31,10 +31,13 @@ def _ssd(dtype: torch.dtype, p: int, n: int, chunk: int, *, full: bool) -> Calla
     return call
 
 
-def _norm(hidden: int, group: int | None, dtype: torch.dtype = BF16) -> Callable:
+def _norm(hidden: int, group: int | None, dtype: torch.dtype = BF16, *, backward: bool = False) -> Callable:
     def call() -> None:
-        x = torch.randn(8, hidden).to(dtype)
-        rms_norm_gated(x, torch.randn(hidden), torch.randn(8, hidden).to(dtype), group_size=group)
+        with torch.enable_grad():  # the recorder runs cases under no_grad
+            x = torch.randn(8, hidden).to(dtype).requires_grad_(backward)
+            out = rms_norm_gated(x, torch.randn(hidden), torch.randn(8, hidden).to(dtype), group_size=group)
+            if backward:
+                out.sum().backward()
     return call
 
 
@@ -63,6 +66,9 @@ CASES: dict[str, Callable] = {
     "norm_H4096": _norm(4096, None),
     "norm_H8192_groups8": _norm(8192, 1024),
     "norm_H16384_two_pass": _norm(16384, None),
+    "norm_bwd_H4096": _norm(4096, None, backward=True),
+    "norm_bwd_H8192_groups8": _norm(8192, 1024, backward=True),
+    "norm_bwd_H16384_two_pass": _norm(16384, None, backward=True),
     "decode_tied_H64_P64_N128_G8_fp32state": _decode(64, 64, 128, 8, F32),
     "decode_tied_H128_P64_N128_G1_bf16state": _decode(128, 64, 128, 1, BF16),
 }
