@@ -20,6 +20,22 @@ from triton_kernels._data_checks import capturing, check_count, check_offsets, c
 
 # float64 runs on the torch backend only (gradcheck, oracles); the kernels take the other three.
 LORA_DTYPES = (*FLOAT_DTYPES, torch.float64)
+NUM_META = 6  # the tensors of LoRAKernelMeta.meta_args()
+
+
+def split_inputs(op: str, inputs: Sequence[torch.Tensor | None], lead: tuple[str, ...], lists: tuple[str, ...]
+                 ) -> tuple[list, list, list[list]]:
+    """The one input list of a LoRA custom op (registry.py's schema convention), laid out as
+    ``[*lead, *meta_args (6), *lists[0], ..., *lists[-1]]`` with every trailing list of one
+    length ``S >= 1`` (the slices): returns ``(lead tensors, the 6 meta tensors, [each list])``.
+    Only the count is checked here; the entries are checked by name afterwards."""
+    extra = len(inputs) - len(lead) - NUM_META
+    if extra < len(lists) or extra % len(lists):
+        layout = ", ".join([*lead, "*meta_args (6)", *(f"*{name} (S)" for name in lists)])
+        raise TypeError(f"ifk::{op} takes inputs [{layout}] with S >= 1, got {len(inputs)} tensors")
+    num_slices, body = extra // len(lists), list(inputs[len(lead) + NUM_META :])
+    parts = [body[i * num_slices : (i + 1) * num_slices] for i in range(len(lists))]
+    return list(inputs[: len(lead)]), list(inputs[len(lead) : len(lead) + NUM_META]), parts
 
 
 def check_weights(
@@ -57,9 +73,9 @@ def check_meta_args(
     A metadata table with more groups than the weights have slots (+1 for slot -1) is refused,
     so no slot id the metadata can carry indexes past the weights.
     """
-    if len(meta_args) != 6:
+    if len(meta_args) != NUM_META:
         raise TypeError(
-            f"expected the 6 tensors of LoRAKernelMeta.meta_args(), got {len(meta_args)} arguments"
+            f"expected the {NUM_META} tensors of LoRAKernelMeta.meta_args(), got {len(meta_args)} arguments"
         )
     mapping, order, counts, starts, ids, flag = meta_args
     for name, t in (("token_lora_mapping", mapping), ("token_indices_sorted_by_lora_ids", order)):

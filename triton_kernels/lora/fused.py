@@ -33,14 +33,17 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._checks import INDEX_DTYPES, check_tensor, on_device
+from triton_kernels import _alloc
+from triton_kernels._checks import INDEX_DTYPES, check_shape, check_tensor, on_device
 from triton_kernels._data_checks import check_once
 from triton_kernels.lora._args import (
+    NUM_META,
     check_float,
     check_meta_args,
     check_meta_values,
     check_weights,
     skip_no_lora,
+    split_inputs,
 )
 from triton_kernels.lora.batched import add_lora_linear_batched
 from triton_kernels.lora.meta import LoRAKernelMeta
@@ -275,15 +278,16 @@ def _check_rank_values(ranks: torch.Tensor | None, capacity: int) -> None:
     check_once(check, (ranks,), capacity)
 
 
-def _check_fused(x, lora_a, lora_b, meta, lora_ranks, y=None) -> None:
-    """Shapes, dtypes and devices of the fused ops (metadata only; ``y`` when given)."""
+def _check_fused(x, lora_a, lora_b, meta, lora_ranks, y=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Shapes, dtypes and devices of the fused ops (metadata only; ``y`` when given); the 3-D
+    weights."""
     x = check_float("x", x, 2)
     lora_a = check_weights("lora_a_stacked", lora_a, x.dtype, x.device)
     lora_b = check_weights("lora_b_stacked", lora_b, x.dtype, x.device)
     num_slots, rank, hidden = lora_a[0].shape
     if hidden != x.shape[1]:
         raise ValueError(f"lora_a_stacked have hidden size {hidden}, x has {x.shape[1]}")
-    if len(lora_b) != len(lora_a) or lora_b[0].shape[0] != num_slots or lora_b[0].shape[2] != rank:
+    if lora_b[0].shape[0] != num_slots or lora_b[0].shape[2] != rank:  # the counts: split_inputs
         raise ValueError(
             f"lora_b_stacked must hold {len(lora_a)} tensors [{num_slots}, n_s, {rank}] to match "
             f"lora_a_stacked, got {[list(b.shape) for b in lora_b]}"
@@ -300,6 +304,7 @@ def _check_fused(x, lora_a, lora_b, meta, lora_ranks, y=None) -> None:
         width = sum(b.shape[1] for b in lora_b)
         if tuple(y.shape) != (x.shape[0], width):
             raise ValueError(f"y must have shape [{x.shape[0]}, {width}], got {list(y.shape)}")
+    return lora_a, lora_b
 
 
 def _add_into(y, x, lora_a, lora_b, scale, meta, ranks) -> None:
@@ -313,104 +318,90 @@ def _add_into(y, x, lora_a, lora_b, scale, meta, ranks) -> None:
         _launch_fused(y, x, lora_a, lora_b, scale, *meta[1:5], ranks)
 
 
-@torch.library.custom_op("ifk::add_lora_linear", mutates_args=("y",))
-def _add_lora_linear_op(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: list[torch.Tensor],
-    lora_b: list[torch.Tensor],
-    scale: float,
-    meta: list[torch.Tensor],
-    lora_ranks: torch.Tensor | None,
-) -> None:
-    """Destination-passing core of :func:`add_lora_linear`: checks every shape (here too, so they
-    hold when the wrapper's checks were traced away), then the metadata values, then runs.
+# The fused ops' input lists, as (lead tensors, per-slice lists) around the six metadata tensors.
+FUSED_INPUTS = (("x", "lora_ranks"), ("lora_a_stacked", "lora_b_stacked"))
+BACKWARD_INPUTS = (("grad", "x", "lora_ranks"), ("lora_a_stacked", "lora_b_stacked"))
 
-    ``meta`` = the six tensors of ``LoRAKernelMeta.meta_args(T)``: one list argument, because
-    every call of a mutating custom op walks its schema once per argument in Python (the
-    version-counter bump), at a cost that grows with the square of the argument count
-    (11 arguments: ~65 us a call on a small CPU; 7: ~30 us).
-    """
-    _check_fused(x, lora_a, lora_b, meta, lora_ranks, y)
+
+@torch.library.custom_op("ifk::add_lora_linear", mutates_args=("y",))
+def _add_lora_linear_op(y: torch.Tensor, inputs: list[torch.Tensor | None], scale: float) -> None:
+    """Destination-passing core of :func:`add_lora_linear` and of :func:`lora_linear`'s forward:
+    ``y`` ``[T, sum n_s]`` updated at the rows of LoRA tokens; ``inputs`` = ``[x [T, H_in],
+    lora_ranks [L] or None, *meta_args (the six of LoRAKernelMeta.meta_args), *lora_a (S x [L, R,
+    H_in]), *lora_b (S x [L, n_s, R])]``. Checks every shape (here too, so they hold when the
+    wrapper's checks were traced away), then the metadata values, then runs."""
+    (x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("add_lora_linear", inputs, *FUSED_INPUTS)
+    lora_a, lora_b = _check_fused(x, lora_a, lora_b, meta, lora_ranks, y)
     if skip_no_lora(meta[5], x):
         return
     _add_into(y, x, lora_a, lora_b, scale, meta, lora_ranks)
 
 
 @_add_lora_linear_op.register_fake
-def _(y, x, lora_a, lora_b, scale, meta, lora_ranks) -> None:
+def _(y, inputs, scale) -> None:
+    (x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("add_lora_linear", inputs, *FUSED_INPUTS)
     _check_fused(x, lora_a, lora_b, meta, lora_ranks, y)
 
 
-@torch.library.custom_op("ifk::lora_linear", mutates_args=())
-def _lora_linear_op(
-    x: torch.Tensor,
-    lora_a: list[torch.Tensor],
-    lora_b: list[torch.Tensor],
-    scale: float,
-    meta: list[torch.Tensor],
-    lora_ranks: torch.Tensor | None,
-) -> torch.Tensor:
-    """The LoRA delta ``[T, sum n_s]`` as a new tensor (zero rows for slot -1); checks as in
-    :func:`_add_lora_linear_op`."""
-    _check_fused(x, lora_a, lora_b, meta, lora_ranks)
-    delta = x.new_zeros((x.shape[0], sum(b.shape[1] for b in lora_b)))
-    if not skip_no_lora(meta[5], x):
-        _add_into(delta, x, lora_a, lora_b, scale, meta, lora_ranks)
-    return delta
+def _check_grads(dx, da, db, x, lora_a, lora_b) -> None:
+    """The destinations of :func:`_lora_linear_backward_op` (3-D weights, checked)."""
+    num_slots, rank, hidden = lora_a[0].shape
+    width = sum(b.shape[1] for b in lora_b)
+    for name, t, shape, dtype in (("dx", dx, x.shape, x.dtype),
+                                  ("da", da, (len(lora_a), num_slots, rank, hidden), lora_a[0].dtype),
+                                  ("db", db, (num_slots, width, rank), lora_b[0].dtype)):  # fmt: skip
+        check_shape(name, check_tensor(name, t, dtypes=(dtype,), device=x.device), shape)
 
 
-@_lora_linear_op.register_fake
-def _(x, lora_a, lora_b, scale, meta, lora_ranks) -> torch.Tensor:
-    _check_fused(x, lora_a, lora_b, meta, lora_ranks)
-    return x.new_empty((x.shape[0], sum(b.shape[1] for b in lora_b)))
-
-
-@torch.library.custom_op("ifk::lora_linear_backward", mutates_args=())
+@torch.library.custom_op("ifk::lora_linear_backward", mutates_args=("dx", "da", "db"))
 def _lora_linear_backward_op(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: list[torch.Tensor],
-    lora_b: list[torch.Tensor],
-    scale: float,
-    meta: list[torch.Tensor],
-    lora_ranks: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx [T, H_in], dA [S, L, R, H_in], dB [L, sum n_s, R])`` by segment matmuls in
-    torch (reads the slot groups on the host: one sync on a GPU)."""
-    _check_fused(x, lora_a, lora_b, meta, lora_ranks, grad)
+    dx: torch.Tensor, da: torch.Tensor, db: torch.Tensor, inputs: list[torch.Tensor | None], scale: float
+) -> None:
+    """Gradients of :func:`lora_linear`'s delta, written: ``dx [T, H_in]`` (x's dtype), ``da [S, L, R,
+    H_in]`` (A's dtype), ``db [L, sum n_s, R]`` (B's dtype); ``inputs`` = ``[grad [T, sum n_s], x,
+    lora_ranks or None, *meta_args, *lora_a, *lora_b]`` as in :func:`_add_lora_linear_op`. By
+    segment matmuls in torch (reads the slot groups on the host: one sync on a GPU)."""
+    (grad, x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("lora_linear_backward", inputs, *BACKWARD_INPUTS)
+    lora_a, lora_b = _check_fused(x, lora_a, lora_b, meta, lora_ranks, grad)
+    _check_grads(dx, da, db, x, lora_a, lora_b)
     check_meta_values(meta, x.shape[0], lora_a[0].shape[0])
     _check_rank_values(lora_ranks, lora_a[0].shape[1])
-    return lora_delta_backward_ref(grad, x, lora_a, lora_b, scale, slot_segments(*meta[1:5]), lora_ranks)
+    grads = lora_delta_backward_ref(grad, x, lora_a, lora_b, scale, slot_segments(*meta[1:5]), lora_ranks)
+    for out, value in zip((dx, da, db), grads):
+        out.copy_(value)
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad, x, lora_a, lora_b, scale, meta, lora_ranks):
-    _check_fused(x, lora_a, lora_b, meta, lora_ranks, grad)
-    num_slots, rank, hidden = lora_a[0].shape
-    return (
-        torch.empty_like(x),
-        x.new_empty((len(lora_a), num_slots, rank, hidden), dtype=lora_a[0].dtype),
-        x.new_empty((num_slots, sum(b.shape[1] for b in lora_b), rank), dtype=lora_b[0].dtype),
-    )
+def _(dx, da, db, inputs, scale) -> None:
+    (grad, x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("lora_linear_backward", inputs, *BACKWARD_INPUTS)
+    lora_a, lora_b = _check_fused(x, lora_a, lora_b, meta, lora_ranks, grad)
+    _check_grads(dx, da, db, x, lora_a, lora_b)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, lora_a, lora_b, scale, meta, ranks = inputs
-    ctx.save_for_backward(x, ranks, *meta, *lora_a, *lora_b)
-    ctx.num_slices, ctx.num_meta, ctx.scale = len(lora_a), len(meta), scale
-    ctx.widths = [b.shape[1] for b in lora_b]
+class _LoRALinearFn(torch.autograd.Function):
+    """Forward: ``ifk::add_lora_linear`` into a zeroed delta; backward: ``ifk::lora_linear_backward``.
+    The tensors come one by one (``x, lora_ranks, *meta, *lora_a, *lora_b``), so autograd sees each
+    weight; ``num_slices`` splits them."""
 
+    @staticmethod
+    def forward(ctx, scale: float, num_slices: int, x, lora_ranks, *tensors):
+        delta = x.new_zeros((x.shape[0], sum(b.shape[1] for b in tensors[NUM_META + num_slices :])))
+        torch.ops.ifk.add_lora_linear(delta, [x, lora_ranks, *tensors], scale)
+        ctx.save_for_backward(x, lora_ranks, *tensors)
+        ctx.scale, ctx.num_slices = scale, num_slices
+        return delta
 
-def _backward(ctx, grad):
-    x, ranks, *rest = ctx.saved_tensors
-    meta, weights = rest[: ctx.num_meta], rest[ctx.num_meta :]
-    lora_a, lora_b = weights[: ctx.num_slices], weights[ctx.num_slices :]
-    dx, da, db = torch.ops.ifk.lora_linear_backward(grad.contiguous(), x, lora_a, lora_b, ctx.scale, meta, ranks)
-    return dx, list(da.unbind(0)), list(db.split(ctx.widths, dim=1)), None, [None] * ctx.num_meta, None
-
-
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_ranks, *tensors = ctx.saved_tensors
+        lora_a, lora_b = tensors[NUM_META : NUM_META + ctx.num_slices], tensors[NUM_META + ctx.num_slices :]
+        num_slots, rank, hidden = lora_a[0].shape
+        dx = _alloc.empty_like(x)
+        da = _alloc.empty((ctx.num_slices, num_slots, rank, hidden), lora_a[0].dtype, x.device)
+        db = _alloc.empty((num_slots, grad.shape[1], rank), lora_b[0].dtype, x.device)
+        torch.ops.ifk.lora_linear_backward(dx, da, db, [grad.contiguous(), x, lora_ranks, *tensors], ctx.scale)
+        widths = [b.shape[1] for b in lora_b]
+        return None, None, dx, None, *(None,) * NUM_META, *da.unbind(0), *db.split(widths, dim=1)
 
 
 def _op_args(x, lora_a_stacked, lora_b_stacked, meta):
@@ -419,6 +410,8 @@ def _op_args(x, lora_a_stacked, lora_b_stacked, meta):
     x = check_float("x", x, 2)
     lora_a = check_weights("lora_a_stacked", lora_a_stacked, x.dtype, x.device)
     lora_b = check_weights("lora_b_stacked", lora_b_stacked, x.dtype, x.device)
+    if len(lora_b) != len(lora_a):  # the ops' one input list holds both: S each
+        raise ValueError(f"lora_b_stacked must hold {len(lora_a)} tensors like lora_a_stacked, got {len(lora_b)}")
     if not isinstance(meta, LoRAKernelMeta):
         raise TypeError(f"meta must be a LoRAKernelMeta, got {type(meta).__name__}")
     if not torch.compiler.is_compiling() and meta.num_tokens != x.shape[0]:
@@ -473,7 +466,7 @@ def add_lora_linear(
     widths = tuple(b.shape[1] for b in lora_b)
     if tuple(output_slices) != widths:
         raise ValueError(f"output_slices {tuple(output_slices)} differ from the widths of lora_b_stacked {widths}")
-    torch.ops.ifk.add_lora_linear(y, x, lora_a, lora_b, float(scale), meta_args, lora_ranks)
+    torch.ops.ifk.add_lora_linear(y, [x, lora_ranks, *meta_args, *lora_a, *lora_b], float(scale))
     return y
 
 
@@ -499,4 +492,4 @@ def lora_linear(
         >>> lora_linear(torch.randn(3, 32), a, b, 0.5, meta).sum().backward()
     """
     x, lora_a, lora_b, meta_args = _op_args(x, lora_a_stacked, lora_b_stacked, meta)
-    return torch.ops.ifk.lora_linear(x, lora_a, lora_b, float(scale), meta_args, lora_ranks)
+    return _LoRALinearFn.apply(float(scale), len(lora_a), x, lora_ranks, *meta_args, *lora_a, *lora_b)

@@ -33,6 +33,7 @@ from triton_kernels.lora._args import (
     check_meta_values,
     check_weights,
     skip_no_lora,
+    split_inputs,
 )
 from triton_kernels.lora.reference import lora_expand_ref, lora_shrink_ref, slot_segments
 from triton_kernels.registry import LORA_EXPAND, LORA_SHRINK
@@ -330,66 +331,61 @@ def _check_expand(inputs, lora_b_weights, output_tensor, meta_args, offset_start
     return weights
 
 
-@torch.library.custom_op("ifk::lora_shrink", mutates_args=("output_tensor",))
-def _lora_shrink_op(
-    inputs: torch.Tensor,
-    lora_a_weights: list[torch.Tensor],
-    output_tensor: torch.Tensor,
-    meta_args: list[torch.Tensor],
-    scaling: float,
-) -> None:
-    """Destination-passing core of :func:`lora_shrink`: checks every shape (here too, so they hold
-    when the wrapper's checks were traced away), then the metadata values, then runs.
+# The ops' input lists, as (lead tensors, per-slice lists) around the six metadata tensors.
+SHRINK_INPUTS = (("inputs",), ("lora_a_weights",))
+EXPAND_INPUTS = (("inputs",), ("lora_b_weights",))
 
-    ``meta_args``: the six tensors of :meth:`LoRAKernelMeta.meta_args`, as one list argument:
-    every call of a mutating custom op walks its schema once per argument in Python (the
-    version-counter bump), at a cost that grows with the square of the argument count
-    (10 arguments: ~55 us a call on a small CPU; 5: ~17 us).
-    """
-    weights = _check_shrink(inputs, lora_a_weights, output_tensor, meta_args)
-    if skip_no_lora(meta_args[5], inputs):  # a CPU tensor: no device sync
+
+@torch.library.custom_op("ifk::lora_shrink", mutates_args=("output_tensor",))
+def _lora_shrink_op(output_tensor: torch.Tensor, inputs: list[torch.Tensor | None], scaling: float) -> None:
+    """Destination-passing core of :func:`lora_shrink`: ``output_tensor`` ``[S, T, R]`` written;
+    ``inputs`` = ``[inputs [T, H_in], *meta_args (the six of LoRAKernelMeta.meta_args), *lora_a_weights
+    (S x [L, R, H_in])]``. Checks every shape (here too, so they hold when the wrapper's checks were
+    traced away), then the metadata values, then runs."""
+    (x,), meta_args, (lora_a_weights,) = split_inputs("lora_shrink", inputs, *SHRINK_INPUTS)
+    weights = _check_shrink(x, lora_a_weights, output_tensor, meta_args)
+    if skip_no_lora(meta_args[5], x):  # a CPU tensor: no device sync
         return
-    check_meta_values(meta_args, inputs.shape[0], weights[0].shape[0])
+    check_meta_values(meta_args, x.shape[0], weights[0].shape[0])
     meta = meta_args[1:5]
-    if LORA_SHRINK.resolve(inputs.device, (inputs.dtype,)) == "torch":
-        lora_shrink_ref(inputs, weights, output_tensor, slot_segments(*meta), scaling)
+    if LORA_SHRINK.resolve(x.device, (x.dtype,)) == "torch":
+        lora_shrink_ref(x, weights, output_tensor, slot_segments(*meta), scaling)
         return
-    with on_device(inputs.device):
-        _launch_shrink(inputs, weights, output_tensor, *meta, scaling)
+    with on_device(x.device):
+        _launch_shrink(x, weights, output_tensor, *meta, scaling)
 
 
 @_lora_shrink_op.register_fake
-def _(inputs, lora_a_weights, output_tensor, meta_args, scaling) -> None:
-    _check_shrink(inputs, lora_a_weights, output_tensor, meta_args)
+def _(output_tensor, inputs, scaling) -> None:
+    (x,), meta_args, (lora_a_weights,) = split_inputs("lora_shrink", inputs, *SHRINK_INPUTS)
+    _check_shrink(x, lora_a_weights, output_tensor, meta_args)
 
 
 @torch.library.custom_op("ifk::lora_expand", mutates_args=("output_tensor",))
 def _lora_expand_op(
-    inputs: torch.Tensor,
-    lora_b_weights: list[torch.Tensor],
-    output_tensor: torch.Tensor,
-    meta_args: list[torch.Tensor],
-    offset_start: int,
-    add_inputs: bool,
+    output_tensor: torch.Tensor, inputs: list[torch.Tensor | None], offset_start: int, add_inputs: bool
 ) -> None:
-    """Destination-passing core of :func:`lora_expand` (checks and ``meta_args`` as in
-    :func:`_lora_shrink_op`)."""
-    weights = _check_expand(inputs, lora_b_weights, output_tensor, meta_args, offset_start)
-    if skip_no_lora(meta_args[5], inputs):
+    """Destination-passing core of :func:`lora_expand`: ``output_tensor`` ``[T, >= offset_start +
+    sum n_s]`` written at the rows of LoRA tokens; ``inputs`` = ``[inputs [S, T, R], *meta_args,
+    *lora_b_weights (S x [L, n_s, R])]``; checks as in :func:`_lora_shrink_op`."""
+    (x,), meta_args, (lora_b_weights,) = split_inputs("lora_expand", inputs, *EXPAND_INPUTS)
+    weights = _check_expand(x, lora_b_weights, output_tensor, meta_args, offset_start)
+    if skip_no_lora(meta_args[5], x):
         return
-    check_meta_values(meta_args, inputs.shape[1], weights[0].shape[0])
+    check_meta_values(meta_args, x.shape[1], weights[0].shape[0])
     meta = meta_args[1:5]
-    dtypes = (output_tensor.dtype, inputs.dtype, weights[0].dtype)
-    if LORA_EXPAND.resolve(inputs.device, dtypes) == "torch":
-        lora_expand_ref(inputs, weights, output_tensor, slot_segments(*meta), offset_start, add_inputs)
+    dtypes = (output_tensor.dtype, x.dtype, weights[0].dtype)
+    if LORA_EXPAND.resolve(x.device, dtypes) == "torch":
+        lora_expand_ref(x, weights, output_tensor, slot_segments(*meta), offset_start, add_inputs)
         return
-    with on_device(inputs.device):
-        _launch_expand(inputs, weights, output_tensor, *meta, offset_start, add_inputs)
+    with on_device(x.device):
+        _launch_expand(x, weights, output_tensor, *meta, offset_start, add_inputs)
 
 
 @_lora_expand_op.register_fake
-def _(inputs, lora_b_weights, output_tensor, meta_args, offset_start, add_inputs) -> None:
-    _check_expand(inputs, lora_b_weights, output_tensor, meta_args, offset_start)
+def _(output_tensor, inputs, offset_start, add_inputs) -> None:
+    (x,), meta_args, (lora_b_weights,) = split_inputs("lora_expand", inputs, *EXPAND_INPUTS)
+    _check_expand(x, lora_b_weights, output_tensor, meta_args, offset_start)
 
 
 def lora_shrink(
@@ -428,7 +424,7 @@ def lora_shrink(
     weights = check_weights("lora_a_weights", lora_a_weights, x.dtype, x.device)
     meta = [token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
             lora_ids, no_lora_flag_cpu]  # fmt: skip
-    torch.ops.ifk.lora_shrink(x, weights, output_tensor, meta, float(scaling))
+    torch.ops.ifk.lora_shrink(output_tensor, [x, *meta, *weights], float(scaling))
 
 
 def lora_expand(
@@ -465,4 +461,4 @@ def lora_expand(
     weights = check_weights("lora_b_weights", lora_b_weights, None, x.device)
     meta = [token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
             lora_ids, no_lora_flag_cpu]  # fmt: skip
-    torch.ops.ifk.lora_expand(x, weights, output_tensor, meta, offset_start, bool(add_inputs))
+    torch.ops.ifk.lora_expand(output_tensor, [x, *meta, *weights], offset_start, bool(add_inputs))

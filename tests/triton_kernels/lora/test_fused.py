@@ -305,12 +305,24 @@ def test_opcheck():
     for t in [x, *a, *b]:
         t.requires_grad_(True)
     with use_backend("torch"):
-        torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (torch.randn(6, 10), x, a, b, 0.5, args, ranks))
-        torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, args, ranks))
-        torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, args, None))
-        grad = torch.randn(6, 10)
-        frozen = (x.detach(), [w.detach() for w in a], [w.detach() for w in b])
-        torch.library.opcheck(torch.ops.ifk.lora_linear_backward.default, (grad, *frozen, 0.5, args, ranks))
+        for r in (ranks, None):
+            y = torch.randn(6, 10)
+            torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (y, [x, r, *args, *a, *b], 0.5))
+        frozen = [t.detach() for t in (x, *a, *b)]
+        grads = (torch.empty(6, 16), torch.empty(2, NUM_SLOTS, 8, 16), torch.empty(NUM_SLOTS, 10, 8))
+        inputs = [torch.randn(6, 10), frozen[0], ranks, *args, *frozen[1:]]
+        torch.library.opcheck(torch.ops.ifk.lora_linear_backward.default, (*grads, inputs, 0.5))
+
+
+def test_raw_op_input_list_of_wrong_length_raises():
+    """The one input list is ``[x, lora_ranks, *meta (6), *lora_a (S), *lora_b (S)]``: a count that
+    does not split so raises TypeError naming the layout, before anything is written."""
+    _, x, a, b, ranks, meta = _small()
+    y = torch.randn(6, 10, device=KERNEL_DEVICE)
+    keep = y.clone()
+    with pytest.raises(TypeError, match=r"ifk::add_lora_linear takes inputs \[x, lora_ranks, \*meta_args"):
+        torch.ops.ifk.add_lora_linear(y, [x, ranks, *meta.meta_args(6), *a, b[0]], 0.5)
+    assert_equal(y, keep)
 
 
 def test_compile_fullgraph_forward_and_backward():
@@ -401,12 +413,15 @@ def test_opcheck_compile_and_grads_triton_on_gpu():
     args = list(meta.meta_args(64))
     y = torch.randn(64, 384, device="cuda").bfloat16()
     a3, b3 = [w.squeeze(1) for w in a], [w.squeeze(1) for w in b]  # the raw op takes 3-D weights
-    torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (y, x, a3, b3, 0.5, args, ranks))
+    torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (y, [x, ranks, *args, *a3, *b3], 0.5))
     a32 = [w.float().requires_grad_(True) for w in a]
     b32 = [w.float().requires_grad_(True) for w in b]
     x32 = x.float().requires_grad_(True)
-    torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x32, [w.squeeze(1) for w in a32],
-                          [w.squeeze(1) for w in b32], 0.5, args, ranks))  # fmt: skip
+    grads = (torch.empty(64, 512, device="cuda"), torch.empty(2, 4, 16, 512, device="cuda"),
+             torch.empty(4, 384, 16, device="cuda"))
+    inputs = [torch.randn(64, 384, device="cuda"), x32.detach(), ranks, *args, *(w.detach().squeeze(1) for w in a32),
+              *(w.detach().squeeze(1) for w in b32)]
+    torch.library.opcheck(torch.ops.ifk.lora_linear_backward.default, (*grads, inputs, 0.5))
 
     frozen_a, frozen_b = [w.detach() for w in a32], [w.detach() for w in b32]
 

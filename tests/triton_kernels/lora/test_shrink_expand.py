@@ -294,12 +294,9 @@ def test_opcheck():
     _, x, a, meta = _shrink_case(5, 16, 8, (6, 4), 3, "interleaved", torch.float32)
     inputs, b, out, _ = _expand_args()
     with use_backend("torch"):
-        torch.library.opcheck(
-            torch.ops.ifk.lora_shrink.default, (x, a, torch.empty(2, 5, 8), list(meta.meta_args(5)), 0.5)
-        )
-        torch.library.opcheck(
-            torch.ops.ifk.lora_expand.default, (inputs, b, out, list(meta.meta_args(5)), 1, True)
-        )
+        args = list(meta.meta_args(5))
+        torch.library.opcheck(torch.ops.ifk.lora_shrink.default, (torch.empty(2, 5, 8), [x, *args, *a], 0.5))
+        torch.library.opcheck(torch.ops.ifk.lora_expand.default, (out, [inputs, *args, *b], 1, True))
 
 
 def test_compile_fullgraph():
@@ -347,12 +344,11 @@ def test_opcheck_and_compile_triton_on_gpu():
     _, x, a, meta = _shrink_case(64, 512, 16, (256, 128), 4, "interleaved", torch.bfloat16)
     _, b = lora_weights(4, 16, 512, (256, 128), torch.bfloat16)
     args = meta.meta_args(64)
-    torch.library.opcheck(
-        torch.ops.ifk.lora_shrink.default, (x, a, torch.empty(2, 64, 16, device="cuda"), list(args), 0.5)
-    )
+    buf = torch.empty(2, 64, 16, device="cuda")
+    torch.library.opcheck(torch.ops.ifk.lora_shrink.default, (buf, [x, *args, *a], 0.5))
     out = torch.randn(64, 384, device="cuda").bfloat16()
     torch.library.opcheck(
-        torch.ops.ifk.lora_expand.default, (torch.randn(2, 64, 16, device="cuda"), b, out, list(args), 0, True)
+        torch.ops.ifk.lora_expand.default, (out, [torch.randn(2, 64, 16, device="cuda"), *args, *b], 0, True)
     )
 
     def step(x, y):
