@@ -58,6 +58,14 @@ def check_dim(name: str, t: torch.Tensor, dim: int, size: int, what: str) -> Non
         raise ValueError(f"{name}.shape[{dim}] must equal {what} ({size}), got {t.shape[dim]}")
 
 
+def strides(t: torch.Tensor | None, dims: int | tuple[int, ...]) -> list[int]:
+    """The strides a kernel takes for an optional tensor: ``dims`` an int ``n`` means all ``n`` dims
+    (``t`` has rank ``n``), a tuple the listed dims; zeros when ``t`` is ``None`` (the kernel never
+    reads it)."""
+    dims = tuple(range(dims)) if isinstance(dims, int) else dims
+    return [0] * len(dims) if t is None else [t.stride(d) for d in dims]
+
+
 def unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim has unit stride, else a copy that does."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()

@@ -27,14 +27,14 @@ SELECTIVE_SCAN = Op(
     native={"cpu": "mamba_cpu"},
 )
 SELECTIVE_STATE_UPDATE = Op(
-    "selective_state_update", reference="triton_kernels.mamba.conv_reference:selective_state_update_ref"
+    "selective_state_update", reference="triton_kernels.mamba.reference:selective_state_update_ref"
 )
-CAUSAL_CONV1D = Op("causal_conv1d", reference="triton_kernels.mamba.conv_reference:causal_conv1d_fn_ref")
+CAUSAL_CONV1D = Op("causal_conv1d", reference="triton_kernels.mamba.reference:causal_conv1d_fn_ref")
 CAUSAL_CONV1D_VARLEN = Op(
-    "causal_conv1d_varlen", reference="triton_kernels.mamba.conv_reference:causal_conv1d_varlen_ref"
+    "causal_conv1d_varlen", reference="triton_kernels.mamba.reference:causal_conv1d_varlen_ref"
 )
 CAUSAL_CONV1D_UPDATE = Op(
-    "causal_conv1d_update", reference="triton_kernels.mamba.conv_reference:causal_conv1d_update_ref"
+    "causal_conv1d_update", reference="triton_kernels.mamba.reference:causal_conv1d_update_ref"
 )
 
 OPS: dict[str, Op] = {op.name: op for op in (

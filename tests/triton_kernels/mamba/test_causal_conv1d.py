@@ -9,7 +9,7 @@ import torch
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal
 from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen
-from triton_kernels.mamba.conv_reference import (
+from triton_kernels.mamba.reference import (
     causal_conv1d_fn_ref,
     causal_conv1d_update_ref,
     causal_conv1d_varlen_ref,
@@ -446,7 +446,7 @@ UPDATE_BAD = [
         dict(conv_state_indices=_dev(3, 0)), ValueError, r"holds 3, outside the cache", id="index-end"
     ),
     pytest.param(
-        dict(conv_state_indices=None), ValueError, r"conv_state has 3 slots but x has 2 rows", id="no-index"
+        dict(conv_state_indices=None), ValueError, r"conv_state has 3 slots for 2 rows; pass conv_state_indices", id="no-index"
     ),
     pytest.param(dict(x=rnd(2, 7)), ValueError, r"x has 7 channels but weight has 6", id="channels"),
     pytest.param(dict(conv_state=rnd(3, 6, 2)), ValueError, r"conv_state must have shape", id="state-short"),

@@ -10,7 +10,7 @@ import torch
 
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
 from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
-from triton_kernels.mamba.conv_reference import selective_state_update_ref
+from triton_kernels.mamba.reference import selective_state_update_ref
 from triton_kernels.mamba.state_update import selective_state_update
 
 BACKENDS = ["triton", "torch"]
@@ -303,7 +303,7 @@ BAD = [
     pytest.param(
         lambda a: {"state_batch_indices": None},
         ValueError,
-        r"state has 3 slots but x has 2 rows",
+        r"state has 3 slots for 2 rows; pass state_batch_indices",
         id="no-index-slot-mismatch",
     ),
 ]
