@@ -47,6 +47,8 @@ def check_optional(name: str, t: object, **kwargs) -> torch.Tensor | None:
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> None:
     """Check ``t.shape`` against ``expected`` (``None`` matches any size)."""
     shape = tuple(t.shape)
+    if shape == tuple(expected):  # the common case, without a per-dim loop (decode calls are short)
+        return
     if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
         want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
         raise ValueError(f"{name} must have shape {want}, got {list(shape)}")

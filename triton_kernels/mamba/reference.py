@@ -127,16 +127,25 @@ def _conv(xcat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
     return F.silu(out) if silu else out
 
 
-def _slot_rows(slots: torch.Tensor, pad_slot_id: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(valid [B] bool, idx [B] int64)``: the rows whose slot is a cache row, and the slots clamped
-    into the cache for gathering. A slot outside the cache (possible only when the value checks were
-    skipped under CUDA-graph capture) counts as the pad slot, as in the kernels."""
+def _slot_rows(slots: torch.Tensor, pad_slot_id: int, num_slots: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(valid [B] bool, idx [B] int64)``: the rows whose slot is a cache row (``None``: all of them),
+    and the slots clamped into the cache for gathering. A slot outside the cache (possible only when
+    the value checks were skipped under CUDA-graph capture) counts as the pad slot, as in the kernels.
+    On CPU the values are read on the host (free), so a batch without pad rows does no mask work."""
+    if slots.device.type == "cpu" and all(s != pad_slot_id and 0 <= s < num_slots for s in slots.tolist()):
+        return None, slots.long()
     valid = (slots != pad_slot_id) & (slots >= 0) & (slots < num_slots)
     return valid, slots.long().clamp(0, max(num_slots - 1, 0))
 
 
-def _scatter_rows(cache: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> None:
-    """``cache[idx[b]] = rows[b]`` for the rows that are ``valid`` (not the pad slot)."""
+def _store_rows(out: torch.Tensor, res: torch.Tensor, cache: torch.Tensor, idx: torch.Tensor,
+                valid: torch.Tensor | None, rows: torch.Tensor) -> None:
+    """``out = res`` (zero on invalid rows) and ``cache[idx[b]] = rows[b]`` for the valid rows."""
+    if valid is None:
+        out.copy_(res)
+        cache.index_copy_(0, idx, rows.to(cache.dtype))
+        return
+    out.copy_(torch.where(valid.view(-1, *[1] * (res.dim() - 1)), res, 0.0))
     keep = valid.nonzero().squeeze(1)
     if keep.numel() != valid.numel():
         idx, rows = idx.index_select(0, keep), rows.index_select(0, keep)
@@ -232,9 +241,13 @@ def causal_conv1d_update_ref(
         return
     valid, idx = _slot_rows(slots, pad_slot_id, conv_state.shape[0])
     xcat = torch.cat([conv_state.index_select(0, idx).float(), x.float()], dim=-1)  # [B, D, S+L]
-    res = _conv(xcat[..., state_len - (width - 1):], weight, bias, silu)
-    out.copy_(torch.where(valid[:, None, None], res, 0.0))
-    _scatter_rows(conv_state, idx, valid, xcat[..., xcat.shape[-1] - state_len:])
+    # a few new tokens: W multiply-adds over an unfolded [B, D, L, W] view beat a grouped F.conv1d
+    res = (xcat[..., state_len - (width - 1):].unfold(-1, width, 1) * weight.float()[:, None, :]).sum(-1)
+    if bias is not None:
+        res += bias.float()[:, None]
+    if silu:
+        res = F.silu(res)
+    _store_rows(out, res, conv_state, idx, valid, xcat[..., xcat.shape[-1] - state_len:])
 
 
 def causal_conv1d_varlen_ref(
@@ -286,7 +299,8 @@ def selective_state_update_ref(
 ) -> None:
     """mamba_ssm's ``selective_state_update`` in the heads form, gathering states by slot:
     ``state = state * exp(dt A) + dt B x``; ``out = (state @ C + D x) * silu(z)``.
-    One ``[B, H, P, N]`` temporary, updated in place (the decode step is bound by its size)."""
+    One ``[B, H, P, N]`` temporary, updated in place (the decode step is bound by its size); an fp32
+    state that is a view of the cache (no slots, or one CPU row) is updated in place instead."""
     if state.shape[0] == 0:  # an empty cache: every row is a pad row (the op checked the slots)
         out.zero_()
         return
@@ -297,22 +311,27 @@ def selective_state_update_ref(
     Bh, Ch = B.float(), C.float()  # [B, G, N] -> [B, H, N]
     if rep != 1:
         Bh, Ch = Bh.repeat_interleave(rep, dim=1), Ch.repeat_interleave(rep, dim=1)
+    valid = idx = None
     if slots is None:
-        valid = idx = None
-        old = state
+        rows = state
     else:
         valid, idx = _slot_rows(slots, pad_slot_id, state.shape[0])
-        old = state.index_select(0, idx)
-    new = torch.mul(dt.unsqueeze(-1), A.float()).exp_().mul_(old)  # [B, H, P, N], fp32
+        # one valid row (batch-1 decode on CPU) is a view of its slot: no gather, no scatter
+        rows = state[int(idx[0]) : int(idx[0]) + 1] if valid is None and idx.shape[0] == 1 else None
+    dA = torch.mul(dt.unsqueeze(-1), A.float()).exp_()  # [B, H, P, N], fp32
+    if rows is not None and rows.dtype == torch.float32:
+        new = rows.mul_(dA)
+    else:
+        new = dA.mul_(state.index_select(0, idx) if rows is None else rows)
     new.addcmul_((dt * x.float()).unsqueeze(-1), Bh.unsqueeze(2))
     y = torch.matmul(new, Ch.unsqueeze(-1)).squeeze(-1)  # [B, H, P]
     if D is not None:
         y.addcmul_(x.float(), D.float())
     if z is not None:
         y.mul_(F.silu(z.float()))
-    if valid is None:
-        out.copy_(y)
-        state.copy_(new)
-    else:
-        out.copy_(torch.where(valid[:, None, None], y, 0.0))
-        _scatter_rows(state, idx, valid, new)
+    if rows is None:
+        _store_rows(out, y, state, idx, valid, new)
+        return
+    out.copy_(y)
+    if new is not rows:
+        rows.copy_(new)
