@@ -22,7 +22,15 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _alloc, _data_checks
-from triton_kernels._checks import FLOAT_DTYPES, check_optional, check_shape, check_tensor, on_device, strides
+from triton_kernels._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_optional,
+    check_shape,
+    check_tensor,
+    on_device,
+    strides,
+)
 from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu
 from triton_kernels.constants import PAD_SLOT_ID
@@ -52,6 +60,7 @@ def _causal_conv1d_kernel(
     final_ptr,  # [slots, D, S], written when WRITE_STATE (may be init_ptr)
     slot_ptr,  # [batch] int, when HAS_SLOTS (else sequence b uses slot b)
     has_init_ptr,  # [batch] bool, when INIT_MODE == 2
+    seq_idx_ptr,  # [B, L] int, HAS_SEQ_IDX (uniform only): taps from another sequence read zeros
     seq_start_ptr,  # [batch + 1] int, IS_VARLEN
     block_seq_ptr,  # [n_blocks] int64, IS_VARLEN: the sequence of each L-block (batch: none)
     block_off_ptr,  # [n_blocks] int64, IS_VARLEN: the index of the L-block within its sequence
@@ -70,6 +79,7 @@ def _causal_conv1d_kernel(
     stride_init_s, stride_init_d, stride_init_k,
     stride_final_s, stride_final_d, stride_final_k,
     stride_out_b, stride_out_d, stride_out_l,
+    stride_seq_b, stride_seq_l,
     # meta
     WIDTH: tl.constexpr,
     SILU: tl.constexpr,
@@ -78,6 +88,7 @@ def _causal_conv1d_kernel(
     HAS_SLOTS: tl.constexpr,
     INIT_MODE: tl.constexpr,  # 0: zeros, 1: every sequence has a state, 2: per-sequence flags
     WRITE_STATE: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -123,10 +134,16 @@ def _causal_conv1d_kernel(
             p_w = weight_ptr + d0 * stride_w_d + o_d * stride_w_d
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + d0 + o_d, mask=m_d).to(tl.float32)[:, None]
+            if HAS_SEQ_IDX:
+                p_seq = seq_idx_ptr + seq * stride_seq_b
+                b_seq = tl.load(p_seq + o_l * stride_seq_l, mask=o_l < length, other=-1)
             for k in tl.static_range(WIDTH):
                 pos = o_l + (k - (WIDTH - 1))
                 b_w = tl.load(p_w + k * stride_w_k, mask=m_d).to(tl.float32)
-                m_x = m_d[:, None] & ((pos >= 0) & (pos < length))[None, :]
+                m_pos = (pos >= 0) & (pos < length)
+                if HAS_SEQ_IDX:  # a tap reaching into the previous sequence of the row reads zero
+                    m_pos &= tl.load(p_seq + pos * stride_seq_l, mask=m_pos, other=-1) == b_seq
+                m_x = m_d[:, None] & m_pos[None, :]
                 b_x = tl.load(x_base + o_d[:, None] * stride_x_d + pos[None, :] * stride_x_l, mask=m_x,
                               other=0.0).to(tl.float32)
                 acc += b_w[:, None] * b_x
@@ -184,6 +201,7 @@ def _launch_triton(
     final: torch.Tensor | None = None,  # [slots, D, S]
     slots: torch.Tensor | None = None,  # [batch]
     has_init: torch.Tensor | None = None,  # [batch] bool
+    seq_idx: torch.Tensor | None = None,  # [B, L] int, uniform only
     query_start_loc: torch.Tensor | None = None,  # [batch + 1], varlen
     pad_slot_id: int = PAD_SLOT_ID,
 ) -> None:
@@ -221,13 +239,14 @@ def _launch_triton(
             x if init is None else init, x if final is None else final,
             x if slots is None else slots,
             x if has_init is None else has_init.view(torch.uint8),
+            x if seq_idx is None else seq_idx,
             x if query_start_loc is None else query_start_loc, block_seq, block_off, out,
             batch, length, n_l_blocks, dim, state.shape[0] if state is not None else batch, state_len,
             pad_slot_id,
-            *x_strides, *weight.stride(), *strides(init, 3), *strides(final, 3), *out_strides,
+            *x_strides, *weight.stride(), *strides(init, 3), *strides(final, 3), *out_strides, *strides(seq_idx, 2),
             WIDTH=width, SILU=silu, HAS_BIAS=bias is not None, IS_VARLEN=varlen, HAS_SLOTS=slots is not None,
-            INIT_MODE=init_mode, WRITE_STATE=final is not None, BLOCK_D=block_d, BLOCK_L=block_l,
-            BLOCK_S=block_s, num_warps=4,
+            INIT_MODE=init_mode, WRITE_STATE=final is not None, HAS_SEQ_IDX=seq_idx is not None,
+            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_S=block_s, num_warps=4,
         )
 
 
@@ -239,14 +258,14 @@ def _causal_conv1d_fwd(
     silu: bool,
 ) -> None:
     """Destination-passing core of :func:`causal_conv1d_fn` (metadata validated): ``inputs`` is
-    ``[x, weight, bias, initial_states]``."""
-    x, weight, bias, initial_states = inputs
+    ``[x, weight, bias, initial_states, seq_idx]``."""
+    x, weight, bias, initial_states, seq_idx = inputs
     if CAUSAL_CONV1D.resolve(x.device) == "torch":
-        _, fin = causal_conv1d_fn_ref(x, weight, bias, silu, initial_states, out=out)
+        _, fin = causal_conv1d_fn_ref(x, weight, bias, silu, initial_states, out=out, seq_idx=seq_idx)
         if final_states is not None:
             final_states.copy_(fin)
     else:
-        _launch_triton(x, weight, bias, out, silu, init=initial_states, final=final_states)
+        _launch_triton(x, weight, bias, out, silu, init=initial_states, final=final_states, seq_idx=seq_idx)
 
 
 @destination_op("causal_conv1d_varlen", mutates_args=("out", "conv_states"))
@@ -302,21 +321,31 @@ class _CausalConv1dFn(torch.autograd.Function):
     recomputed), so every backend trains, and torch.compile traces the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, initial_states, silu, return_final_states):
-        out = _alloc.empty_like(x)
-        final = _alloc.empty((*x.shape[:2], weight.shape[1] - 1), x.dtype, x.device) if return_final_states else None
-        _causal_conv1d_fwd(out, final, [x, weight, bias, initial_states], silu)
-        ctx.save_for_backward(x, weight, bias, initial_states)
+    def forward(ctx, x, weight, bias, initial_states, seq_idx, silu, return_final_states):
+        final = _new_final_states(x, weight) if return_final_states else None
+        out = _conv_forward(x, weight, bias, initial_states, seq_idx, final, silu)
+        ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
         ctx.silu = silu
         return out, final
 
     @staticmethod
     def backward(ctx, d_out, d_final):
-        x, weight, bias, initial_states = ctx.saved_tensors
-        grads = causal_conv1d_bwd_ref(x, weight, bias, ctx.silu, initial_states, d_out, d_final)
+        x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
+        grads = causal_conv1d_bwd_ref(x, weight, bias, ctx.silu, initial_states, d_out, d_final, seq_idx)
         inputs = (x, weight, bias, initial_states)
         cast = (None if g is None or t is None else g.to(t.dtype) for g, t in zip(grads, inputs))
-        return (*cast, None, None)
+        return (*cast, None, None, None)
+
+
+def _new_final_states(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _alloc.empty((*x.shape[:2], weight.shape[1] - 1), x.dtype, x.device)
+
+
+def _conv_forward(x, weight, bias, initial_states, seq_idx, final, silu: bool) -> torch.Tensor:
+    """A new ``out`` like x; the final states written into ``final`` when given."""
+    out = _alloc.empty_like(x)
+    _causal_conv1d_fwd(out, final, [x, weight, bias, initial_states, seq_idx], silu)
+    return out
 
 
 def _silu_flag(activation: object) -> bool:
@@ -352,8 +381,10 @@ def causal_conv1d_fn(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     *,
+    seq_idx: torch.Tensor | None = None,
     initial_states: torch.Tensor | None = None,
     return_final_states: bool = False,
+    final_states_out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv1d over whole sequences (causal-conv1d's ``causal_conv1d_fn``).
 
@@ -361,12 +392,18 @@ def causal_conv1d_fn(
         x: ``[B, D, L]`` fp32/fp16/bf16, any strides.
         weight: ``[D, W]``, W in 2..4; bias: optional ``[D]``.
         activation: ``None`` or ``"silu"``/``"swish"``.
+        seq_idx: optional ``[B, L]`` int32/int64, several sequences packed in one row: a tap at a
+            position whose ``seq_idx`` differs from the output position's reads zero, so the conv
+            never mixes tokens across a change of ``seq_idx`` (not with initial or final states,
+            as in causal-conv1d).
         initial_states: optional ``[B, D, W-1]``, the inputs before position 0 (default zeros).
         return_final_states: also return the last ``W-1`` inputs, ``[B, D, W-1]`` in x's dtype.
+        final_states_out: optional ``[B, D, W-1]`` destination of the final states in x's dtype
+            (any strides), written and returned; needs ``return_final_states``.
 
     Returns ``out [B, D, L]`` in x's dtype, ``out[b, d, t] = act(bias[d] + sum_k weight[d, k] *
     x[b, d, t - W + 1 + k])``, or ``(out, final_states)``. Differentiable in x, weight, bias and
-    initial_states; the backward runs the torch reference.
+    initial_states; the backward runs the torch reference's closed form.
 
     Example:
         >>> out, fin = causal_conv1d_fn(torch.randn(2, 8, 5), torch.randn(8, 4), activation="silu",
@@ -378,11 +415,30 @@ def causal_conv1d_fn(
     dim = _check_weight(weight, bias, x.device)
     if x.shape[1] != dim:
         raise ValueError(f"x has {x.shape[1]} channels but weight has {dim} (x shape {list(x.shape)})")
-    check_optional("initial_states", initial_states, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
-    if initial_states is not None:
-        check_shape("initial_states", initial_states, [x.shape[0], dim, weight.shape[1] - 1])
-    out, final = _CausalConv1dFn.apply(x, weight, bias, initial_states, _silu_flag(activation),
-                                       bool(return_final_states))
+    state_shape = [x.shape[0], dim, weight.shape[1] - 1]
+    if check_optional("initial_states", initial_states, ndim=3, dtypes=FLOAT_DTYPES, device=x.device) is not None:
+        check_shape("initial_states", initial_states, state_shape)
+    if check_optional("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES, device=x.device) is not None:
+        check_shape("seq_idx", seq_idx, [x.shape[0], x.shape[2]])
+        if initial_states is not None or return_final_states:
+            raise ValueError("seq_idx cannot be combined with initial_states or return_final_states "
+                             "(as in causal-conv1d: the states belong to one sequence per row)")
+    if final_states_out is not None:
+        check_tensor("final_states_out", final_states_out, ndim=3, dtypes=(x.dtype,), device=x.device)
+        check_shape("final_states_out", final_states_out, state_shape)
+        if not return_final_states:
+            raise ValueError("final_states_out is given but return_final_states is False")
+    silu = _silu_flag(activation)
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (x, weight, bias, initial_states)):
+        final = final_states_out  # inference: the kernel writes the destination itself
+        if final is None and return_final_states:
+            final = _new_final_states(x, weight)
+        out = _conv_forward(x, weight, bias, initial_states, seq_idx, final, silu)
+    else:
+        out, final = _CausalConv1dFn.apply(x, weight, bias, initial_states, seq_idx, silu, bool(return_final_states))
+        if final_states_out is not None:  # a differentiable copy (autograd cannot mark a view dirty)
+            final = final_states_out.copy_(final)
     return (out, final) if return_final_states else out
 
 

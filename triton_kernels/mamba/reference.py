@@ -152,6 +152,27 @@ def _store_rows(out: torch.Tensor, res: torch.Tensor, cache: torch.Tensor, idx: 
     cache.index_copy_(0, idx, rows.to(cache.dtype))
 
 
+def _same_sequence(seq_idx: torch.Tensor, shift: int) -> torch.Tensor:
+    """``[B, 1, L]`` bool: position ``t - shift`` exists and has ``t``'s ``seq_idx``."""
+    length = seq_idx.shape[-1]
+    same = torch.zeros_like(seq_idx, dtype=torch.bool)
+    same[:, shift:] = seq_idx[:, shift:] == seq_idx[:, : max(length - shift, 0)]
+    return same[:, None, :]
+
+
+def _conv_seq_idx(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  seq_idx: torch.Tensor) -> torch.Tensor:
+    """The pre-activation conv of fp32 ``x [B, D, L]`` when taps across a change of ``seq_idx``
+    read zero: W shifted multiply-adds (W <= 4)."""
+    width, length = weight.shape[1], x.shape[-1]
+    res = torch.zeros_like(x) if bias is None else bias.float()[:, None].expand_as(x).clone()
+    for k in range(width):
+        shift = width - 1 - k
+        shifted = F.pad(x, (shift, 0))[..., :length]
+        res += weight.float()[:, k, None] * shifted * _same_sequence(seq_idx, shift)
+    return res
+
+
 def causal_conv1d_fn_ref(
     x: torch.Tensor,  # [B, D, L]
     weight: torch.Tensor,  # [D, W]
@@ -159,15 +180,21 @@ def causal_conv1d_fn_ref(
     silu: bool,
     initial_states: torch.Tensor | None = None,  # [B, D, W-1]
     out: torch.Tensor | None = None,  # [B, D, L], written when given (not differentiable then)
+    seq_idx: torch.Tensor | None = None,  # [B, L] int, without initial_states
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """causal-conv1d's ``causal_conv1d_fn``: returns ``out [B, D, L]`` (x's dtype) and the final
     states ``[B, D, W-1]`` (fp32: the last W-1 inputs, initial states included when L < W-1).
-    Differentiable in every tensor argument when ``out`` is not given.
+    Differentiable in every tensor argument when ``out`` is not given. With ``seq_idx``, a tap at
+    a position of another sequence than the output position reads zero.
 
     Without initial states the conv pads inside ``F.conv1d`` (its last W-1 columns are dropped)
     instead of materialising a padded copy of x; with ``out`` the activation writes into it."""
     width, length = weight.shape[1], x.shape[-1]
-    if length == 0:  # F.conv1d refuses an empty sequence: no output, the state passes through
+    if seq_idx is not None and length:
+        res = _conv_seq_idx(x.float(), weight, bias, seq_idx)
+        tail = x.float()[..., max(length - (width - 1), 0):]
+        final = F.pad(tail, (width - 1 - tail.shape[-1], 0))
+    elif length == 0:  # F.conv1d refuses an empty sequence: no output, the state passes through
         res = x.float()
         final = (x.new_zeros((*x.shape[:2], width - 1), dtype=torch.float32) if initial_states is None
                  else initial_states.to(torch.float32, copy=True))
@@ -198,10 +225,13 @@ def causal_conv1d_bwd_ref(
     initial_states: torch.Tensor | None,  # [B, D, W-1]
     d_out: torch.Tensor,  # [B, D, L]
     d_final: torch.Tensor | None,  # [B, D, W-1]
+    seq_idx: torch.Tensor | None = None,  # [B, L] int, without initial states
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`causal_conv1d_fn_ref` in closed form (fp32, recomputing the conv):
     ``(d_x, d_weight, d_bias, d_initial_states)``, ``None`` for an absent bias / initial state."""
     width, length = weight.shape[1], x.shape[-1]
+    if seq_idx is not None and length:
+        return _conv_seq_idx_bwd(x.float(), weight, bias, silu, d_out.float(), d_final, seq_idx)
     if initial_states is None:
         xcat = F.pad(x.float(), (width - 1, 0))
     else:
@@ -221,6 +251,27 @@ def causal_conv1d_bwd_ref(
     d_bias = None if bias is None else g.sum((0, 2))
     d_init = None if initial_states is None else d_xcat[..., : width - 1]
     return d_xcat[..., width - 1 :], d_weight, d_bias, d_init
+
+
+def _conv_seq_idx_bwd(x, weight, bias, silu, g, d_final, seq_idx):
+    """:func:`causal_conv1d_bwd_ref` with ``seq_idx`` (no initial states): tap k's gradient flows
+    back ``W-1-k`` positions where both ends lie in one sequence."""
+    width, length = weight.shape[1], x.shape[-1]
+    if silu:
+        pre = _conv_seq_idx(x, weight, bias, seq_idx)
+        sig = torch.sigmoid(pre)
+        g = g * sig * (1 + pre * (1 - sig))
+    d_x = torch.zeros_like(x)
+    d_weight = torch.empty_like(weight, dtype=torch.float32)
+    for k in range(width):
+        shift = width - 1 - k
+        g_k = g * _same_sequence(seq_idx, shift)  # [B, D, L]: output t reads x[t - shift]
+        d_x += weight.float()[:, k, None] * F.pad(g_k, (0, shift))[..., shift:]
+        d_weight[:, k] = (g_k * F.pad(x, (shift, 0))[..., :length]).sum((0, 2))
+    if d_final is not None:  # the last W-1 inputs (zeros before the row start)
+        tail = min(width - 1, length)
+        d_x[..., length - tail:] += d_final.float()[..., width - 1 - tail:]
+    return d_x, d_weight, None if bias is None else g.sum((0, 2)), None
 
 
 def causal_conv1d_update_ref(

@@ -77,10 +77,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return new, out
 
 
-def causal_conv1d(x, weight, bias=None, silu_act=False, initial_states=None) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d(x, weight, bias=None, silu_act=False, initial_states=None,
+                  seq_idx=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv, tap by tap: ``out[b, d, t] = act(bias[d] + sum_k weight[d, k] *
-    xs[b, d, t + k])`` with ``xs = [initial_states (or zeros), x]``. Returns float64
-    ``(out [B, D, L], final_states [B, D, W-1])`` (the last W-1 columns of xs)."""
+    xs[b, d, t + k])`` with ``xs = [initial_states (or zeros), x]``; with ``seq_idx [B, L]`` a tap
+    at position ``p = t + k - (W-1) >= 0`` counts only where ``seq_idx[b, p] == seq_idx[b, t]``.
+    Returns float64 ``(out [B, D, L], final_states [B, D, W-1])`` (the last W-1 columns of xs)."""
     width, length = weight.shape[1], x.shape[-1]
     init = torch.zeros(*x.shape[:2], width - 1, dtype=F64, device=x.device) if initial_states is None \
         else initial_states.to(F64)
@@ -89,7 +91,11 @@ def causal_conv1d(x, weight, bias=None, silu_act=False, initial_states=None) -> 
     for t in range(length):
         acc = torch.zeros(x.shape[:2], dtype=F64, device=x.device) if bias is None else bias.to(F64).expand(x.shape[:2])
         for k in range(width):
-            acc = acc + weight[:, k].to(F64) * xs[..., t + k]
+            tap = weight[:, k].to(F64) * xs[..., t + k]
+            p = t + k - (width - 1)
+            if seq_idx is not None and p >= 0:
+                tap = tap * (seq_idx[:, p] == seq_idx[:, t]).to(F64)[:, None]
+            acc = acc + tap
         out[..., t] = silu(acc) if silu_act else acc
     return out, xs[..., xs.shape[-1] - (width - 1):]
 

@@ -4,6 +4,8 @@ HF oracles, gpu tier. Outputs are poisoned by the package (IFK_POISON_OUTPUTS=1 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -111,6 +113,68 @@ def test_fn_gradients_of_an_empty_sequence(backend):
     assert_equal(g_w, torch.zeros_like(weight), "d_weight")
     assert_equal(g_b, torch.zeros_like(bias), "d_bias")
     assert_equal(g_init, d_final, "d_initial_states")
+
+
+# ------------------------------------------------------------------ seq_idx and final_states_out
+
+
+def _seq_idx(batch, length, cuts):
+    """``[B, L]`` int32: row b holds sequences split at the positions ``cuts[b]``."""
+    rows = [[sum(t >= c for c in cuts[b]) for t in range(length)] for b in range(batch)]
+    return torch.tensor(rows, dtype=torch.int32, device=KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("length", "width", "cuts"), [
+    pytest.param(11, 4, [[3, 4, 9], []], id="L11-W4-cuts"),
+    pytest.param(70, 3, [[1], [64, 65, 69]], id="L70-W3-multiblock"),
+])
+def test_fn_seq_idx_matches_oracle(backend, dtype, length, width, cuts):
+    x, weight, bias = rnd(2, 19, length, dtype=dtype), rnd(19, width, dtype=dtype), rnd(19, dtype=dtype)
+    seq_idx = _seq_idx(2, length, cuts)
+    with use_backend(backend):
+        out = causal_conv1d_fn(x, weight, bias, "silu", seq_idx=seq_idx)
+    assert_close(out, oracle.causal_conv1d(x, weight, bias, True, seq_idx=seq_idx)[0], tol(dtype))
+    # each piece alone == its columns of the packed row
+    for b in range(2):
+        bounds = [0, *cuts[b], length]
+        for s, e in itertools.pairwise(bounds):
+            alone = oracle.causal_conv1d(x[b : b + 1, :, s:e], weight, bias, True)[0]
+            assert_close(out[b : b + 1, :, s:e], alone, tol(dtype), name=f"row {b} piece {s}:{e}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fn_seq_idx_gradients_match_oracle(backend):
+    x, weight, bias = rnd(2, 6, 9).requires_grad_(), rnd(6, 4).requires_grad_(), rnd(6).requires_grad_()
+    seq_idx, d_out = _seq_idx(2, 9, [[2, 3], [5]]), rnd(2, 6, 9)
+    with use_backend(backend):
+        out = causal_conv1d_fn(x, weight, bias, "silu", seq_idx=seq_idx)
+    grads = torch.autograd.grad([out], [x, weight, bias], [d_out])
+    ref = torch.autograd.grad([oracle.causal_conv1d(x, weight, bias, True, seq_idx=seq_idx)[0]], [x, weight, bias],
+                              [d_out])
+    for name, g, r in zip(["x", "weight", "bias"], grads, ref):
+        assert_close(g, r, name=f"d_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fn_final_states_out_is_written_and_returned(backend):
+    """A caller-given destination (here a strided view) receives the final states."""
+    x, weight, init = rnd(2, 6, 5).requires_grad_(), rnd(6, 4), rnd(2, 6, 3)
+    buffer = torch.full((2, 6, 6), float("nan"), device=KERNEL_DEVICE)
+    dest = buffer[..., ::2]
+    with use_backend(backend):
+        out, final = causal_conv1d_fn(x, weight, None, None, initial_states=init, return_final_states=True,
+                                      final_states_out=dest)
+    ref_out, ref_final = oracle.causal_conv1d(x, weight, None, False, init)
+    assert final is dest
+    assert_equal(buffer[..., ::2], ref_final.float(), "final_states_out")
+    assert torch.isnan(buffer[..., 1::2]).all(), "final_states_out wrote between its columns"
+    assert_close(out, ref_out)
+    d_final = rnd(2, 6, 3)
+    (g_x,) = torch.autograd.grad([final], [x], [d_final])
+    (r_x,) = torch.autograd.grad([oracle.causal_conv1d(x, weight, None, False, init)[1]], [x], [d_final])
+    assert_close(g_x, r_x)
 
 
 # ------------------------------------------------------------------ varlen and update
@@ -272,8 +336,11 @@ def test_forced_backend_without_kernel_raises(forced):
 def test_torch_library_opcheck():
     x, w, b = rnd(2, 6, 5), rnd(6, 4), rnd(6)
     torch.library.opcheck(
-        torch.ops.ifk.causal_conv1d_fwd, (torch.empty_like(x), torch.empty(2, 6, 3), [x, w, b, rnd(2, 6, 3)], True)
+        torch.ops.ifk.causal_conv1d_fwd,
+        (torch.empty_like(x), torch.empty(2, 6, 3), [x, w, b, rnd(2, 6, 3), None], True),
     )
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 2, 3, 3]], dtype=torch.int32, device=KERNEL_DEVICE)
+    torch.library.opcheck(torch.ops.ifk.causal_conv1d_fwd, (torch.empty_like(x), None, [x, w, b, None, seq_idx], False))
     slots = torch.tensor([2, PAD_SLOT_ID], device=KERNEL_DEVICE)
     torch.library.opcheck(
         torch.ops.ifk.causal_conv1d_update, (torch.empty_like(x), rnd(3, 6, 3), [x, w, b, slots], True, PAD_SLOT_ID)
@@ -348,6 +415,19 @@ FN_BAD = [
         dict(activation="relu"), ValueError, r"activation must be None, 'silu' or 'swish'", id="act"
     ),
     pytest.param(dict(x=rnd(6, 5)), ValueError, r"x must be 3-D", id="x-rank"),
+    pytest.param(dict(seq_idx=_dev(0, 0, 1, 1)), ValueError, r"seq_idx must be 2-D", id="seq-idx-rank"),
+    pytest.param(dict(seq_idx=torch.zeros(2, 4, dtype=torch.int32, device=KERNEL_DEVICE)), ValueError,
+                 r"seq_idx must have shape \[2, 5\]", id="seq-idx-shape"),
+    pytest.param(dict(seq_idx=torch.zeros(2, 5, device=KERNEL_DEVICE)), TypeError, r"seq_idx must have dtype",
+                 id="seq-idx-float"),
+    pytest.param(dict(seq_idx=torch.zeros(2, 5, dtype=torch.int32, device=KERNEL_DEVICE), initial_states=rnd(2, 6, 3)),
+                 ValueError, r"seq_idx cannot be combined", id="seq-idx-with-init"),
+    pytest.param(dict(final_states_out=rnd(2, 6, 3)), ValueError, r"return_final_states is False",
+                 id="final-out-without-return"),
+    pytest.param(dict(final_states_out=rnd(2, 6, 2), return_final_states=True), ValueError,
+                 r"final_states_out must have shape \[2, 6, 3\]", id="final-out-shape"),
+    pytest.param(dict(final_states_out=rnd(2, 6, 3, dtype=torch.float16), return_final_states=True), TypeError,
+                 r"final_states_out must have dtype", id="final-out-dtype"),
 ]
 
 
@@ -355,9 +435,8 @@ FN_BAD = [
 def test_fn_bad_input(change, exc, match):
     args = dict(x=rnd(2, 6, 5), weight=rnd(6, 4), bias=None, activation=None)
     args.update(change)
-    init = args.pop("initial_states", None)
     with pytest.raises(exc, match=match):
-        causal_conv1d_fn(**args, initial_states=init)
+        causal_conv1d_fn(**args)
 
 
 VARLEN_BAD = [
@@ -574,3 +653,16 @@ def test_gpu_update_graph_capture_compile_and_opcheck():
     compiled = torch.compile(causal_conv1d_update, fullgraph=True)
     out = compiled(x, state.clone(), weight, bias, "silu", idx)
     assert out.shape == (batch, dim)
+
+
+@pytest.mark.gpu
+def test_gpu_fn_seq_idx_and_final_states_out_bf16():
+    x = rnd(2, 2048, 1024, dtype=torch.bfloat16, device="cuda")
+    weight, bias = rnd(2048, 4, dtype=torch.bfloat16, device="cuda"), rnd(2048, dtype=torch.bfloat16, device="cuda")
+    seq_idx = _seq_idx(2, 1024, [[100, 101, 700], [5]])
+    out = causal_conv1d_fn(x, weight, bias, "silu", seq_idx=seq_idx)
+    assert_close(out, causal_conv1d_fn_ref(x, weight, bias, True, seq_idx=seq_idx)[0])
+    dest = torch.empty(2, 2048, 3, dtype=torch.bfloat16, device="cuda")
+    _, final = causal_conv1d_fn(x, weight, bias, "silu", return_final_states=True, final_states_out=dest)
+    assert final is dest
+    assert_equal(dest, x[..., -3:])
