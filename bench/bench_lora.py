@@ -17,8 +17,8 @@ import dataclasses
 import torch
 
 from bench.harness import Context, Row
-from triton_kernels import LoRAKernelMeta, add_lora_linear, lora_expand, lora_shrink
-from triton_kernels.registry import ADD_LORA_LINEAR
+from triton_kernels import LoRAKernelMeta, add_lora_linear, lora_expand, lora_shrink, use_backend
+from triton_kernels.registry import ADD_LORA_LINEAR, LORA_SHRINK
 
 QKV = (4096, 1024, 1024)
 O_PROJ = (4096,)
@@ -123,31 +123,48 @@ def _bytes_and_flops(case: Case, mapping: torch.Tensor, elem: int) -> tuple[floa
     return bytes_moved, flops
 
 
-def _case_rows(ctx: Context, case: Case, dtype: torch.dtype, backend: str) -> list[Row]:
+def _case_rows(ctx: Context, case: Case, dtype: torch.dtype) -> list[Row]:
     device = ctx.device
-    mapping, x, a, b, meta, ranks, y = _inputs(case, device, dtype)
-    nbytes, flops = _bytes_and_flops(case, mapping, x.element_size())
-    label = case.label + f"-{str(dtype).removeprefix('torch.')}" + ("-ranks" if ranks is not None else "")
     rank = max(case.ranks)
-    impls = {
-        f"ours[{backend}] fused": lambda: add_lora_linear(
-            y, x, a, b, 0.5, case.widths, meta, lora_ranks=ranks
-        )
-    }
-    if device.type == "cuda" or case.tokens <= 64:
-        buf = torch.zeros(len(case.widths), case.tokens, rank, device=device)
-        impls[f"shrink+expand[{backend}]"] = lambda: _shrink_expand(y, x, a, b, meta, 0.5, buf)
-    impls["peft loop"] = lambda: _peft_loop(y, x, a, b, mapping, 0.5)
+    two_kernel = device.type == "cuda" or case.tokens <= 64
     gathered = case.tokens * rank * (len(case.widths) * case.hidden + sum(case.widths))
-    if gathered * x.element_size() <= GATHER_BMM_MAX_BYTES:
-        a_cat = torch.cat(a, 1)  # [L, S*R, H]
-        blocks = torch.block_diag(*[torch.ones(n, rank) for n in case.widths]).to(device, dtype)
-        b_cat = torch.cat(b, 1).repeat(1, 1, len(case.widths)) * blocks  # [L, N, S*R], slice-diagonal
-        impls["gather+bmm"] = lambda: _gather_bmm(y, x, a_cat, b_cat, mapping, 0.5)
-    return [ctx.row("lora", label, impl, fn, nbytes, flops) for impl, fn in impls.items()]
+    gather_bmm = gathered * torch.finfo(dtype).bits // 8 <= GATHER_BMM_MAX_BYTES
+
+    def make() -> dict:
+        mapping, x, a, b, meta, ranks, y = _inputs(case, device, dtype)
+        inputs = dict(mapping=mapping, x=x, a=a, b=b, meta=meta, ranks=ranks, y=y)
+        if two_kernel:
+            inputs["buf"] = torch.zeros(len(case.widths), case.tokens, rank, device=device)
+        if gather_bmm:
+            blocks = torch.block_diag(*[torch.ones(n, rank) for n in case.widths]).to(device, dtype)
+            inputs["a_cat"] = torch.cat(a, 1)  # [L, S*R, H]
+            inputs["b_cat"] = torch.cat(b, 1).repeat(1, 1, len(case.widths)) * blocks  # [L, N, S*R], slice-diagonal
+        return inputs
+
+    sets = ctx.input_sets(make)
+    first = sets[0]
+    nbytes, flops = _bytes_and_flops(case, first["mapping"], first["x"].element_size())
+    label = case.label + f"-{str(dtype).removeprefix('torch.')}" + ("-ranks" if case.per_slot_ranks else "")
+    impls = {}
+    for backend in ctx.our_backends(ADD_LORA_LINEAR, [dtype]):
+        def fused(s, backend=backend):
+            with use_backend(backend):
+                add_lora_linear(s["y"], s["x"], s["a"], s["b"], 0.5, case.widths, s["meta"], lora_ranks=s["ranks"])
+
+        impls[f"ours[{backend}] fused"] = fused
+    if two_kernel:
+        for backend in ctx.our_backends(LORA_SHRINK, [dtype]):
+            def two_step(s, backend=backend):
+                with use_backend(backend):
+                    _shrink_expand(s["y"], s["x"], s["a"], s["b"], s["meta"], 0.5, s["buf"])
+
+            impls[f"shrink+expand[{backend}]"] = two_step
+    impls["peft loop"] = lambda s: _peft_loop(s["y"], s["x"], s["a"], s["b"], s["mapping"], 0.5)
+    if gather_bmm:
+        impls["gather+bmm"] = lambda s: _gather_bmm(s["y"], s["x"], s["a_cat"], s["b_cat"], s["mapping"], 0.5)
+    return [ctx.row("lora", label, impl, fn, sets, nbytes, flops) for impl, fn in impls.items()]
 
 
 def run(ctx: Context) -> list[Row]:
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    backend = ADD_LORA_LINEAR.select(ctx.device)
-    return [row for case in _cases(ctx.device, ctx.quick) for row in _case_rows(ctx, case, dtype, backend)]
+    return [row for case in _cases(ctx.device, ctx.quick) for row in _case_rows(ctx, case, dtype)]

@@ -1,5 +1,6 @@
-"""Mamba benchmarks: the prefill selective scan (batched and packed varlen) here; the decode state
-update and causal conv rows come from ``bench/bench_mamba_conv.py`` (``conv_and_update_rows``).
+"""Mamba selective-scan benchmarks (``triton_kernels/mamba/selective_scan.py``): the prefill scan,
+batched and packed varlen. The decode step is ``bench/bench_mamba_state_update.py``, the causal
+conv ``bench/bench_mamba_conv.py``.
 
 Scan cost by formula: bytes = u, delta, z read and out written (``4 B D L`` elements) + B, C
 (``2 B G N L``) + A, D, bias (+ the states read and written for varlen); exponentials
@@ -10,13 +11,13 @@ FLOPs per state element and token.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
 from bench.harness import Context, Row
 from triton_kernels import selective_scan_fn, selective_scan_varlen, use_backend
 from triton_kernels.mamba.reference import selective_scan_ref
+from triton_kernels.registry import SELECTIVE_SCAN
 
 FAMILY = "mamba"
 FLOPS_PER_STATE_TOKEN = 7
@@ -44,8 +45,8 @@ def _scan_bytes(bsz: int, dim: int, dstate: int, tokens: int, elt: int, states: 
         + 2 * 4 * states * dim * dstate
 
 
-def _row(ctx: Context, case: str, impl: str, fn, nbytes: float, exps: float) -> Row:
-    row = ctx.row(FAMILY, case, impl, fn, nbytes, flops=FLOPS_PER_STATE_TOKEN * exps)
+def _row(ctx: Context, case: str, impl: str, fn, sets: list, nbytes: float, exps: float) -> Row:
+    row = ctx.row(FAMILY, case, impl, fn, sets, nbytes, flops=FLOPS_PER_STATE_TOKEN * exps)
     row.extra["gexp_per_s"] = exps / (row.median_ms * 1e-3) / 1e9
     return row
 
@@ -59,56 +60,63 @@ def _hf_loop(a: dict):
 
 
 def _batched_rows(ctx: Context, dim: int, dstate: int, seqlen: int, dtype: torch.dtype) -> list[Row]:
-    a = _scan_inputs(1, dim, dstate, seqlen, dtype, ctx.device)
+    sets = ctx.input_sets(lambda: _scan_inputs(1, dim, dstate, seqlen, dtype, ctx.device))
     case = f"scan-D{dim}-N{dstate}-L{seqlen}-{str(dtype).removeprefix('torch.')}"
-    nbytes, exps = _scan_bytes(1, dim, dstate, seqlen, a["u"].element_size()), float(dim * seqlen * dstate)
-    rows = []
+    nbytes, exps = _scan_bytes(1, dim, dstate, seqlen, sets[0]["u"].element_size()), float(dim * seqlen * dstate)
+    impls = [(f"ours[{b}]", functools.partial(_ours_batched, b)) for b in ctx.our_backends(SELECTIVE_SCAN, [dtype])]
     if ctx.device.type == "cuda":
         from bench.naive_scan import naive_selective_scan
 
         compiled = torch.compile(functools.partial(selective_scan_ref, chunk_size=256))
-        impls = [("ours[triton]", lambda: _backend("triton", selective_scan_fn, **a, delta_softplus=True)),
-                 ("naive triton scan", lambda: naive_selective_scan(**a)),
-                 ("torch.compile(reference)", lambda: compiled(**a, delta_softplus=True))]
-    else:
-        impls = [("ours[cpu]", lambda: _backend("cpu", selective_scan_fn, **a, delta_softplus=True)),
-                 ("ours[torch]", lambda: _backend("torch", selective_scan_fn, **a, delta_softplus=True))]
-    impls.append(("HF transformers loop", lambda: _hf_loop(a)))
-    for impl, fn in impls:
-        rows.append(_row(ctx, case, impl, fn, nbytes, exps))
-    return rows
+        impls += [("naive triton scan", lambda a: naive_selective_scan(**a)),
+                  ("torch.compile(reference)", lambda a: compiled(**a, delta_softplus=True))]
+    impls.append(("HF transformers loop", _hf_loop))
+    return [_row(ctx, case, impl, fn, sets, nbytes, exps) for impl, fn in impls]
+
+
+def _ours_batched(backend: str, a: dict):
+    return _backend(backend, selective_scan_fn, **a, delta_softplus=True)
 
 
 def _varlen_rows(ctx: Context, dim: int, dstate: int, lengths: tuple[int, ...],
                  dtype: torch.dtype) -> list[Row]:
     """Packed sequences of mixed lengths, random initial states in a permuted cache."""
     total, batch = sum(lengths), len(lengths)
-    a = _scan_inputs(1, dim, dstate, total, dtype, ctx.device)
-    packed = {k: (v[0] if k in ("u", "delta", "z", "B", "C") else v) for k, v in a.items()}
-    packed["B"], packed["C"] = packed["B"][None], packed["C"][None]
-    states = torch.randn(2 * batch, dim, dstate, device=ctx.device)
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    kw = dict(query_start_loc=offsets.to(ctx.device), delta_softplus=True,
-              cache_indices=torch.randperm(2 * batch)[:batch].to(ctx.device),
-              has_initial_state=torch.ones(batch, dtype=torch.bool, device=ctx.device))
+    bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+
+    def make() -> dict:
+        a = _scan_inputs(1, dim, dstate, total, dtype, ctx.device)
+        packed = {k: (v[0] if k in ("u", "delta", "z", "B", "C") else v) for k, v in a.items()}
+        packed["B"], packed["C"] = packed["B"][None], packed["C"][None]
+        kw = dict(query_start_loc=offsets.to(ctx.device), delta_softplus=True,
+                  ssm_states=torch.randn(2 * batch, dim, dstate, device=ctx.device),
+                  cache_indices=torch.randperm(2 * batch)[:batch].to(ctx.device),
+                  has_initial_state=torch.ones(batch, dtype=torch.bool, device=ctx.device))
+        slices = [{k: (v[..., s:e].contiguous() if v.dim() == 3 else v) for k, v in a.items()}
+                  for s, e in bounds] if ctx.device.type == "cuda" else None  # the naive per-sequence baseline
+        return dict(packed=packed, kw=kw, slices=slices)
+
+    sets = ctx.input_sets(make)
     case = f"varlen-D{dim}-N{dstate}-T{total}-{batch}seqs-{str(dtype).removeprefix('torch.')}"
-    nbytes = _scan_bytes(1, dim, dstate, total, a["u"].element_size(), states=batch)
+    nbytes = _scan_bytes(1, dim, dstate, total, sets[0]["packed"]["u"].element_size(), states=batch)
     exps = float(dim * total * dstate)
-    ours = "triton" if ctx.device.type == "cuda" else "cpu"
-    impls = [(f"ours[{b}]", functools.partial(_backend, b, selective_scan_varlen, **packed,
-                                              ssm_states=states, **kw)) for b in (ours, "torch")]
+    backends = ctx.our_backends(SELECTIVE_SCAN, [dtype])
+    backends += [] if "torch" in backends else ["torch"]  # the packed torch reference, on a GPU too
+    impls = [(f"ours[{b}]", functools.partial(_ours_varlen, b)) for b in backends]
     if ctx.device.type == "cuda":
         from bench.naive_scan import naive_selective_scan
 
-        bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
-        slices = [{k: (v[..., s:e].contiguous() if v.dim() == 3 else v) for k, v in a.items()}
-                  for s, e in bounds]
         impls.append(("naive triton scan per sequence (no initial state)",
-                      lambda: [naive_selective_scan(**sl) for sl in slices]))
-    return [_row(ctx, case, impl, fn, nbytes, exps) for impl, fn in impls]
+                      lambda s: [naive_selective_scan(**sl) for sl in s["slices"]]))
+    return [_row(ctx, case, impl, fn, sets, nbytes, exps) for impl, fn in impls]
 
 
-def _scan_rows(ctx: Context) -> list[Row]:
+def _ours_varlen(backend: str, s: dict):
+    return _backend(backend, selective_scan_varlen, **s["packed"], **s["kw"])
+
+
+def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     if ctx.device.type == "cuda":
         shapes = [(5120, 2048)] if ctx.quick else [(d, n) for d in (2048, 5120) for n in (512, 2048, 8192)]
@@ -121,11 +129,3 @@ def _scan_rows(ctx: Context) -> list[Row]:
         rows += _varlen_rows(ctx, 1024, 16, VARLEN_LENGTHS_CPU, torch.float32)
     return rows
 
-
-def run(ctx: Context) -> list[Row]:
-    rows = _scan_rows(ctx)
-    if importlib.util.find_spec("bench.bench_mamba_conv") is not None:
-        from bench.bench_mamba_conv import conv_and_update_rows
-
-        rows += conv_and_update_rows(ctx)
-    return rows

@@ -10,7 +10,7 @@ import torch
 
 from bench.harness import Context, Row
 from triton_kernels import embed_multimodal_tokens, use_backend
-from triton_kernels.backend import BackendUnavailableError
+from triton_kernels.registry import MULTIMODAL_SCATTER
 
 PLACEHOLDER = 151655  # Qwen2-VL's image pad id: inside a 152k vocabulary
 VOCAB = 152064
@@ -52,24 +52,26 @@ def cases(ctx: Context):
 
 
 def case_rows(ctx: Context, num_tokens: int, hidden: int, num_items: int, dtype: torch.dtype) -> list[Row]:
-    ids, weight, items = make_inputs(num_tokens, hidden, num_items, 0.5, dtype, ctx.device)
-    out = torch.empty(num_tokens, hidden, dtype=dtype, device=ctx.device)
-    nbytes = 2 * num_tokens * hidden * out.element_size() + num_tokens * ids.element_size()
+    def make():
+        ids, weight, items = make_inputs(num_tokens, hidden, num_items, 0.5, dtype, ctx.device)
+        return ids, weight, items, torch.empty(num_tokens, hidden, dtype=dtype, device=ctx.device)
+
+    sets = ctx.input_sets(make)
+    elem, id_bytes = sets[0][1].element_size(), sets[0][0].element_size()
+    nbytes = 2 * num_tokens * hidden * elem + num_tokens * id_bytes
     case = f"T{num_tokens}-H{hidden}-{str(dtype)[6:]}-{num_items}items"
     rows = []
-    for backend in ["triton", "cuda"] if ctx.device.type == "cuda" else ["torch"]:
-        def fused(backend=backend):
+    for backend in ctx.our_backends(MULTIMODAL_SCATTER, [dtype]):
+        def fused(inputs, backend=backend):
+            ids, weight, items, out = inputs
             with use_backend(backend):
                 embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, out=out)
 
-        try:
-            rows.append(ctx.row("multimodal", case, f"ours[{backend}] fused embed", fused, nbytes))
-        except BackendUnavailableError as exc:
-            ctx.progress(f"skip ours[{backend}]: {exc}")
+        rows.append(ctx.row("multimodal", case, f"ours[{backend}] fused embed", fused, sets, nbytes))
     rows.append(ctx.row("multimodal", case, "vllm embed+masked_scatter",
-                        lambda: vllm_masked_scatter(ids, weight, items), nbytes))
+                        lambda s: vllm_masked_scatter(*s[:3]), sets, nbytes))
     rows.append(ctx.row("multimodal", case, "embed+index assignment",
-                        lambda: index_assignment(ids, weight, items), nbytes))
+                        lambda s: index_assignment(*s[:3]), sets, nbytes))
     return rows
 
 

@@ -3,7 +3,10 @@
 # the benchmarks, then the default tier on the GPU, each under a time cap, logs under $OUT.
 # Usage: OUT=/some/dir bash bench/gpu_check.sh   (at most about 8.5 minutes: 240 + 240 + 60 s caps)
 # The benchmarks run with --quick (one shape per headline case) to fit a 15-minute device lease;
-# a failing implementation is recorded as a NaN row with its error, not a crash.
+# a failing implementation is recorded as a NaN row with its error, not a crash, and the JSON is
+# rewritten after every family, so a run cut by the cap keeps the families it finished.
+# BENCH_FAMILIES lists the `python -m bench --only` families (python -m bench --help); add new ones there.
+BENCH_FAMILIES="${BENCH_FAMILIES:-multimodal lora mamba mamba_state_update mamba_conv mamba2_decode mamba2_norm}"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M)}"
@@ -20,7 +23,8 @@ echo "== gpu tier =="
 timeout 240 python -m pytest tests -m gpu -q --maxfail=20 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 
 echo "== benchmarks =="
-IFK_BENCH_OUT="$OUT" timeout 240 python -m bench --quick 2>&1 | tee "$OUT/bench.log" | grep -v '^  \.\.'
+# shellcheck disable=SC2086  # the family list splits into words on purpose
+IFK_BENCH_OUT="$OUT" timeout 240 python -m bench --quick --only $BENCH_FAMILIES 2>&1 | tee "$OUT/bench.log" | grep -v '^  \.\.'
 
 echo "== default tier on the GPU =="
 timeout 60 python -m pytest tests -m "not gpu" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/default_tier.log" | tail -15

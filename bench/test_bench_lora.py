@@ -1,13 +1,16 @@
 """pytest-benchmark cases for the multi-LoRA ops: ``pytest bench/test_bench_lora.py --benchmark-json x.json``.
 
-Small decode-sized qkv shapes so the file stays quick on a CPU (torch backend there)."""
+Small decode-sized qkv shapes so the file stays quick on a CPU (torch backend there). Timed by the
+harness (per-call CUDA events on a GPU, ``perf_counter`` on CPU; rotating input sets)."""
 
 import pytest
 import torch
 
 from bench.bench_lora import Case, _inputs, _peft_loop
+from bench.harness import CLOCK, clocked, input_sets
 from triton_kernels import add_lora_linear
 
+pytestmark = pytest.mark.benchmark(timer=CLOCK)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 ROUNDS = 20  # fixed, so the file stays quick on a loaded CPU
@@ -20,21 +23,23 @@ CASES = [
 ]
 
 
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_add_lora_linear(benchmark, case):
-    _, x, a, b, meta, ranks, y = _inputs(case, DEVICE, DTYPE)
-    fn = lambda: (add_lora_linear(y, x, a, b, 0.5, case.widths, meta, lora_ranks=ranks), _sync())  # noqa: E731
-    benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1)
+    sets = input_sets(lambda: _inputs(case, DEVICE, DTYPE), DEVICE)
+
+    def fused(s):
+        _, x, a, b, meta, ranks, y = s
+        add_lora_linear(y, x, a, b, 0.5, case.widths, meta, lora_ranks=ranks)
+
+    benchmark.pedantic(clocked(fused, sets, DEVICE), rounds=ROUNDS)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_peft_loop(benchmark, case):
-    mapping, x, a, b, _, _, y = _inputs(case, DEVICE, DTYPE)
-    benchmark.pedantic(
-        lambda: (_peft_loop(y, x, a, b, mapping, 0.5), _sync()), rounds=ROUNDS, warmup_rounds=1
-    )
+    sets = input_sets(lambda: _inputs(case, DEVICE, DTYPE), DEVICE)
+
+    def loop(s):
+        mapping, x, a, b, _, _, y = s
+        _peft_loop(y, x, a, b, mapping, 0.5)
+
+    benchmark.pedantic(clocked(loop, sets, DEVICE), rounds=ROUNDS)

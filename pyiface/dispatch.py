@@ -10,9 +10,11 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from pyiface import interfaces as itf
 from pyiface.mamba_cache import MambaCache
+from pyiface.multimodal import MultiModalEmbedder
 from pyiface.pipeline import pp_layer_range
 from triton_kernels import registry
 from triton_kernels._csrc import ExtensionBuildError
@@ -40,6 +42,25 @@ FLAG_PREDICATES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a model's steps run, honoured by the building blocks the plan hands out.
+
+    ``validated`` (``SupportsV0Only`` models, vLLM's V0 engine): eager, and every value check
+    reads the data (one host sync each), whatever counts the caller holds on the host. Otherwise
+    the graph-safe fast path: a block given a host-side count trusts it instead of syncing
+    (:class:`~pyiface.multimodal.MultiModalEmbedder`'s ``num_placeholders``), and CUDA graphs may
+    be captured (value checks are skipped during capture either way).
+    """
+
+    validated: bool
+
+    def __str__(self) -> str:
+        if self.validated:
+            return "eager, validated (SupportsV0Only): value checks read the data"
+        return "graph-safe fast path: host-side counts replace syncs"
+
+
 @dataclasses.dataclass
 class MambaStatePlan:
     """Per-sequence Mamba state shapes of one layer (``None`` until a config gives them) and the
@@ -60,28 +81,42 @@ class PipelinePlan:
 
 @dataclasses.dataclass
 class KernelPlan:
-    """What a model gets. ``backends`` maps each op it runs to the backend chosen on ``device``."""
+    """What a model gets. ``backends`` maps each op it runs to the backend that will run it on
+    ``device``; ``tasks`` tells the serving layer which requests the model answers (generate,
+    score, transcription); ``execution`` is honoured by :meth:`make_embedder`."""
 
     model: str
     device: torch.device
     flags: dict[str, bool]
-    embedding: str
     lora_wrapper: Any
     packed_modules_mapping: dict[str, list[str]]
     mamba: MambaStatePlan | None
     needs_kv_cache: bool
     pipeline: PipelinePlan | None
     tasks: tuple[str, ...]
-    execution: str
+    execution: Execution
     quant_config: Any
     backends: dict[str, str]
+
+    def make_embedder(
+        self, embedding: nn.Embedding, placeholder_token_id: int | list[int] | None = None
+    ) -> nn.Module:
+        """The token embedding the model should run: for a multimodal model a
+        :class:`~pyiface.multimodal.MultiModalEmbedder` over ``embedding`` (fused lookup and
+        scatter, following :attr:`execution`), else ``embedding`` itself."""
+        if not self.flags["supports_multimodal"]:
+            return embedding
+        if placeholder_token_id is None:
+            raise ValueError(f"{self.model} is multimodal: make_embedder needs its placeholder_token_id")
+        return MultiModalEmbedder(embedding, placeholder_token_id, validated=self.execution.validated)
 
     def __str__(self) -> str:
         rows = [
             ("model", self.model),
             ("device", str(self.device)),
             ("flags", ", ".join(name for name, on in self.flags.items() if on) or "(none)"),
-            ("embedding", self.embedding),
+            ("embedding", "fused multimodal scatter (MultiModalEmbedder)" if self.flags["supports_multimodal"]
+             else "plain embedding"),
             ("lora", "batch wrapper" if self.lora_wrapper is not None else
              ("enabled (wrapper built when max_loras is given)" if self.flags["supports_lora"] else "-")),
             ("packed modules", ", ".join(f"{k}={'+'.join(v)}" for k, v in self.packed_modules_mapping.items()) or "-"),
@@ -89,7 +124,7 @@ class KernelPlan:
             ("kv cache", "yes" if self.needs_kv_cache else "no (attention-free)"),
             ("pipeline", _describe_pipeline(self.pipeline)),
             ("tasks", ", ".join(self.tasks)),
-            ("execution", self.execution),
+            ("execution", str(self.execution)),
             ("quantization", type(self.quant_config).__name__ if self.quant_config is not None else "-"),
         ] + [(f"op {op}", backend) for op, backend in self.backends.items()]
         width = max(len(k) for k, _ in rows)
@@ -134,14 +169,31 @@ def _backends(capabilities: list[str], device: torch.device) -> dict[str, str]:
     return chosen
 
 
-def _mamba_plan(model_or_class: Any, config: Any, max_num_seqs: int | None, num_mamba_layers: int | None,
-                device: torch.device, dtype: torch.dtype) -> MambaStatePlan:
-    conv_shape = ssm_shape = None
+def _mamba_plan(model_or_class: Any, name: str, config: Any, max_num_seqs: int | None,
+                num_mamba_layers: int | None, device: torch.device, dtype: torch.dtype) -> MambaStatePlan:
+    """State shapes from the model's ``get_mamba_state_shape_from_config`` (hybrid models), else
+    from what :meth:`MambaCache.from_config` allocates for the HF-style Mamba config (pure Mamba
+    models: the same code reads the config for the shapes and for the cache)."""
+    if config is None:
+        return MambaStatePlan(None, None)
     shape_fn = getattr(model_or_class, "get_mamba_state_shape_from_config", None)
-    if config is not None and shape_fn is not None:
-        conv_shape, ssm_shape = (tuple(s) for s in shape_fn(config))
+    if shape_fn is None:
+        if num_mamba_layers is not None and num_mamba_layers != getattr(config, "num_hidden_layers", None):
+            raise ValueError(f"{name} is a pure Mamba model: its layers are the config's num_hidden_layers "
+                             f"({getattr(config, 'num_hidden_layers', None)}), got num_mamba_layers={num_mamba_layers}")
+        try:
+            probe = MambaCache.from_config(config, 1, ssm_dtype=dtype, device="meta")
+        except AttributeError as exc:
+            raise ValueError(f"{name}: its config has no {exc.name!r}; MambaCache.from_config reads num_hidden_layers, "
+                             "intermediate_size, state_size and conv_kernel (or define "
+                             "get_mamba_state_shape_from_config)") from exc
+        cache = None
+        if max_num_seqs is not None:
+            cache = MambaCache.from_config(config, max_num_seqs, ssm_dtype=dtype, device=device)
+        return MambaStatePlan(tuple(probe.conv_state.shape[2:]), tuple(probe.ssm_state.shape[2:]), cache)
+    conv_shape, ssm_shape = (tuple(s) for s in shape_fn(config))
     cache = None
-    if ssm_shape is not None and max_num_seqs is not None and num_mamba_layers is not None:
+    if max_num_seqs is not None and num_mamba_layers is not None:
         cache = MambaCache(
             num_mamba_layers, max_num_seqs, dim=conv_shape[0], state_size=ssm_shape[-1],
             conv_width=conv_shape[-1] + 1, num_heads=ssm_shape[0] if len(ssm_shape) == 3 else None,
@@ -167,9 +219,14 @@ def plan(
     """The :class:`KernelPlan` for a model class or instance.
 
     ``device`` defaults to CUDA when present. ``config`` (default: the instance's ``config``)
-    gives IsHybrid models their Mamba state shapes; with ``max_num_seqs`` and
-    ``num_mamba_layers`` the state cache is allocated. ``max_loras`` and ``max_num_tokens``
-    build the LoRA batch wrapper. Raises ``ValueError`` for contradictory flags.
+    gives models with inner state their Mamba state shapes: through the model's
+    ``get_mamba_state_shape_from_config`` (hybrid models), else as
+    :meth:`MambaCache.from_config` reads an HF-style Mamba config (pure Mamba models). The state
+    cache is allocated with ``max_num_seqs`` (and, for hybrid models, ``num_mamba_layers``).
+    ``max_loras`` and ``max_num_tokens`` build the LoRA batch wrapper. ``execution`` is the
+    validated eager path for ``SupportsV0Only`` models, else the graph-safe fast path; the
+    embedder from :meth:`KernelPlan.make_embedder` follows it. Raises ``ValueError`` for
+    contradictory flags.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
@@ -192,7 +249,7 @@ def plan(
     mamba = None
     if flags["has_inner_state"]:
         capabilities.append("mamba")
-        mamba = _mamba_plan(model_or_class, config, max_num_seqs, num_mamba_layers, device, state_dtype)
+        mamba = _mamba_plan(model_or_class, name, config, max_num_seqs, num_mamba_layers, device, state_dtype)
     pipeline = None
     if flags["supports_pp"]:
         factory = None if isinstance(model_or_class, type) else model_or_class.make_empty_intermediate_tensors
@@ -210,16 +267,13 @@ def plan(
         model=name,
         device=device,
         flags=flags,
-        embedding="fused multimodal scatter (embed_multimodal_tokens)" if flags["supports_multimodal"]
-        else "plain embedding",
         lora_wrapper=lora_wrapper,
         packed_modules_mapping=dict(getattr(model_or_class, "packed_modules_mapping", {}) or {}),
         mamba=mamba,
         needs_kv_cache=not flags["is_attention_free"],
         pipeline=pipeline,
         tasks=tuple(tasks),
-        execution="eager, validated (SupportsV0Only)" if flags["supports_v0_only"]
-        else "graph-safe fast path (CUDA graphs, no host sync)",
+        execution=Execution(validated=flags["supports_v0_only"]),
         quant_config=getattr(model_or_class, "quant_config", None) if flags["supports_quant"] else None,
         backends=_backends(capabilities, device),
     )

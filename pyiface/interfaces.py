@@ -30,6 +30,7 @@ from typing_extensions import Self
 
 from pyiface.intermediate_tensors import IntermediateTensors
 from pyiface.multimodal import embed_with_placeholders
+from triton_kernels.multimodal import placeholder_mask
 
 MultiModalEmbeddings: TypeAlias = list[Tensor] | Tensor | tuple[Tensor, ...]
 """A list/tuple of 2-D ``[rows_i, H]`` tensors, one per item (image, audio clip) in prompt order,
@@ -178,10 +179,7 @@ def _has_items(multimodal_embeddings: MultiModalEmbeddings | None) -> bool:
 
 def _placeholder_mask(model: object, input_ids: Tensor) -> Tensor | None:
     ids = getattr(model, "placeholder_token_id", None)
-    if ids is None:
-        return None
-    ids = torch.as_tensor(ids, dtype=input_ids.dtype, device=input_ids.device)
-    return torch.isin(input_ids, ids)
+    return None if ids is None else placeholder_mask(input_ids, ids)
 
 
 def _embed_with_placeholders(

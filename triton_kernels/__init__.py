@@ -15,6 +15,7 @@ from triton_kernels.mamba import (
     selective_scan_varlen,
     selective_state_update,
 )
+from triton_kernels.mamba2 import mamba_chunk_scan_combined, mamba_chunk_scan_varlen, rms_norm_gated
 from triton_kernels.multimodal import (
     embed_multimodal_tokens,
     merge_multimodal_embeddings,
@@ -33,8 +34,11 @@ __all__ = [
     "lora_expand",
     "lora_linear",
     "lora_shrink",
+    "mamba_chunk_scan_combined",
+    "mamba_chunk_scan_varlen",
     "merge_multimodal_embeddings",
     "merge_multimodal_embeddings_by_mask",
+    "rms_norm_gated",
     "selective_scan_fn",
     "selective_scan_varlen",
     "selective_state_update",

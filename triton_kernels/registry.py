@@ -20,7 +20,7 @@ MULTIMODAL_SCATTER = Op(
 )
 LORA_SHRINK = Op("lora_shrink", reference="triton_kernels.lora.reference:lora_shrink_ref")
 LORA_EXPAND = Op("lora_expand", reference="triton_kernels.lora.reference:lora_expand_ref")
-ADD_LORA_LINEAR = Op("add_lora_linear", reference="triton_kernels.lora.reference:add_lora_linear_batched")
+ADD_LORA_LINEAR = Op("add_lora_linear", reference="triton_kernels.lora.batched:add_lora_linear_batched")
 SELECTIVE_SCAN = Op(
     "selective_scan",
     reference="triton_kernels.mamba.reference:selective_scan_ref",
@@ -36,6 +36,8 @@ CAUSAL_CONV1D_VARLEN = Op(
 CAUSAL_CONV1D_UPDATE = Op(
     "causal_conv1d_update", reference="triton_kernels.mamba.reference:causal_conv1d_update_ref"
 )
+RMS_NORM_GATED = Op("rms_norm_gated", reference="triton_kernels.mamba2.rms_norm_gated:rms_norm_gated_ref")
+MAMBA_CHUNK_SCAN = Op("mamba_chunk_scan", reference="triton_kernels.mamba2.ssd_reference:ssd_core_torch")
 
 OPS: dict[str, Op] = {op.name: op for op in (
     MULTIMODAL_SCATTER,
@@ -47,4 +49,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
     CAUSAL_CONV1D,
     CAUSAL_CONV1D_VARLEN,
     CAUSAL_CONV1D_UPDATE,
+    RMS_NORM_GATED,
+    MAMBA_CHUNK_SCAN,
 )}

@@ -30,6 +30,14 @@ __device__ __forceinline__ void copy_row(char* dst, const char* src, int64_t row
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) d[i] = s[i];
 }
 
+// Zeroes bytes [chunk * kChunkBytes, ...) of one row, 2 bytes at a time (every dtype here is >= 2 bytes).
+__device__ __forceinline__ void zero_row(char* dst, int64_t row_bytes, int64_t chunk) {
+  const int64_t begin = chunk * kChunkBytes / 2;
+  const int64_t end = min(row_bytes, (chunk + 1) * kChunkBytes) / 2;
+  auto* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) d[i] = 0;
+}
+
 // Widest unit (16, 8, 4 or 2 bytes) that divides every address and the row size.
 __device__ __forceinline__ int copy_unit(const char* dst, const char* src, int64_t row_bytes) {
   const auto bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
@@ -41,7 +49,7 @@ template <typename Index>
 __global__ void embed_scatter_kernel(
     char* __restrict__ out, int64_t out_stride_bytes,   // [T, H]
     const Index* __restrict__ ids,                      // [T] or nullptr (merge: text rows untouched)
-    const char* __restrict__ weight, int64_t w_stride_bytes,  // [V, H] or nullptr
+    const char* __restrict__ weight, int64_t w_stride_bytes, int64_t vocab,  // [V, H] or nullptr
     const bool* __restrict__ mask,                      // [T]
     const int32_t* __restrict__ rank,                   // [T] inclusive cumsum of mask
     const char* __restrict__ single_item, int64_t single_stride_bytes,  // [rows, H] or nullptr
@@ -65,7 +73,12 @@ __global__ void embed_scatter_kernel(
       src = reinterpret_cast<const char*>(table[lo]) + (row - starts[lo]) * stride_bytes;
     }
   } else if (ids != nullptr) {
-    src = weight + static_cast<int64_t>(ids[t]) * w_stride_bytes;
+    const int64_t token = static_cast<int64_t>(ids[t]);
+    if (token < 0 || token >= vocab) {  // unchecked data: an out-of-vocab id gives a zero row
+      zero_row(out + t * out_stride_bytes, row_bytes, blockIdx.y);
+      return;
+    }
+    src = weight + token * w_stride_bytes;
   } else {
     return;
   }
@@ -94,13 +107,14 @@ void embed_scatter_cuda(const at::Tensor& out, const std::optional<at::Tensor>& 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const char* w = weight ? static_cast<const char*>(weight->data_ptr()) : nullptr;
   const int64_t w_stride = weight ? weight->stride(0) * elem : 0;
+  const int64_t vocab = weight ? weight->size(0) : 0;
   const char* single = single_item ? static_cast<const char*>(single_item->data_ptr()) : nullptr;
   const int64_t single_stride = single_item ? single_item->stride(0) * elem : 0;
   const int64_t* tab = table ? table->data_ptr<int64_t>() : nullptr;
   const int64_t n_items = table ? table->size(1) - 1 : 1;
   auto launch = [&](auto* ids) {
     embed_scatter_kernel<<<grid, kThreads, 0, stream>>>(
-        static_cast<char*>(out.data_ptr()), out.stride(0) * elem, ids, w, w_stride, mask.data_ptr<bool>(),
+        static_cast<char*>(out.data_ptr()), out.stride(0) * elem, ids, w, w_stride, vocab, mask.data_ptr<bool>(),
         rank.data_ptr<int32_t>(), single, single_stride, tab, n_items, total_rows, row_bytes, elem);
   };
   if (!input_ids.has_value()) {

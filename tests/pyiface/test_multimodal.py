@@ -32,3 +32,23 @@ def test_text_only_is_plain_embedding(embedder):
 def test_needs_an_embedding_module():
     with pytest.raises(TypeError, match=r"nn\.Embedding"):
         MultiModalEmbedder(nn.Linear(3, 3), 1)
+
+
+def test_max_norm_is_refused():
+    """nn.Embedding(max_norm=...) renormalises rows on lookup; the fused kernel would not."""
+    with pytest.raises(TypeError, match="without max_norm"):
+        MultiModalEmbedder(nn.Embedding(30, 12, max_norm=1.0), 29)
+
+
+def test_every_position_a_placeholder_with_an_empty_table():
+    embedder = MultiModalEmbedder(nn.Embedding(0, 4), placeholder_token_id=5)
+    items = [torch.randn(3, 4)]
+    with torch.no_grad():
+        assert_equal(embedder(torch.tensor([5, 5, 5]), items), items[0])
+
+
+def test_placeholder_that_wraps_is_refused():
+    embedder = MultiModalEmbedder(nn.Embedding(30, 12), placeholder_token_id=2**32 + 2)
+    ids = torch.tensor([1, 2, 3], dtype=torch.int32)
+    with torch.no_grad(), pytest.raises(ValueError, match="placeholder_token_id 4294967298 is outside"):
+        embedder(ids, [torch.randn(1, 12)])

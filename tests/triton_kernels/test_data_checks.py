@@ -7,7 +7,7 @@ import triton.language as tl
 
 from tests.utils import KERNEL_DEVICE, assert_close
 from triton_kernels import _alloc, _tl_math
-from triton_kernels._data_checks import check_offsets, check_offsets_and_slots, check_slots
+from triton_kernels._data_checks import check_offsets, check_offsets_and_slots, check_once, check_slots
 
 
 @pytest.mark.parametrize(
@@ -72,3 +72,24 @@ def test_poisoned_allocation_under_the_test_tier():
     assert _alloc.POISON, "conftest sets IFK_POISON_OUTPUTS=1 before the package is imported"
     assert _alloc.empty((3,), torch.float16, torch.device("cpu")).isnan().all()
     assert (_alloc.empty((2,), torch.int32, torch.device("cpu")) == _alloc.INT_POISON).all()
+
+
+def test_check_once_reruns_only_when_the_tensors_change():
+    calls = []
+    t = torch.arange(4)
+    check_once(lambda: calls.append(1), (t,), 4)
+    check_once(lambda: calls.append(1), (t,), 4)
+    assert len(calls) == 1  # same tensor, unchanged, same sizes: not read again
+    check_once(lambda: calls.append(1), (t,), 5)
+    t.add_(1)  # an in-place op bumps the version
+    check_once(lambda: calls.append(1), (t,), 4)
+    check_once(lambda: calls.append(1), (t.clone(),), 4)  # another tensor, same values
+    assert len(calls) == 4
+
+    def bad() -> None:
+        raise ValueError("bad")
+
+    u = torch.arange(3)
+    for _ in range(2):  # a failed check is not remembered
+        with pytest.raises(ValueError, match="bad"):
+            check_once(bad, (u,))

@@ -1,4 +1,13 @@
-"""Argument checks shared by the LoRA ops (metadata only: no device sync, nothing written)."""
+"""Argument checks shared by the LoRA ops, run before anything is written.
+
+Shape/dtype checks (:func:`check_weights`, :func:`check_meta_args`) read metadata only and run in
+the public functions' custom ops, both the real implementation and the fake one (so they hold
+under ``torch.compile``, where the Python wrapper's eager checks may be traced away). The one
+value check, :func:`check_meta_values`, reads the metadata back to the host (one sync on a GPU,
+once per prepared step: see :func:`triton_kernels._data_checks.check_once`) and is skipped while a
+CUDA graph is captured; the kernels mask every token index, group bound and slot id they read,
+so metadata that would have failed it never makes them read or write outside their tensors.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
-from triton_kernels.backend import Op
+from triton_kernels._data_checks import capturing, check_count, check_offsets, check_once, check_slots
 
 # float64 runs on the torch backend only (gradcheck, oracles); the kernels take the other three.
 LORA_DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -80,14 +89,35 @@ def check_float(name: str, t: object, ndim: int, device: torch.device | None = N
     return check_tensor(name, t, ndim=ndim, dtypes=LORA_DTYPES, device=device)
 
 
-def lora_backend(op: Op, *tensors: torch.Tensor) -> str:
-    """The backend that runs ``op`` on these tensors (float64 runs on torch)."""
-    return op.resolve(tensors[0].device, (t.dtype for t in tensors))
+def check_meta_values(meta_args: Sequence[torch.Tensor], num_tokens: int, num_slots: int) -> None:
+    """The values of ``LoRAKernelMeta.meta_args(T)`` against the batch, in one host read: the
+    group starts rise from 0 to ``T`` (the metadata was prepared for these ``T`` tokens), the
+    counts are their steps, the group slots lie in ``[-1, num_slots)`` and the sorted token
+    indices in ``[0, T)``. Syncs once per step on a GPU (not again while the tensors are
+    unchanged), never while a CUDA graph is being captured."""
+    _, order, counts, starts, ids, _ = meta_args
+
+    def check() -> None:
+        bounds = torch.stack(list(order.aminmax())) if order.numel() else order.new_zeros(2)
+        host = torch.cat([starts.long(), counts.long(), ids.long(), bounds.long()]).cpu()
+        groups = ids.shape[0]
+        host_starts, host_counts = host[: groups + 1], host[groups + 1 : 2 * groups + 1]
+        check_offsets("lora_token_start_loc", host_starts, num_tokens)
+        steps = host_starts.diff().tolist()
+        check_count("num_tokens_per_lora", host_counts.tolist(), steps, "tokens per group (starts' steps)")
+        check_slots("lora_ids", host[2 * groups + 1 : 3 * groups + 1], num_slots, -1, what="the weights' slots")
+        lo, hi = host[3 * groups + 1 :].tolist()
+        if order.numel() and (lo < 0 or hi >= num_tokens):
+            raise ValueError(
+                f"token_indices_sorted_by_lora_ids holds token {lo if lo < 0 else hi}, outside the "
+                f"batch [0, {num_tokens})"
+            )
+
+    check_once(check, (starts, counts, ids, order), num_tokens, num_slots)
 
 
-def skip_no_lora(no_lora_flag_cpu: torch.Tensor, device: torch.device) -> bool:
+def skip_no_lora(no_lora_flag_cpu: torch.Tensor, device_tensor: torch.Tensor) -> bool:
     """True when the batch has no LoRA token and the launch can be skipped; never while a CUDA
     graph is being captured, so a graph captured on an all -1 step still holds the launch for
     replays with LoRA tokens (the kernels skip slot -1 rows themselves)."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    return bool(no_lora_flag_cpu.item()) and not capturing
+    return bool(no_lora_flag_cpu.item()) and not capturing(device_tensor)

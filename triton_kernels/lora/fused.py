@@ -14,6 +14,19 @@ the GPU is filled, along slice boundaries, so that each recomputes the shrink of
 other A rows are masked, hence not read). No split over ``H_in``, so the sums are deterministic.
 """
 
+# 64-bit offsets. Products of an index and a stride that can pass 2^31, and how each is widened:
+#   token x row stride (tok * stride_*_t): [T, H] inputs and [T, N] outputs pass 2^31 elements at
+#     e.g. T = 16k tokens x a 128k-vocab lm_head output; tok is loaded, then cast, to int64.
+#   slot x slot stride (slot * stride_*_l): stacked weights pass 2^31 elements, e.g. lm_head B
+#     [512 slots, 128k, 64]; slot is cast to int64 when it is loaded.
+#   slice x slice stride (i_s * stride_*_s, [S, T, R] buffers): the program id is cast to int64.
+#   column index x column stride (o_k, o_n, col, j_r): at most one tensor's extent, past 2^31 only
+#     for a strided (e.g. transposed) tensor of >= 2^31 elements; widened too (1-D vectors: cheap).
+#   group start + row (the sorted-index position): start is loaded as int64.
+# Checked by reading every `* stride` of the kernels here and in shrink_expand.py (each left operand traces to an int64
+# value) and by the gpu-tier test with a [17, 2^27] buffer (row offsets past 2^31; not run on a
+# CPU-only machine). Sizes (counts, ranks, widths, hidden) stay int32: each is one dimension.
+
 from __future__ import annotations
 
 import torch
@@ -21,9 +34,17 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import INDEX_DTYPES, check_tensor, on_device
-from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend, skip_no_lora
+from triton_kernels._data_checks import check_once
+from triton_kernels.lora._args import (
+    check_float,
+    check_meta_args,
+    check_meta_values,
+    check_weights,
+    skip_no_lora,
+)
+from triton_kernels.lora.batched import add_lora_linear_batched
 from triton_kernels.lora.meta import LoRAKernelMeta
-from triton_kernels.lora.reference import add_lora_linear_batched, lora_delta_backward_ref, slot_segments
+from triton_kernels.lora.reference import lora_delta_backward_ref, slot_segments
 from triton_kernels.lora.shrink_expand import (
     DECODE_BLOCK_M,
     SLICES_PER_LAUNCH,
@@ -37,7 +58,7 @@ from triton_kernels.lora.shrink_expand import (
 )
 from triton_kernels.registry import ADD_LORA_LINEAR
 
-FUSED_BLOCK_N = 64  # output columns per step: the B tile is [S_PAD * R, 64], <= 32 KiB at rank 64
+FUSED_BLOCK_N = 64  # output columns per step: the B tile is [S_PAD * R, 64], fp32 in registers
 FUSED_SR_ELEMS = 8192  # B_K x (S_PAD * R_BLOCK) A-tile budget (16 KiB fp16) sets the hidden chunk
 FUSED_MAX_N_SPLITS = 8  # at most 8 programs share a row tile's columns (each redoes the shrink)
 FUSED_PROGRAMS_PER_SM = 2  # split columns until about this many programs per SM have work
@@ -58,7 +79,7 @@ def _fused_tile(
     """One row tile at rank class ``R_BLOCK``: shrink of all slices, then ``y[:, n_lo:n_hi] +=``."""
     o_j = tl.arange(0, S_PAD * R_BLOCK)  # stacked intermediate column: (slice, rank) pairs
     j_s = o_j // R_BLOCK
-    j_r = o_j % R_BLOCK
+    j_r = (o_j % R_BLOCK).to(tl.int64)
     s_lo = (n_lo >= n0).to(tl.int32) + (n_lo >= n0 + n1).to(tl.int32)  # slices of this program's columns
     s_hi = (n_hi - 1 >= n0).to(tl.int32) + (n_hi - 1 >= n0 + n1).to(tl.int32)
     m_j = (j_s < NUM_SLICES) & (j_s >= s_lo) & (j_s <= s_hi) & (j_r < rank)  # masked rows are never read
@@ -66,11 +87,11 @@ def _fused_tile(
     p_a += j_r * stride_a_r
     acc = _gathered_dot(
         x_ptr, stride_x_t, stride_x_h, tok, m_m, p_a, m_j, stride_a_h, hidden,
-        BLOCK_M, S_PAD * R_BLOCK, BLOCK_K, DOT_PRECISION,
+        BLOCK_M, S_PAD * R_BLOCK, BLOCK_K, False, DOT_PRECISION,
     )  # fmt: skip
-    b_h = (acc * scale).to(x_ptr.dtype.element_ty)  # rounded like vLLM's shrink -> expand hand-off
+    b_h = acc * scale  # kept in fp32 (TF32 dot for half dtypes): never overflows fp16, as on torch
     for c0 in range(n_lo, n_hi, BLOCK_N):
-        o_n = c0 + tl.arange(0, BLOCK_N)
+        o_n = (c0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < n_hi
         n_s = (o_n >= n0).to(tl.int32) + (o_n >= n0 + n1).to(tl.int32)  # slice of each column
         local = o_n - _pick(n_s, 0, n0, n0 + n1)
@@ -79,7 +100,7 @@ def _fused_tile(
         )
         p_b += local * stride_b_n
         m_b = (j_s[:, None] == n_s[None, :]) & (j_r[:, None] < rank) & m_n[None, :]
-        b_b = tl.load(p_b[None, :] + j_r[:, None] * stride_b_r, mask=m_b, other=0.0)
+        b_b = tl.load(p_b[None, :] + j_r[:, None] * stride_b_r, mask=m_b, other=0.0).to(tl.float32)
         p_y = y_ptr + tok[:, None] * stride_y_t + o_n[None, :] * stride_y_n
         m_y = m_m[:, None] & m_n[None, :]
         b_y = tl.load(p_y, mask=m_y, other=0.0).to(tl.float32)
@@ -104,6 +125,8 @@ def _add_lora_linear_kernel(
     starts_ptr,  # [G + 1]
     ids_ptr,  # [G]
     # sizes
+    num_tokens,
+    num_slots,
     hidden,
     capacity,
     n0,
@@ -147,11 +170,12 @@ def _add_lora_linear_kernel(
         n_lo + _pick(region, split_w0, split_w1, split_w2), _pick(region, region_end0, region_end1, n_total)
     )
     slot = tl.load(ids_ptr + i_g).to(tl.int64)
+    live = (slot >= 0) & (slot < num_slots)  # any other id: no LoRA (the value check refuses it)
     rank = capacity
-    if HAS_RANKS:
-        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + tl.maximum(slot, 0)).to(tl.int32), 0), capacity)
-    if (slot >= 0) & (rank > 0) & (i_m * BLOCK_M < tl.load(counts_ptr + i_g)):
-        tok, m_m = _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, BLOCK_M)
+    if HAS_RANKS:  # clamped: a rank the value check would refuse reads no row past the capacity
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot, mask=live, other=0).to(tl.int32), 0), capacity)
+    if live & (rank > 0) & (i_m * BLOCK_M < tl.load(counts_ptr + i_g)):
+        tok, m_m = _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, num_tokens, BLOCK_M)
         args = (x_ptr, y_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, tok, m_m, slot, rank, hidden,
                 n0, n1, n_lo, n_hi, scale, stride_x_t, stride_x_h, stride_a0_l, stride_a1_l, stride_a2_l,
                 stride_a_r, stride_a_h, stride_b0_l, stride_b1_l, stride_b2_l, stride_b_n, stride_b_r,
@@ -222,7 +246,7 @@ def _launch_fused(y, x, lora_a, lora_b, scale, order, counts, starts, ids, ranks
         y_cols = y[:, col : col + n_total]
         _add_lora_linear_kernel[(row_tiles * sum(splits), 1, ids.shape[0])](
             x, y_cols, *pa, *pb, ranks if ranks is not None else ids, order, counts, starts, ids,
-            hidden, capacity, widths[0], widths[1] if len(widths) > 1 else 0, n_total,
+            num_tokens, lora_a[0].shape[0], hidden, capacity, widths[0], widths[1] if len(widths) > 1 else 0, n_total,
             sum(splits), *splits[:2], *ends, *split_widths, scale,
             x.stride(0), x.stride(1), *(w.stride(0) for w in pa), ga[0].stride(1), ga[0].stride(2),
             *(w.stride(0) for w in pb), gb[0].stride(1), gb[0].stride(2), y_cols.stride(0), y_cols.stride(1),
@@ -235,35 +259,58 @@ def _launch_fused(y, x, lora_a, lora_b, scale, order, counts, starts, ids, ranks
         col += n_total
 
 
-_RANKS_CHECKED: set[tuple] = set()  # (data_ptr, version, capacity) of lora_ranks already read back
-
-
 def _check_rank_values(ranks: torch.Tensor | None, capacity: int) -> None:
     """Rank values in ``[0, capacity]``: read back once per version of the tensor (one sync on a
     GPU the first time, none while a CUDA graph is captured; the kernel clamps regardless)."""
-    if ranks is None or (ranks.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if ranks is None:
         return
-    key = (ranks.data_ptr(), ranks._version, ranks.device, capacity)
-    if key in _RANKS_CHECKED:
-        return
-    lo, hi = (int(v) for v in ranks.aminmax()) if ranks.numel() else (0, 0)
-    if lo < 0 or hi > capacity:
+
+    def check() -> None:
+        lo, hi = (int(v) for v in ranks.aminmax()) if ranks.numel() else (0, 0)
+        if lo < 0 or hi > capacity:
+            raise ValueError(
+                f"lora_ranks holds rank {lo if lo < 0 else hi}, outside [0, {capacity}] (the slot capacity R)"
+            )
+
+    check_once(check, (ranks,), capacity)
+
+
+def _check_fused(x, lora_a, lora_b, meta, lora_ranks, y=None) -> None:
+    """Shapes, dtypes and devices of the fused ops (metadata only; ``y`` when given)."""
+    x = check_float("x", x, 2)
+    lora_a = check_weights("lora_a_stacked", lora_a, x.dtype, x.device)
+    lora_b = check_weights("lora_b_stacked", lora_b, x.dtype, x.device)
+    num_slots, rank, hidden = lora_a[0].shape
+    if hidden != x.shape[1]:
+        raise ValueError(f"lora_a_stacked have hidden size {hidden}, x has {x.shape[1]}")
+    if len(lora_b) != len(lora_a) or lora_b[0].shape[0] != num_slots or lora_b[0].shape[2] != rank:
         raise ValueError(
-            f"lora_ranks holds rank {lo if lo < 0 else hi}, outside [0, {capacity}] (the slot capacity R)"
+            f"lora_b_stacked must hold {len(lora_a)} tensors [{num_slots}, n_s, {rank}] to match "
+            f"lora_a_stacked, got {[list(b.shape) for b in lora_b]}"
         )
-    if len(_RANKS_CHECKED) > 256:
-        _RANKS_CHECKED.clear()
-    _RANKS_CHECKED.add(key)
+    check_meta_args(meta, x.shape[0], num_slots, x.device)
+    if lora_ranks is not None:
+        check_tensor("lora_ranks", lora_ranks, ndim=1, dtypes=INDEX_DTYPES, device=x.device)
+        if lora_ranks.shape[0] != num_slots:
+            raise ValueError(
+                f"lora_ranks has {lora_ranks.shape[0]} entries, expected one per slot ({num_slots})"
+            )
+    if y is not None:
+        check_tensor("y", y, ndim=2, dtypes=(x.dtype,), device=x.device)
+        width = sum(b.shape[1] for b in lora_b)
+        if tuple(y.shape) != (x.shape[0], width):
+            raise ValueError(f"y must have shape [{x.shape[0]}, {width}], got {list(y.shape)}")
 
 
-def _add_into(y, x, lora_a, lora_b, scale, meta4, ranks) -> None:
-    """``y += delta`` on the chosen backend (validated inputs)."""
+def _add_into(y, x, lora_a, lora_b, scale, meta, ranks) -> None:
+    """``y += delta`` on the chosen backend (checked shapes; values checked here)."""
+    check_meta_values(meta, x.shape[0], lora_a[0].shape[0])
     _check_rank_values(ranks, lora_a[0].shape[1])
-    if lora_backend(ADD_LORA_LINEAR, x) == "torch":
-        add_lora_linear_batched(y, x, lora_a, lora_b, scale, *meta4, ranks)
+    if ADD_LORA_LINEAR.resolve(x.device, (x.dtype,)) == "torch":
+        add_lora_linear_batched(y, x, lora_a, lora_b, scale, *meta[1:5], ranks)
         return
     with on_device(x.device):
-        _launch_fused(y, x, lora_a, lora_b, scale, *meta4, ranks)
+        _launch_fused(y, x, lora_a, lora_b, scale, *meta[1:5], ranks)
 
 
 @torch.library.custom_op("ifk::add_lora_linear", mutates_args=("y",))
@@ -276,22 +323,23 @@ def _add_lora_linear_op(
     meta: list[torch.Tensor],
     lora_ranks: torch.Tensor | None,
 ) -> None:
-    """Destination-passing core of :func:`add_lora_linear` (inputs already validated).
+    """Destination-passing core of :func:`add_lora_linear`: checks every shape (here too, so they
+    hold when the wrapper's checks were traced away), then the metadata values, then runs.
 
-    ``meta`` = ``[token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
-    lora_ids, no_lora_flag_cpu]``: one list argument, because every call of a mutating custom op
-    walks its schema once per argument in Python (the version-counter bump), at a cost that grows
-    with the square of the argument count (11 arguments: ~65 us a call on a small CPU; 7: ~30 us).
+    ``meta`` = the six tensors of ``LoRAKernelMeta.meta_args(T)``: one list argument, because
+    every call of a mutating custom op walks its schema once per argument in Python (the
+    version-counter bump), at a cost that grows with the square of the argument count
+    (11 arguments: ~65 us a call on a small CPU; 7: ~30 us).
     """
-    order, counts, starts, ids, flag = meta
-    if skip_no_lora(flag, x.device):
+    _check_fused(x, lora_a, lora_b, meta, lora_ranks, y)
+    if skip_no_lora(meta[5], x):
         return
-    _add_into(y, x, lora_a, lora_b, scale, (order, counts, starts, ids), lora_ranks)
+    _add_into(y, x, lora_a, lora_b, scale, meta, lora_ranks)
 
 
 @_add_lora_linear_op.register_fake
-def _(y, x, lora_a, lora_b, *rest) -> None:
-    return None
+def _(y, x, lora_a, lora_b, scale, meta, lora_ranks) -> None:
+    _check_fused(x, lora_a, lora_b, meta, lora_ranks, y)
 
 
 @torch.library.custom_op("ifk::lora_linear", mutates_args=())
@@ -300,23 +348,21 @@ def _lora_linear_op(
     lora_a: list[torch.Tensor],
     lora_b: list[torch.Tensor],
     scale: float,
-    token_indices_sorted_by_lora_ids: torch.Tensor,
-    num_tokens_per_lora: torch.Tensor,
-    lora_token_start_loc: torch.Tensor,
-    lora_ids: torch.Tensor,
-    no_lora_flag_cpu: torch.Tensor,
+    meta: list[torch.Tensor],
     lora_ranks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The LoRA delta ``[T, sum n_s]`` as a new tensor (zero rows for slot -1)."""
+    """The LoRA delta ``[T, sum n_s]`` as a new tensor (zero rows for slot -1); checks as in
+    :func:`_add_lora_linear_op`."""
+    _check_fused(x, lora_a, lora_b, meta, lora_ranks)
     delta = x.new_zeros((x.shape[0], sum(b.shape[1] for b in lora_b)))
-    if not skip_no_lora(no_lora_flag_cpu, x.device):
-        meta4 = (token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc, lora_ids)
-        _add_into(delta, x, lora_a, lora_b, scale, meta4, lora_ranks)
+    if not skip_no_lora(meta[5], x):
+        _add_into(delta, x, lora_a, lora_b, scale, meta, lora_ranks)
     return delta
 
 
 @_lora_linear_op.register_fake
-def _(x, lora_a, lora_b, *rest) -> torch.Tensor:
+def _(x, lora_a, lora_b, scale, meta, lora_ranks) -> torch.Tensor:
+    _check_fused(x, lora_a, lora_b, meta, lora_ranks)
     return x.new_empty((x.shape[0], sum(b.shape[1] for b in lora_b)))
 
 
@@ -327,22 +373,20 @@ def _lora_linear_backward_op(
     lora_a: list[torch.Tensor],
     lora_b: list[torch.Tensor],
     scale: float,
-    token_indices_sorted_by_lora_ids: torch.Tensor,
-    num_tokens_per_lora: torch.Tensor,
-    lora_token_start_loc: torch.Tensor,
-    lora_ids: torch.Tensor,
+    meta: list[torch.Tensor],
     lora_ranks: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx [T, H_in], dA [S, L, R, H_in], dB [L, sum n_s, R])`` by segment matmuls in
     torch (reads the slot groups on the host: one sync on a GPU)."""
-    segments = slot_segments(
-        token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc, lora_ids
-    )
-    return lora_delta_backward_ref(grad, x, lora_a, lora_b, scale, segments, lora_ranks)
+    _check_fused(x, lora_a, lora_b, meta, lora_ranks, grad)
+    check_meta_values(meta, x.shape[0], lora_a[0].shape[0])
+    _check_rank_values(lora_ranks, lora_a[0].shape[1])
+    return lora_delta_backward_ref(grad, x, lora_a, lora_b, scale, slot_segments(*meta[1:5]), lora_ranks)
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad, x, lora_a, lora_b, *rest):
+def _(grad, x, lora_a, lora_b, scale, meta, lora_ranks):
+    _check_fused(x, lora_a, lora_b, meta, lora_ranks, grad)
     num_slots, rank, hidden = lora_a[0].shape
     return (
         torch.empty_like(x),
@@ -352,60 +396,37 @@ def _(grad, x, lora_a, lora_b, *rest):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, lora_a, lora_b, scale, order, counts, starts, ids, _flag, ranks = inputs
-    ctx.save_for_backward(x, order, counts, starts, ids, ranks, *lora_a, *lora_b)
-    ctx.num_slices, ctx.scale = len(lora_a), scale
+    x, lora_a, lora_b, scale, meta, ranks = inputs
+    ctx.save_for_backward(x, ranks, *meta, *lora_a, *lora_b)
+    ctx.num_slices, ctx.num_meta, ctx.scale = len(lora_a), len(meta), scale
     ctx.widths = [b.shape[1] for b in lora_b]
 
 
 def _backward(ctx, grad):
-    x, order, counts, starts, ids, ranks, *weights = ctx.saved_tensors
+    x, ranks, *rest = ctx.saved_tensors
+    meta, weights = rest[: ctx.num_meta], rest[ctx.num_meta :]
     lora_a, lora_b = weights[: ctx.num_slices], weights[ctx.num_slices :]
-    dx, da, db = torch.ops.ifk.lora_linear_backward(
-        grad.contiguous(), x, lora_a, lora_b, ctx.scale, order, counts, starts, ids, ranks
-    )
-    return dx, list(da.unbind(0)), list(db.split(ctx.widths, dim=1)), None, None, None, None, None, None, None
+    dx, da, db = torch.ops.ifk.lora_linear_backward(grad.contiguous(), x, lora_a, lora_b, ctx.scale, meta, ranks)
+    return dx, list(da.unbind(0)), list(db.split(ctx.widths, dim=1)), None, [None] * ctx.num_meta, None
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(x, lora_a_stacked, lora_b_stacked, output_slices, meta, lora_ranks):
-    """Shared checks of the fused ops (``output_slices=None``: not checked); returns
-    ``(x, A list, B list, meta4, no-lora flag, ranks)``."""
+def _op_args(x, lora_a_stacked, lora_b_stacked, meta):
+    """The wrapper's part: 3-D weight views and the six metadata tensors for the custom op, and
+    (eager only: no shape guard when traced) the token count the meta was prepared for."""
     x = check_float("x", x, 2)
     lora_a = check_weights("lora_a_stacked", lora_a_stacked, x.dtype, x.device)
     lora_b = check_weights("lora_b_stacked", lora_b_stacked, x.dtype, x.device)
-    num_slots, rank, hidden = lora_a[0].shape
-    if hidden != x.shape[1]:
-        raise ValueError(f"lora_a_stacked have hidden size {hidden}, x has {x.shape[1]}")
-    if len(lora_b) != len(lora_a) or lora_b[0].shape[0] != num_slots or lora_b[0].shape[2] != rank:
-        raise ValueError(
-            f"lora_b_stacked must hold {len(lora_a)} tensors [{num_slots}, n_s, {rank}] to match "
-            f"lora_a_stacked, got {[list(b.shape) for b in lora_b]}"
-        )
-    widths = tuple(b.shape[1] for b in lora_b)
-    if output_slices is not None and tuple(output_slices) != widths:
-        raise ValueError(
-            f"output_slices {tuple(output_slices)} differ from the widths of lora_b_stacked {widths}"
-        )
     if not isinstance(meta, LoRAKernelMeta):
         raise TypeError(f"meta must be a LoRAKernelMeta, got {type(meta).__name__}")
-    if not torch.compiler.is_compiling() and meta.num_tokens != x.shape[0]:  # no shape guard when traced
+    if not torch.compiler.is_compiling() and meta.num_tokens != x.shape[0]:
         raise ValueError(
             f"meta was prepared for {meta.num_tokens} tokens, but x has {x.shape[0]}; call "
             "meta.prepare_tensors(token_lora_mapping) with one slot per token"
         )
-    _, order, counts, starts, ids, flag = check_meta_args(
-        meta.meta_args(x.shape[0]), x.shape[0], num_slots, x.device
-    )
-    if lora_ranks is not None:
-        check_tensor("lora_ranks", lora_ranks, ndim=1, dtypes=INDEX_DTYPES, device=x.device)
-        if lora_ranks.shape[0] != num_slots:
-            raise ValueError(
-                f"lora_ranks has {lora_ranks.shape[0]} entries, expected one per slot ({num_slots})"
-            )
-    return x, lora_a, lora_b, (order, counts, starts, ids), flag, lora_ranks
+    return x, lora_a, lora_b, list(meta.meta_args(x.shape[0]))
 
 
 def add_lora_linear(
@@ -432,8 +453,15 @@ def add_lora_linear(
         lora_ranks: optional ``[L]`` int tensor: slot ``l`` uses rows ``[:r]`` of its A and columns
             ``[:r]`` of its B, ``r = lora_ranks[l]`` in ``[0, R]``, and costs rank ``r``.
 
-    One launch for up to three slices (more take one per three), no host sync (``lora_ranks`` on a
-    GPU is read back once per tensor version to check its values), deterministic. Returns ``y``.
+    The rank-sized intermediate ``x @ A^T`` stays in fp32 on every backend (fp32 registers and a
+    TF32 second product for half dtypes on Triton, fp32 torch math), so it never overflows fp16;
+    ``y`` is rounded once. One launch for up to three slices (more take one per three),
+    deterministic. Bad shapes raise ValueError/TypeError before anything is written, eager or
+    compiled. The metadata values (groups rising from 0 to ``T``: a meta prepared for another
+    batch raises ValueError naming ``lora_token_start_loc``) and the ``lora_ranks`` values are read
+    back once per prepared step (one sync on a GPU), never during CUDA-graph capture; the kernel
+    masks and clamps whatever it reads, so skipped checks cannot make it leave its tensors.
+    Returns ``y``.
 
     Example:
         >>> meta = LoRAKernelMeta.make(2, 3, "cpu"); meta.prepare_tensors(torch.tensor([0, -1, 1]))
@@ -441,12 +469,11 @@ def add_lora_linear(
         >>> add_lora_linear(torch.zeros(3, 48), torch.randn(3, 32), a, b, 0.5, (48,), meta).shape
         torch.Size([3, 48])
     """
-    x, lora_a, lora_b, meta4, flag, ranks = _validate(x, lora_a_stacked, lora_b_stacked, output_slices, meta,
-                                                      lora_ranks)  # fmt: skip
-    check_tensor("y", y, ndim=2, dtypes=(x.dtype,), device=x.device)
-    if tuple(y.shape) != (x.shape[0], sum(output_slices)):
-        raise ValueError(f"y must have shape [{x.shape[0]}, {sum(output_slices)}], got {list(y.shape)}")
-    torch.ops.ifk.add_lora_linear(y, x, lora_a, lora_b, float(scale), [*meta4, flag], ranks)
+    x, lora_a, lora_b, meta_args = _op_args(x, lora_a_stacked, lora_b_stacked, meta)
+    widths = tuple(b.shape[1] for b in lora_b)
+    if tuple(output_slices) != widths:
+        raise ValueError(f"output_slices {tuple(output_slices)} differ from the widths of lora_b_stacked {widths}")
+    torch.ops.ifk.add_lora_linear(y, x, lora_a, lora_b, float(scale), meta_args, lora_ranks)
     return y
 
 
@@ -461,17 +488,15 @@ def lora_linear(
 ) -> torch.Tensor:
     """The differentiable twin of :func:`add_lora_linear`: returns the delta ``[T, sum n_s]``.
 
-    Same arguments (the widths come from ``lora_b_stacked``); rows of slot -1 tokens are zero.
-    Forward runs the fused kernel into a zeroed tensor; backward gives ``x``, every A and every B
-    their gradients (rows past a slot's rank get zero) by per-slot segment matmuls in torch,
-    which read the slot groups on the host (one sync per backward on a GPU).
+    Same arguments and checks (the widths come from ``lora_b_stacked``); rows of slot -1 tokens
+    are zero. Forward runs the fused kernel into a zeroed tensor; backward gives ``x``, every A and
+    every B their gradients (rows past a slot's rank get zero) by per-slot segment matmuls in
+    torch, which read the slot groups on the host (one sync per backward on a GPU).
 
     Example:
         >>> meta = LoRAKernelMeta.make(2, 3, "cpu"); meta.prepare_tensors(torch.tensor([0, -1, 1]))
         >>> a = (torch.randn(2, 8, 32, requires_grad=True),); b = (torch.randn(2, 48, 8),)
         >>> lora_linear(torch.randn(3, 32), a, b, 0.5, meta).sum().backward()
     """
-    x, lora_a, lora_b, meta4, flag, ranks = _validate(
-        x, lora_a_stacked, lora_b_stacked, None, meta, lora_ranks
-    )
-    return torch.ops.ifk.lora_linear(x, lora_a, lora_b, float(scale), *meta4, flag, ranks)
+    x, lora_a, lora_b, meta_args = _op_args(x, lora_a_stacked, lora_b_stacked, meta)
+    return torch.ops.ifk.lora_linear(x, lora_a, lora_b, float(scale), meta_args, lora_ranks)

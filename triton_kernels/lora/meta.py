@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from triton_kernels._checks import INDEX_DTYPES, check_tensor
+from triton_kernels._data_checks import capturing
 
 
 @dataclasses.dataclass
@@ -87,9 +88,8 @@ class LoRAKernelMeta:
                 f"token_lora_mapping has {num_tokens} tokens, more than max_num_tokens={self.max_num_tokens}"
             )
         device = self.token_lora_mapping.device
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         no_lora = num_tokens == 0
-        if num_tokens and not capturing:
+        if num_tokens and not capturing(self.token_lora_mapping):
             lo, hi = torch.stack(list(mapping.aminmax())).tolist()
             if lo < -1 or hi >= self.max_loras:
                 bad = lo if lo < -1 else hi

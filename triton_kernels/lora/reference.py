@@ -1,9 +1,12 @@
-"""Plain-torch references of the multi-LoRA ops (the ``torch`` backend and the tests' oracle).
+"""The per-adapter definition of the multi-LoRA ops: the oracle every test compares with (in
+float64), and the ``torch`` backend of :func:`lora_shrink` / :func:`lora_expand` (the batched
+``torch`` backend of :func:`add_lora_linear` lives in :mod:`triton_kernels.lora.batched`).
 
 Each works slot group by slot group: gather the group's tokens, two matmuls, scatter back (no
 per-token loop). Weights come as lists of 3-D tensors (``[L, R, H_in]`` for A, ``[L, n_s, R]``
-for B), one per slice. Math runs in float32 (float64 for float64 inputs). The groups are read on
-the host, so on a GPU these references sync; they are the oracle and the CPU path, not the fast path.
+for B), one per slice. Math runs in float32 for half inputs, float64 for float64 ones: the
+rank-sized intermediate is never rounded to a half dtype. The groups are read on the host, so on
+a GPU these functions sync; they are the oracle and the CPU path, not the fast path.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _group_table(
+def group_table(
     num_tokens_per_lora: torch.Tensor,
     lora_token_start_loc: torch.Tensor,
     lora_ids: torch.Tensor,
@@ -36,13 +39,20 @@ def slot_segments(
     lora_ids: torch.Tensor,  # [G] slot of each group, -1 = no LoRA
 ) -> list[tuple[int, torch.Tensor]]:
     """``(slot, token indices)`` of every group that has tokens and a slot (not -1)."""
-    counts, starts, ids, _ = _group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids)
+    counts, starts, ids, _ = group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids)
     order = sorted_indices.long()
     return [
         (slot, order[start : start + count])
         for slot, start, count in zip(ids, starts, counts)
         if slot >= 0 and count > 0
     ]
+
+
+def mapping_segments(token_lora_mapping: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``(slot, token indices)`` of every slot used in ``token_lora_mapping [T]`` (straight from the
+    mapping, not from the kernels' metadata: what the tests' oracle groups by)."""
+    mapping = token_lora_mapping.long()
+    return [(slot, (mapping == slot).nonzero().flatten()) for slot in mapping.unique().tolist() if slot >= 0]
 
 
 def lora_shrink_ref(
@@ -110,108 +120,6 @@ def add_lora_linear_ref(
             y.index_add_(0, tok, rows)
         else:
             y.index_copy_(0, tok, rows.to(y.dtype))
-
-
-BATCHED_MAX_PADDING = 2  # padded rows (slots x longest group) at most 2x the LoRA tokens, else loop
-
-
-def _add_one_slot(y, x, lora_a, lora_b, scale, slot, rank, dt) -> None:
-    """``y += delta`` when every token uses ``slot``: the token order does not matter then."""
-    rows = y if y.dtype == dt else y.to(dt)  # half y: add in dt, round once
-    xs = x.to(dt)
-    col = 0
-    for a, b in zip(lora_a, lora_b):
-        h = xs @ a[slot].narrow(0, 0, rank).to(dt).T
-        rows.narrow(1, col, b.shape[1]).addmm_(h, b[slot].narrow(1, 0, rank).to(dt).T, alpha=scale)
-        col += b.shape[1]
-    if rows is not y:
-        y.copy_(rows)
-
-
-def add_lora_linear_batched(
-    y: torch.Tensor,  # [T, sum n_s], updated in place for LoRA tokens
-    x: torch.Tensor,  # [T, H_in]
-    lora_a: list[torch.Tensor],  # S x [L, R, H_in]
-    lora_b: list[torch.Tensor],  # S x [L, n_s, R]
-    scale: float,
-    sorted_indices: torch.Tensor,  # [T]
-    num_tokens_per_lora: torch.Tensor,  # [G]
-    lora_token_start_loc: torch.Tensor,  # [G + 1]
-    lora_ids: torch.Tensor,  # [G]
-    lora_ranks: torch.Tensor | None = None,  # [L], values in [0, R]
-) -> None:
-    """:func:`add_lora_linear_ref` (the torch backend) in a fixed, small number of torch ops.
-
-    The groups of the slot range ``[lo, hi)`` in use are padded to the longest group: one gather
-    of ``x`` to ``[n, M, H_in]`` (a view of the sorted indices when the groups are all of one
-    length), per slice two batched matmuls over views of the weights' slot range, one scatter of
-    the valid rows into ``y``; when one slot owns every token, plain matmuls into ``y``. Falls
-    back to the per-group loop when a slot has two groups, when padding would more than double
-    the rows, or when the slots of the range differ in rank (a rank here slices the weights, so
-    rows and columns past it are never read). Reads the group table and the ranks on the host in
-    one copy (one sync on a GPU; the loop takes several).
-    """
-    table = _group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids, lora_ranks)
-    counts, starts, ids, ranks = table
-    live = {slot: (start, count) for slot, start, count in zip(ids, starts, counts) if slot >= 0 and count > 0}
-    if not live:
-        return
-    lo, hi = min(live), max(live) + 1
-    longest = max(count for _, count in live.values())
-    total = sum(count for _, count in live.values())
-    duplicated = sum(1 for slot, count in zip(ids, counts) if slot >= 0 and count > 0) != len(live)
-    if duplicated or (hi - lo) * longest > BATCHED_MAX_PADDING * total + 64:
-        segments = slot_segments(sorted_indices, num_tokens_per_lora, lora_token_start_loc, lora_ids)
-        add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
-        return
-    rank = lora_a[0].shape[1]
-    if ranks is not None:
-        in_use = set(ranks[lo:hi])  # every slot of the range at one rank: weight views
-        if len(in_use) != 1:
-            segments = slot_segments(sorted_indices, num_tokens_per_lora, lora_token_start_loc, lora_ids)
-            add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
-            return
-        rank = in_use.pop()
-        if rank == 0:
-            return
-    n, dev, dt = hi - lo, x.device, compute_dtype(x)
-    if n == 1 and total == x.shape[0]:  # one slot owns every token: no gather, no scatter
-        _add_one_slot(y, x, lora_a, lora_b, scale, lo, rank, dt)
-        return
-    span = [live.get(slot, (0, 0)) for slot in range(lo, hi)]
-    order = sorted_indices.long()
-    dense = all(count == longest for _, count in span) and all(
-        span[i + 1][0] == span[i][0] + longest for i in range(n - 1)
-    )
-    valid = None
-    if dense:  # the groups lie back to back, all of one length: a view of the sorted indices
-        tok = order[span[0][0] : span[0][0] + total].view(n, longest)
-    else:
-        table = torch.tensor(span, dtype=torch.int64).to(dev, non_blocking=True)  # [n, 2]: start, count
-        m = torch.arange(longest, device=dev)
-        valid = m < table[:, 1:]  # [n, M]
-        tok = order[torch.where(valid, table[:, :1] + m, 0)]  # [n, M], padded with the first sorted token
-    xg = x.index_select(0, tok.flatten()).view(n, longest, x.shape[1]).to(dt)
-    rows = torch.empty((n, longest, y.shape[1]), dtype=dt, device=dev)
-    whole = n == lora_a[0].shape[0] and rank == lora_a[0].shape[1]  # narrow() views cost Python time
-    cast = lora_a[0].dtype != dt
-    col = 0
-    for a, b in zip(lora_a, lora_b):
-        if not whole:
-            a, b = a.narrow(0, lo, n).narrow(1, 0, rank), b.narrow(0, lo, n).narrow(2, 0, rank)
-        if cast:
-            a, b = a.to(dt), b.to(dt)
-        h = torch.bmm(xg, a.mT)  # [n, M, r]
-        rows.narrow(2, col, b.shape[1]).baddbmm_(h, b.mT, beta=0, alpha=scale)
-        col += b.shape[1]
-    rows, tok = rows.view(n * longest, -1), tok.flatten()
-    if valid is not None:
-        sel = torch.nonzero_static(valid.flatten(), size=total).squeeze(1)  # no sync: the count is known
-        rows, tok = rows.index_select(0, sel), tok.index_select(0, sel)
-    if y.dtype == dt:
-        y.index_add_(0, tok, rows)
-    else:  # add in dt and round once
-        y.index_copy_(0, tok, (y.index_select(0, tok).to(dt) + rows).to(y.dtype))
 
 
 def lora_delta_backward_ref(

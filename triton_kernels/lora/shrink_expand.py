@@ -7,6 +7,19 @@ tiles past its group's count. Up to three slices share a launch (their weights a
 program among three pointers); more slices take one launch per three.
 """
 
+# 64-bit offsets. Products of an index and a stride that can pass 2^31, and how each is widened:
+#   token x row stride (tok * stride_*_t): [T, H] inputs and [T, N] outputs pass 2^31 elements at
+#     e.g. T = 16k tokens x a 128k-vocab lm_head output; tok is loaded, then cast, to int64.
+#   slot x slot stride (slot * stride_*_l): stacked weights pass 2^31 elements, e.g. lm_head B
+#     [512 slots, 128k, 64]; slot is cast to int64 when it is loaded.
+#   slice x slice stride (i_s * stride_*_s, [S, T, R] buffers): the program id is cast to int64.
+#   column index x column stride (o_k, o_n, col, j_r): at most one tensor's extent, past 2^31 only
+#     for a strided (e.g. transposed) tensor of >= 2^31 elements; widened too (1-D vectors: cheap).
+#   group start + row (the sorted-index position): start is loaded as int64.
+# Checked by reading every `* stride` of the kernels below (each left operand traces to an int64
+# value) and by the gpu-tier test with a [17, 2^27] buffer (row offsets past 2^31; not run on a
+# CPU-only machine). Sizes (counts, ranks, widths, hidden) stay int32: each is one dimension.
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +27,13 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import check_tensor, on_device
-from triton_kernels.lora._args import check_float, check_meta_args, check_weights, lora_backend, skip_no_lora
+from triton_kernels.lora._args import (
+    check_float,
+    check_meta_args,
+    check_meta_values,
+    check_weights,
+    skip_no_lora,
+)
 from triton_kernels.lora.reference import lora_expand_ref, lora_shrink_ref, slot_segments
 from triton_kernels.registry import LORA_EXPAND, LORA_SHRINK
 
@@ -34,14 +53,19 @@ def _pick(i, v0, v1, v2):
 
 
 @triton.jit
-def _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, BLOCK_M: tl.constexpr):
-    """Token indices ``[BLOCK_M]`` (int64) of row tile ``i_m`` of group ``i_g``, and their mask."""
+def _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, num_tokens, BLOCK_M: tl.constexpr):
+    """Token indices ``[BLOCK_M]`` (int64) of row tile ``i_m`` of group ``i_g``, and their mask.
+
+    Masked to the ``num_tokens`` entries of the sorted indices and to tokens in ``[0, num_tokens)``,
+    so metadata that the value check would refuse (skipped under CUDA-graph capture) reads and
+    writes nothing outside the tensors."""
     count = tl.load(counts_ptr + i_g)
     start = tl.load(starts_ptr + i_g).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < count
-    tok = tl.load(order_ptr + start + o_m, mask=m_m, other=0).to(tl.int64)
-    return tok, m_m
+    o_sorted = start + o_m
+    m_m = (o_m < count) & (o_sorted >= 0) & (o_sorted < num_tokens)
+    tok = tl.load(order_ptr + o_sorted, mask=m_m, other=0).to(tl.int64)
+    return tok, m_m & (tok >= 0) & (tok < num_tokens)
 
 
 @triton.jit
@@ -58,20 +82,26 @@ def _gathered_dot(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_N]`` fp32: ``lhs[tok, :size_k] @ W[:, :size_k]^T``, lhs cast to W's dtype."""
+    """``[BLOCK_M, BLOCK_N]`` fp32: ``lhs[tok, :size_k] @ W[:, :size_k]^T``; the operands in W's
+    dtype, or (``UPCAST``) both in fp32, so an fp32 lhs is never rounded to a half dtype."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, size_k, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < size_k
+        o_k = o_k.to(tl.int64)
         b_l = tl.load(
             p_rows + tok[:, None] * stride_row + o_k[None, :] * stride_k,
             mask=m_m[:, None] & m_k[None, :],
             other=0.0,
         )
         b_w = tl.load(p_w[None, :] + o_k[:, None] * stride_w_k, mask=m_k[:, None] & m_w[None, :], other=0.0)
-        acc = tl.dot(b_l.to(b_w.dtype), b_w, acc, input_precision=DOT_PRECISION)
+        if UPCAST:
+            acc = tl.dot(b_l.to(tl.float32), b_w.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(b_l.to(b_w.dtype), b_w, acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -88,6 +118,8 @@ def _lora_shrink_kernel(
     starts_ptr,  # [G + 1]
     ids_ptr,  # [G]
     # sizes
+    num_tokens,
+    num_slots,
     rank,
     hidden,
     scaling,
@@ -109,22 +141,22 @@ def _lora_shrink_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     i_mn = tl.program_id(0)
-    i_s = tl.program_id(1)
+    i_s = tl.program_id(1).to(tl.int64)
     i_g = tl.program_id(2)
     n_tiles = tl.cdiv(rank, BLOCK_N)
     i_m = i_mn // n_tiles
     i_n = i_mn % n_tiles
     slot = tl.load(ids_ptr + i_g).to(tl.int64)
-    if (slot >= 0) & (i_m * BLOCK_M < tl.load(counts_ptr + i_g)):
-        tok, m_m = _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, BLOCK_M)
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if (slot >= 0) & (slot < num_slots) & (i_m * BLOCK_M < tl.load(counts_ptr + i_g)):
+        tok, m_m = _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, num_tokens, BLOCK_M)
+        o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < rank
         p_a = _pick(
             i_s, a0_ptr + slot * stride_a0_l, a1_ptr + slot * stride_a1_l, a2_ptr + slot * stride_a2_l
         )
         acc = _gathered_dot(
             x_ptr, stride_x_t, stride_x_h, tok, m_m, p_a + o_n * stride_a_r, m_n, stride_a_h, hidden,
-            BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_PRECISION,
         )  # fmt: skip
         p_o = out_ptr + i_s * stride_o_s + tok[:, None] * stride_o_t + o_n[None, :] * stride_o_r
         tl.store(p_o, acc * scaling, mask=m_m[:, None] & m_n[None, :])
@@ -143,6 +175,8 @@ def _lora_expand_kernel(
     starts_ptr,  # [G + 1]
     ids_ptr,  # [G]
     # sizes
+    num_tokens,
+    num_slots,
     rank,
     n0,
     n1,
@@ -168,22 +202,23 @@ def _lora_expand_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     i_mn = tl.program_id(0)
-    i_s = tl.program_id(1)
+    i_s = tl.program_id(1).to(tl.int64)
     i_g = tl.program_id(2)
     i_m = i_mn // N_TILES
     i_n = i_mn % N_TILES
     width = _pick(i_s, n0, n1, n2)
     slot = tl.load(ids_ptr + i_g).to(tl.int64)
-    if (slot >= 0) & (i_m * BLOCK_M < tl.load(counts_ptr + i_g)) & (i_n * BLOCK_N < width):
-        tok, m_m = _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, BLOCK_M)
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = (slot >= 0) & (slot < num_slots)
+    if live & (i_m * BLOCK_M < tl.load(counts_ptr + i_g)) & (i_n * BLOCK_N < width):
+        tok, m_m = _group_rows(order_ptr, counts_ptr, starts_ptr, i_g, i_m, num_tokens, BLOCK_M)
+        o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < width
         p_b = _pick(
             i_s, b0_ptr + slot * stride_b0_l, b1_ptr + slot * stride_b1_l, b2_ptr + slot * stride_b2_l
         )
         acc = _gathered_dot(
             in_ptr + i_s * stride_i_s, stride_i_t, stride_i_r, tok, m_m, p_b + o_n * stride_b_n, m_n,
-            stride_b_r, rank, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+            stride_b_r, rank, BLOCK_M, BLOCK_N, BLOCK_K, True, DOT_PRECISION,
         )  # fmt: skip
         col = offset_start + _pick(i_s, 0, n0, n0 + n1) + o_n
         p_o = out_ptr + tok[:, None] * stride_o_t + col[None, :] * stride_o_n
@@ -226,7 +261,7 @@ def _launch_shrink(x, lora_a, out, order, counts, starts, ids, scaling) -> None:
         grid = (triton.cdiv(num_tokens, bm) * triton.cdiv(rank, bn), len(group), ids.shape[0])
         _lora_shrink_kernel[grid](
             x, *ptrs, out[s0:], order, counts, starts, ids,
-            rank, hidden, scaling,
+            num_tokens, lora_a[0].shape[0], rank, hidden, scaling,
             x.stride(0), x.stride(1), *(w.stride(0) for w in ptrs), group[0].stride(1), group[0].stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=SHRINK_BLOCK_K, DOT_PRECISION=dot_precision(x.dtype),
@@ -247,7 +282,7 @@ def _launch_expand(inputs, lora_b, out, order, counts, starts, ids, offset_start
         grid = (triton.cdiv(num_tokens, bm) * n_tiles, len(group), ids.shape[0])
         _lora_expand_kernel[grid](
             inputs[s0:], *ptrs, out, order, counts, starts, ids,
-            rank, *widths, col,
+            num_tokens, lora_b[0].shape[0], rank, *widths, col,
             inputs.stride(0), inputs.stride(1), inputs.stride(2),
             *(w.stride(0) for w in ptrs), group[0].stride(1), group[0].stride(2),
             out.stride(0), out.stride(1),
@@ -255,6 +290,44 @@ def _launch_expand(inputs, lora_b, out, order, counts, starts, ids, offset_start
             DOT_PRECISION=dot_precision(lora_b[0].dtype),
         )  # fmt: skip
         col += sum(widths)
+
+
+def _check_shrink(inputs, lora_a_weights, output_tensor, meta_args) -> list[torch.Tensor]:
+    """Shapes, dtypes and devices of :func:`lora_shrink` (metadata only); the 3-D weights."""
+    x = check_float("inputs", inputs, 2)
+    weights = check_weights("lora_a_weights", lora_a_weights, x.dtype, x.device)
+    if weights[0].shape[2] != x.shape[1]:
+        raise ValueError(f"lora_a_weights have hidden size {weights[0].shape[2]}, inputs have {x.shape[1]}")
+    check_tensor("output_tensor", output_tensor, ndim=3, dtypes=(torch.float32,), device=x.device)
+    expected = (len(weights), x.shape[0], weights[0].shape[1])
+    if tuple(output_tensor.shape) != expected:
+        raise ValueError(
+            f"output_tensor must have shape [S, T, R] = {list(expected)}, got {list(output_tensor.shape)}"
+        )
+    check_meta_args(meta_args, x.shape[0], weights[0].shape[0], x.device)
+    return weights
+
+
+def _check_expand(inputs, lora_b_weights, output_tensor, meta_args, offset_start) -> list[torch.Tensor]:
+    """Shapes, dtypes and devices of :func:`lora_expand` (metadata only); the 3-D weights."""
+    x = check_float("inputs", inputs, 3)
+    check_float("output_tensor", output_tensor, 2, x.device)
+    weights = check_weights("lora_b_weights", lora_b_weights, None, x.device)
+    if x.shape[0] != len(weights) or x.shape[2] != weights[0].shape[2]:
+        raise ValueError(
+            f"inputs must have shape [S, T, R] = [{len(weights)}, *, {weights[0].shape[2]}] to match "
+            f"lora_b_weights, got {list(x.shape)}"
+        )
+    if isinstance(offset_start, bool) or not isinstance(offset_start, int) or offset_start < 0:
+        raise ValueError(f"offset_start must be an int >= 0, got {offset_start!r}")
+    width = offset_start + sum(w.shape[1] for w in weights)
+    if output_tensor.shape[0] != x.shape[1] or output_tensor.shape[1] < width:
+        raise ValueError(
+            f"output_tensor must have {x.shape[1]} rows and >= {width} columns (offset_start + sum of "
+            f"slice widths), got {list(output_tensor.shape)}"
+        )
+    check_meta_args(meta_args, x.shape[1], weights[0].shape[0], x.device)
+    return weights
 
 
 @torch.library.custom_op("ifk::lora_shrink", mutates_args=("output_tensor",))
@@ -265,27 +338,29 @@ def _lora_shrink_op(
     meta_args: list[torch.Tensor],
     scaling: float,
 ) -> None:
-    """Destination-passing core of :func:`lora_shrink` (inputs already validated).
+    """Destination-passing core of :func:`lora_shrink`: checks every shape (here too, so they hold
+    when the wrapper's checks were traced away), then the metadata values, then runs.
 
     ``meta_args``: the six tensors of :meth:`LoRAKernelMeta.meta_args`, as one list argument:
     every call of a mutating custom op walks its schema once per argument in Python (the
     version-counter bump), at a cost that grows with the square of the argument count
     (10 arguments: ~55 us a call on a small CPU; 5: ~17 us).
     """
-    _, order, counts, starts, ids, no_lora_flag_cpu = meta_args
-    if skip_no_lora(no_lora_flag_cpu, inputs.device):  # a CPU tensor: no device sync
+    weights = _check_shrink(inputs, lora_a_weights, output_tensor, meta_args)
+    if skip_no_lora(meta_args[5], inputs):  # a CPU tensor: no device sync
         return
-    meta = (order, counts, starts, ids)
-    if lora_backend(LORA_SHRINK, inputs) == "torch":
-        lora_shrink_ref(inputs, lora_a_weights, output_tensor, slot_segments(*meta), scaling)
+    check_meta_values(meta_args, inputs.shape[0], weights[0].shape[0])
+    meta = meta_args[1:5]
+    if LORA_SHRINK.resolve(inputs.device, (inputs.dtype,)) == "torch":
+        lora_shrink_ref(inputs, weights, output_tensor, slot_segments(*meta), scaling)
         return
     with on_device(inputs.device):
-        _launch_shrink(inputs, lora_a_weights, output_tensor, *meta, scaling)
+        _launch_shrink(inputs, weights, output_tensor, *meta, scaling)
 
 
 @_lora_shrink_op.register_fake
-def _(inputs, lora_a_weights, output_tensor, *meta_and_scaling) -> None:
-    return None
+def _(inputs, lora_a_weights, output_tensor, meta_args, scaling) -> None:
+    _check_shrink(inputs, lora_a_weights, output_tensor, meta_args)
 
 
 @torch.library.custom_op("ifk::lora_expand", mutates_args=("output_tensor",))
@@ -297,22 +372,24 @@ def _lora_expand_op(
     offset_start: int,
     add_inputs: bool,
 ) -> None:
-    """Destination-passing core of :func:`lora_expand` (inputs already validated; ``meta_args``
-    as in :func:`_lora_shrink_op`)."""
-    _, order, counts, starts, ids, no_lora_flag_cpu = meta_args
-    if skip_no_lora(no_lora_flag_cpu, inputs.device):
+    """Destination-passing core of :func:`lora_expand` (checks and ``meta_args`` as in
+    :func:`_lora_shrink_op`)."""
+    weights = _check_expand(inputs, lora_b_weights, output_tensor, meta_args, offset_start)
+    if skip_no_lora(meta_args[5], inputs):
         return
-    meta = (order, counts, starts, ids)
-    if lora_backend(LORA_EXPAND, output_tensor, inputs, lora_b_weights[0]) == "torch":
-        lora_expand_ref(inputs, lora_b_weights, output_tensor, slot_segments(*meta), offset_start, add_inputs)
+    check_meta_values(meta_args, inputs.shape[1], weights[0].shape[0])
+    meta = meta_args[1:5]
+    dtypes = (output_tensor.dtype, inputs.dtype, weights[0].dtype)
+    if LORA_EXPAND.resolve(inputs.device, dtypes) == "torch":
+        lora_expand_ref(inputs, weights, output_tensor, slot_segments(*meta), offset_start, add_inputs)
         return
     with on_device(inputs.device):
-        _launch_expand(inputs, lora_b_weights, output_tensor, *meta, offset_start, add_inputs)
+        _launch_expand(inputs, weights, output_tensor, *meta, offset_start, add_inputs)
 
 
 @_lora_expand_op.register_fake
-def _(inputs, lora_b_weights, output_tensor, *meta_and_flags) -> None:
-    return None
+def _(inputs, lora_b_weights, output_tensor, meta_args, offset_start, add_inputs) -> None:
+    _check_expand(inputs, lora_b_weights, output_tensor, meta_args, offset_start)
 
 
 def lora_shrink(
@@ -333,10 +410,14 @@ def lora_shrink(
         inputs: ``[T, H_in]`` fp16/bf16/fp32 (float64 on the torch backend only).
         lora_a_weights: list of ``S`` tensors ``[L, R, H_in]`` (or ``[L, 1, R, H_in]``), inputs' dtype.
         output_tensor: ``[S, T, R]`` float32, zeroed then written (rows of slot -1 tokens stay 0).
-        token_lora_mapping ... no_lora_flag_cpu: ``*meta.meta_args(T)`` of a :class:`LoRAKernelMeta`.
+            float32 on every backend, so the intermediate never overflows a half dtype.
+        token_lora_mapping ... no_lora_flag_cpu: ``*meta.meta_args(T)`` of a :class:`LoRAKernelMeta`
+            prepared for these ``T`` tokens.
         scaling: multiplies the result.
 
-    Returns without touching anything when ``no_lora_flag_cpu`` is set (as vLLM does). No sync.
+    Returns without touching anything when ``no_lora_flag_cpu`` is set (as vLLM does). Otherwise
+    the metadata values are checked against the batch (ValueError naming the tensor, nothing
+    written): one host read per prepared step, a sync on a GPU, skipped during CUDA-graph capture.
 
     Example:
         >>> meta = LoRAKernelMeta.make(2, 4, "cpu"); meta.prepare_tensors(torch.tensor([1, -1, 0, 1]))
@@ -345,19 +426,9 @@ def lora_shrink(
     """
     x = check_float("inputs", inputs, 2)
     weights = check_weights("lora_a_weights", lora_a_weights, x.dtype, x.device)
-    if weights[0].shape[2] != x.shape[1]:
-        raise ValueError(f"lora_a_weights have hidden size {weights[0].shape[2]}, inputs have {x.shape[1]}")
-    check_tensor("output_tensor", output_tensor, ndim=3, dtypes=(torch.float32,), device=x.device)
-    expected = (len(weights), x.shape[0], weights[0].shape[1])
-    if tuple(output_tensor.shape) != expected:
-        raise ValueError(
-            f"output_tensor must have shape [S, T, R] = {list(expected)}, got {list(output_tensor.shape)}"
-        )
-    meta = check_meta_args(
-        (token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
-         lora_ids, no_lora_flag_cpu), x.shape[0], weights[0].shape[0], x.device,
-    )  # fmt: skip
-    torch.ops.ifk.lora_shrink(x, weights, output_tensor, list(meta), float(scaling))
+    meta = [token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
+            lora_ids, no_lora_flag_cpu]  # fmt: skip
+    torch.ops.ifk.lora_shrink(x, weights, output_tensor, meta, float(scaling))
 
 
 def lora_expand(
@@ -376,35 +447,22 @@ def lora_expand(
     """``output_tensor[t, off_s : off_s + n_s] (+)= inputs[s, t] @ B_s[slot(t)]^T`` per slice ``s``.
 
     Args:
-        inputs: ``[S, T, R]`` fp32/fp16/bf16/fp64 (cast to the weights' dtype before the product).
+        inputs: ``[S, T, R]`` fp32/fp16/bf16/fp64; the product runs in fp32 on every backend (TF32
+            tensor cores for half weights on a GPU), so fp32 inputs beyond the fp16 range do not
+            overflow before the product (vLLM casts them to the weights' dtype first).
         lora_b_weights: list of ``S`` tensors ``[L, n_s, R]`` (or ``[L, 1, n_s, R]``), one dtype;
             the widths ``n_s`` may differ (GQA q/k/v).
         output_tensor: ``[T, >= offset_start + sum n_s]`` fp16/bf16/fp32; slice ``s`` lands at
             column ``off_s = offset_start + n_0 + ... + n_{s-1}``. Written (``add_inputs=False``)
-            or accumulated (``add_inputs=True``) at the rows of LoRA tokens only.
+            or accumulated (``add_inputs=True``) at the rows of LoRA tokens only, rounded once to
+            its dtype (a result beyond the fp16 range becomes inf, as a cast would make it).
         token_lora_mapping ... no_lora_flag_cpu: ``*meta.meta_args(T)``.
 
-    No sync; returns at once when ``no_lora_flag_cpu`` is set.
+    Returns at once when ``no_lora_flag_cpu`` is set; metadata values checked as in
+    :func:`lora_shrink` (one host read per prepared step).
     """
-    check_float("inputs", inputs, 3)
-    x = inputs
-    check_float("output_tensor", output_tensor, 2, x.device)
+    x = check_float("inputs", inputs, 3)
     weights = check_weights("lora_b_weights", lora_b_weights, None, x.device)
-    if x.shape[0] != len(weights) or x.shape[2] != weights[0].shape[2]:
-        raise ValueError(
-            f"inputs must have shape [S, T, R] = [{len(weights)}, *, {weights[0].shape[2]}] to match "
-            f"lora_b_weights, got {list(x.shape)}"
-        )
-    if isinstance(offset_start, bool) or not isinstance(offset_start, int) or offset_start < 0:
-        raise ValueError(f"offset_start must be an int >= 0, got {offset_start!r}")
-    width = offset_start + sum(w.shape[1] for w in weights)
-    if output_tensor.shape[0] != x.shape[1] or output_tensor.shape[1] < width:
-        raise ValueError(
-            f"output_tensor must have {x.shape[1]} rows and >= {width} columns (offset_start + sum of "
-            f"slice widths), got {list(output_tensor.shape)}"
-        )
-    meta = check_meta_args(
-        (token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
-         lora_ids, no_lora_flag_cpu), x.shape[1], weights[0].shape[0], x.device,
-    )  # fmt: skip
-    torch.ops.ifk.lora_expand(x, weights, output_tensor, list(meta), offset_start, bool(add_inputs))
+    meta = [token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
+            lora_ids, no_lora_flag_cpu]  # fmt: skip
+    torch.ops.ifk.lora_expand(x, weights, output_tensor, meta, offset_start, bool(add_inputs))

@@ -64,6 +64,7 @@ def _selective_state_update_kernel(
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
+    TIE_HDIM: tl.constexpr,  # A, dt, dt_bias constant along P (A also along N): one scalar per head
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -84,20 +85,29 @@ def _selective_state_update_kernel(
                    + o_p[:, None] * stride_state_p + o_n[None, :] * stride_state_n)
         b_state = tl.load(p_state, mask=m_pn, other=0.0).to(tl.float32)
         b_x = tl.load(x_ptr + i_b * stride_x_b + i_h * stride_x_h + o_p * stride_x_p, mask=m_p).to(tl.float32)
-        p_dt = dt_ptr + i_b * stride_dt_b + i_h * stride_dt_h + o_p * stride_dt_p
-        b_dt = tl.load(p_dt, mask=m_p).to(tl.float32)
-        if HAS_DT_BIAS:
-            p_dt_bias = dt_bias_ptr + i_h * stride_dt_bias_h + o_p * stride_dt_bias_p
-            b_dt += tl.load(p_dt_bias, mask=m_p).to(tl.float32)
+        p_dt = dt_ptr + i_b * stride_dt_b + i_h * stride_dt_h
+        p_dt_bias = dt_bias_ptr + i_h * stride_dt_bias_h
+        if TIE_HDIM:  # mamba2: dt, dt_bias, A per head; one softplus and one exp per program
+            b_dt = tl.load(p_dt).to(tl.float32)
+            if HAS_DT_BIAS:
+                b_dt += tl.load(p_dt_bias).to(tl.float32)
+        else:
+            b_dt = tl.load(p_dt + o_p * stride_dt_p, mask=m_p).to(tl.float32)
+            if HAS_DT_BIAS:
+                b_dt += tl.load(p_dt_bias + o_p * stride_dt_bias_p, mask=m_p).to(tl.float32)
         if DT_SOFTPLUS:
             b_dt = softplus(b_dt)
-        b_A = tl.load(A_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n,
-                      mask=m_pn, other=0.0).to(tl.float32)
+        if TIE_HDIM:
+            b_dA = tl.exp(tl.load(A_ptr + i_h * stride_A_h).to(tl.float32) * b_dt)
+        else:
+            b_A = tl.load(A_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n,
+                          mask=m_pn, other=0.0).to(tl.float32)
+            b_dA = tl.exp(b_A * b_dt[:, None])
         b_B = tl.load(B_ptr + i_b * stride_B_b + i_g * stride_B_g + o_n * stride_B_n, mask=o_n < dstate,
                       other=0.0).to(tl.float32)
         b_C = tl.load(C_ptr + i_b * stride_C_b + i_g * stride_C_g + o_n * stride_C_n, mask=o_n < dstate,
                       other=0.0).to(tl.float32)
-        b_state = b_state * tl.exp(b_A * b_dt[:, None]) + b_B[None, :] * (b_dt * b_x)[:, None]
+        b_state = b_state * b_dA + b_B[None, :] * (b_dt * b_x)[:, None]
         tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_pn)
         b_out = tl.sum(b_state * b_C[None, :], axis=1)
         if HAS_D:
@@ -122,6 +132,15 @@ def _block_config(dstate: int) -> tuple[int, int]:
     return 4, 8
 
 
+def _tie_hdim(A, dt, dt_bias) -> bool:
+    """True when A ``[H, P, N]``, dt ``[B, H, P]`` and dt_bias ``[H, P]`` are constant along P (A
+    also along N): Mamba-2's expand of per-head values (zero strides; size-1 dims count too)."""
+    def tied(t, dims):
+        return t is None or all(t.shape[d] == 1 or t.stride(d) == 0 for d in dims)
+
+    return tied(A, (1, 2)) and tied(dt, (2,)) and tied(dt_bias, (1,))
+
+
 def _launch_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad_slot_id, out) -> None:
     batch, heads, dim = x.shape
     dstate = state.shape[-1]
@@ -136,7 +155,7 @@ def _launch_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad
             *state.stride(), *x.stride(), *dt.stride(), *strides(dt_bias, 2), *A.stride(), *B.stride(),
             *C.stride(), *strides(D, 2), *strides(z, 3), *out.stride(),
             DT_SOFTPLUS=dt_softplus, HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None,
-            HAS_Z=z is not None, HAS_SLOTS=slots is not None,
+            HAS_Z=z is not None, HAS_SLOTS=slots is not None, TIE_HDIM=_tie_hdim(A, dt, dt_bias),
             BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps,
         )
 

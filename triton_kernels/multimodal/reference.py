@@ -35,10 +35,19 @@ def embed_multimodal_tokens_ref(
     is_multimodal: torch.Tensor,  # [T] bool
     out: torch.Tensor,  # [T, H], written
 ) -> torch.Tensor:
-    """Embedding lookup for text positions (placeholder ids never index the table), then scatter."""
-    safe_ids = input_ids.masked_fill(is_multimodal, 0)
-    if out.is_contiguous():
+    """Embedding lookup for text positions (placeholder ids never index the table), then scatter.
+
+    A text id outside ``[0, V)`` (possible only when the op's data checks were skipped) gives a
+    zero row, as in the kernels.
+    """
+    bad = ~is_multimodal & ((input_ids < 0) | (input_ids >= embedding_weight.shape[0]))
+    safe_ids = input_ids.masked_fill(is_multimodal | bad, 0)
+    if embedding_weight.shape[0] == 0:  # an empty table: nothing to gather, no index is valid
+        out.zero_()
+    elif out.is_contiguous():
         torch.index_select(embedding_weight, 0, safe_ids, out=out)
     else:
         out.copy_(embedding_weight.index_select(0, safe_ids))
+    if bad.any():
+        out[bad] = 0
     return merge_multimodal_embeddings_ref(out, items, is_multimodal)

@@ -5,21 +5,47 @@ takes the next row of the multimodal items (found by its rank among the placehol
 row is either left alone (merge) or gathered from the embedding table (fused embed). Items are
 read where they lie, through a small device table of base pointers, row starts and row strides,
 so a list of items is never concatenated.
+
+Launches and host syncs of one call on a GPU (kernel backends), counted with torch.profiler on
+CPU by tests/triton_kernels/multimodal/test_scatter.py::test_launch_count:
+
+    placeholder mask     1 ``input_ids == id`` (a list of ids: a small host-to-device copy and
+                         ``isin``); none when ``is_multimodal`` is given
+    rank                 1 ``cumsum`` (its last entry is the placeholder count)
+    data checks          fused: 3 (``masked_fill``, ``aminmax``, ``stack``) and 1 sync (``tolist``);
+                         merge: 1 sync (the count); none when ``num_placeholders`` is given
+    item pointer table   1 host-to-device copy, only for 2+ items
+    the kernel           1
+
+So the fused embed by placeholder id is 6 launches and 1 host sync (7 with a list of items); with
+``is_multimodal``, ``num_placeholders`` and one (3-D or 2-D) item it is 2 launches and no sync.
+Casting items to the target dtype, copying an item that aliases the target and a column-strided
+target add one copy each. The torch backend (the CPU path) syncs more: ``nonzero``, and ``any``
+for the fused op.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, on_device, unit_stride_last
+from triton_kernels import _alloc
+from triton_kernels._checks import on_device
+from triton_kernels._data_checks import capturing
+from triton_kernels.multimodal._args import (
+    MultiModalItems,
+    check_ids,
+    check_mask,
+    check_num_placeholders,
+    check_rows,
+    count_expression,
+    flatten_items,
+    overlaps,
+    placeholder_mask,
+)
 from triton_kernels.multimodal.reference import embed_multimodal_tokens_ref, merge_multimodal_embeddings_ref
 from triton_kernels.registry import MULTIMODAL_SCATTER
-
-MultiModalItems = torch.Tensor | Sequence[torch.Tensor]
 
 
 @triton.jit
@@ -36,6 +62,7 @@ def _embed_scatter_kernel(
     n_items,
     total_rows,
     hidden,
+    vocab,
     # strides
     stride_out_t,
     stride_w_v,
@@ -52,7 +79,7 @@ def _embed_scatter_kernel(
     p_out = out_ptr + i_t * stride_out_t + o_h
     row = tl.load(rank_ptr + i_t).to(tl.int64) - 1
     if tl.load(mask_ptr + i_t):
-        if row < total_rows:  # always true once counts were checked; guards unchecked capture
+        if row < total_rows:  # always true once counts were checked; guards unchecked data
             if SINGLE_ITEM:
                 p_src = item_ptr + row * stride_item_r + o_h
             else:
@@ -71,7 +98,10 @@ def _embed_scatter_kernel(
             tl.store(p_out, tl.load(p_src, mask=m_h), mask=m_h)
     elif GATHER_TEXT:
         token = tl.load(ids_ptr + i_t).to(tl.int64)
-        tl.store(p_out, tl.load(weight_ptr + token * stride_w_v + o_h, mask=m_h), mask=m_h)
+        if (token >= 0) & (token < vocab):
+            tl.store(p_out, tl.load(weight_ptr + token * stride_w_v + o_h, mask=m_h), mask=m_h)
+        else:  # unchecked data: an out-of-vocab id gives a zero row
+            tl.store(p_out, tl.zeros([BLOCK_H], dtype=out_ptr.dtype.element_ty), mask=m_h)
 
 
 def _item_table(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -110,6 +140,7 @@ def _launch_triton(out, input_ids, weight, items, mask, rank, total_rows) -> Non
             len(items),
             total_rows,
             hidden,
+            weight.shape[0] if gather else 0,
             out.stride(0),
             weight.stride(0) if gather else 0,
             items[0].stride(0) if single else 0,
@@ -130,131 +161,114 @@ def _launch_cuda(out, input_ids, weight, items, mask, rank, total_rows) -> None:
     )
 
 
-def _check_counts_and_ids(input_ids, weight, total_rows, mask, count_expr) -> None:
-    """The data-dependent checks: one host sync, skipped while a CUDA graph is being captured."""
-    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    if weight is None or mask.numel() == 0:
-        num_placeholders, lo, hi = int(mask.sum()), 0, 0
-    else:
-        lo_hi = input_ids.masked_fill(mask, 0).aminmax()
-        num_placeholders, lo, hi = torch.stack([mask.sum(), lo_hi.min, lo_hi.max]).tolist()
+def _check_assign(count_expr: str, total_rows: int, num_placeholders: int) -> None:
     if total_rows != num_placeholders:
         raise ValueError(
             f"Attempted to assign {count_expr} = {total_rows} multimodal tokens to "
             f"{num_placeholders} placeholders"
         )
-    if weight is not None and (lo < 0 or hi >= weight.shape[0]):
-        bad = lo if lo < 0 else hi
+
+
+def _check_data(input_ids, weight, mask, rank, total_rows, count_expr, num_placeholders) -> None:
+    """The value checks. With the caller's host ``num_placeholders``: the count only, no device
+    read. Otherwise one host sync for the placeholder count (``rank[-1]`` when the kernel's rank
+    was computed, else a sum) and, for the fused op, the text-id range; skipped while a CUDA
+    graph is being captured."""
+    if num_placeholders is not None:
+        _check_assign(count_expr, total_rows, num_placeholders)
+        return
+    if mask.numel() == 0:
+        _check_assign(count_expr, total_rows, 0)
+        return
+    if capturing(mask):
+        return
+    count = rank[-1] if rank is not None else mask.sum()
+    if weight is None:
+        _check_assign(count_expr, total_rows, int(count))
+        return
+    lo_hi = input_ids.masked_fill(mask, 0).aminmax()
+    count, lo, hi = torch.stack([count, lo_hi.min, lo_hi.max]).tolist()
+    _check_assign(count_expr, total_rows, count)
+    if count < mask.shape[0] and (lo < 0 or hi >= weight.shape[0]):  # some text position holds lo or hi
         raise ValueError(
-            f"input_ids holds token id {bad} at a text position, outside the vocabulary "
+            f"input_ids holds token id {lo if lo < 0 else hi} at a text position, outside the vocabulary "
             f"[0, {weight.shape[0]}) of embedding_weight"
         )
+
+
+def _check_core(out, input_ids, weight, mask, items) -> None:
+    """The metadata the kernels rely on, checked again inside the custom op (under
+    ``torch.compile`` the public wrapper's checks run on fake tensors only)."""
+    num_tokens, hidden = out.shape
+    problems = [
+        (mask.dtype != torch.bool or mask.shape != (num_tokens,), "is_multimodal must be a [T] bool tensor"),
+        (input_ids is not None and input_ids.shape != (num_tokens,), "input_ids must be [T]"),
+        (weight is not None and (weight.dim() != 2 or weight.shape[1] != hidden or weight.dtype != out.dtype
+                                 or (hidden > 1 and weight.stride(1) != 1)),
+         "embedding_weight must be [V, H] in out's dtype with unit stride along H"),
+        (any(it.dim() != 2 or it.shape[1] != hidden or it.dtype != out.dtype or (hidden > 1 and it.stride(1) != 1)
+             for it in items), "items must be [rows, H] in out's dtype with unit stride along H"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(f"multimodal_scatter: {message} (out is {list(out.shape)} {out.dtype})")
 
 
 @torch.library.custom_op("ifk::multimodal_scatter", mutates_args=("out",))
 def _multimodal_scatter(
     out: torch.Tensor,
-    input_ids: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    items: list[torch.Tensor],
-    is_multimodal: torch.Tensor,
+    inputs: list[torch.Tensor | None],
     count_expr: str,
+    num_placeholders: int | None,
 ) -> None:
-    """Destination-passing core of the three public ops (inputs already validated)."""
+    """Destination-passing core of the three public ops.
+
+    ``out`` ``[T, H]`` is written (placeholder rows; every row when ``input_ids`` is given);
+    ``inputs`` is ``[input_ids [T] | None, embedding_weight [V, H] | None, is_multimodal [T],
+    *items [rows_i, H]]``, items already in ``out``'s dtype.
+    """
+    input_ids, weight, mask, *items = inputs
+    _check_core(out, input_ids, weight, mask, items)
     total_rows = sum(item.shape[0] for item in items)
-    _check_counts_and_ids(input_ids, weight, total_rows, is_multimodal, count_expr)
-    if len(items) > 1 and out.is_cuda and torch.cuda.is_current_stream_capturing():
+    backend = MULTIMODAL_SCATTER.resolve(out.device, (out.dtype,))
+    rank = None if backend == "torch" else torch.cumsum(mask, 0, dtype=torch.int32)
+    _check_data(input_ids, weight, mask, rank, total_rows, count_expr, num_placeholders)
+    if len(items) > 1 and capturing(out):
         raise ValueError(
             f"multimodal_embeddings: {len(items)} separate items cannot be captured in a CUDA "
             "graph (their pointer table is host data); pass one 3-D or 2-D tensor instead"
         )
-    backend = MULTIMODAL_SCATTER.resolve(out.device)
+    # An input that is a view of out (an item cut from inputs_embeds) would be read while out is
+    # written: copy it first, as vLLM's concatenation does.
+    items = [it.clone() if overlaps(it, out) else it for it in items]
+    if weight is not None and overlaps(weight, out):
+        weight = weight.clone()
     if backend == "torch":
         if weight is None:
-            merge_multimodal_embeddings_ref(out, items, is_multimodal)
+            merge_multimodal_embeddings_ref(out, items, mask)
         else:
-            embed_multimodal_tokens_ref(input_ids, weight, items, is_multimodal, out)
+            embed_multimodal_tokens_ref(input_ids, weight, items, mask, out)
         return
-    rank = torch.cumsum(is_multimodal, 0, dtype=torch.int32)
+    # The kernels need unit stride along H: a column-strided out goes through a buffer.
+    work = out
+    if out.shape[1] > 1 and out.stride(1) != 1:
+        work = _alloc.empty(out.shape, out.dtype, out.device) if weight is not None else out.contiguous()
     launch = _launch_cuda if backend == "cuda" else _launch_triton
-    launch(out, input_ids, weight, items, is_multimodal, rank, total_rows)
+    launch(work, input_ids, weight, items, mask, rank, total_rows)
+    if work is not out:
+        out.copy_(work)
 
 
 @_multimodal_scatter.register_fake
-def _(out, input_ids, weight, items, is_multimodal, count_expr) -> None:
+def _(out, inputs, count_expr, num_placeholders) -> None:
     return None
 
 
-def _count_expression(embeddings: MultiModalItems) -> str:
-    """vLLM's wording for how many rows the items hold: ``25 + 25`` or ``7 x 256``."""
-    if isinstance(embeddings, torch.Tensor):
-        return " x ".join(str(d) for d in embeddings.shape[:-1])
-    return " + ".join(_count_expression(inner) for inner in embeddings)
-
-
-def _flatten_items(
-    embeddings: MultiModalItems, hidden: int, dtype: torch.dtype, device: torch.device
-) -> list[torch.Tensor]:
-    """Validate the items and return them as 2-D ``[rows, H]`` tensors in ``dtype``.
-
-    A 3-D tensor becomes one item (a view where its strides allow); items in another dtype are
-    cast; an item whose hidden dim is strided is copied. Nested lists are walked in order.
-    """
-    flat: list[torch.Tensor] = []
-
-    def visit(obj: object, name: str) -> None:
-        if isinstance(obj, (list, tuple)):
-            for i, inner in enumerate(obj):
-                visit(inner, f"{name}[{i}]")
-            return
-        check_tensor(name, obj, ndim=(2, 3), dtypes=FLOAT_DTYPES, device=device)
-        if obj.shape[-1] != hidden:
-            raise ValueError(f"{name} has hidden size {obj.shape[-1]}, expected {hidden} (inputs)")
-        rows = obj.reshape(-1, hidden).to(dtype)
-        if rows.shape[0]:
-            flat.append(unit_stride_last(rows))
-
-    if not isinstance(embeddings, (torch.Tensor, list, tuple)):
-        raise TypeError(
-            "multimodal_embeddings must be a tensor or a list/tuple of tensors, got "
-            f"{type(embeddings).__name__}"
-        )
-    visit(embeddings, "multimodal_embeddings")
-    return flat
-
-
-def _check_ids(input_ids: object, device: torch.device | None = None) -> torch.Tensor:
-    return check_tensor("input_ids", input_ids, ndim=1, dtypes=INDEX_DTYPES, device=device)
-
-
-def _check_embeds(name: str, embeds: object, num_tokens: int, device: torch.device) -> torch.Tensor:
-    check_tensor(name, embeds, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-    if embeds.shape[0] != num_tokens:
-        raise ValueError(f"{name} has {embeds.shape[0]} rows, expected {num_tokens} (one per token)")
-    if embeds.shape[1] > 1 and embeds.stride(1) != 1:
-        raise ValueError(f"{name} must have unit stride along the hidden dim, got strides {embeds.stride()}")
-    return embeds
-
-
-def _placeholder_mask(input_ids: torch.Tensor, placeholder_token_id: int | Sequence[int]) -> torch.Tensor:
-    if isinstance(placeholder_token_id, bool) or not isinstance(placeholder_token_id, (int, list, tuple)):
-        raise TypeError(f"placeholder_token_id must be an int or a list of ints, got {placeholder_token_id!r}")
-    if isinstance(placeholder_token_id, int):
-        return input_ids == placeholder_token_id
-    if not placeholder_token_id or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in placeholder_token_id
-    ):
-        raise TypeError(f"placeholder_token_id must be a non-empty list of ints, got {placeholder_token_id!r}")
-    ids = torch.tensor(list(placeholder_token_id), dtype=input_ids.dtype, device=input_ids.device)
-    return torch.isin(input_ids, ids)
-
-
-def _check_mask(is_multimodal: object, num_tokens: int, device: torch.device) -> torch.Tensor:
-    check_tensor("is_multimodal", is_multimodal, ndim=1, dtypes=(torch.bool,), device=device)
-    if is_multimodal.shape[0] != num_tokens:
-        raise ValueError(f"is_multimodal has {is_multimodal.shape[0]} entries, expected {num_tokens}")
-    return is_multimodal.contiguous()
+def _scatter(out, input_ids, weight, mask, embeddings: MultiModalItems, num_placeholders) -> None:
+    items = flatten_items(embeddings, out.shape[1], out.dtype, out.device)
+    torch.ops.ifk.multimodal_scatter(
+        out, [input_ids, weight, mask, *items], count_expression(embeddings), check_num_placeholders(num_placeholders)
+    )
 
 
 def merge_multimodal_embeddings(
@@ -262,30 +276,36 @@ def merge_multimodal_embeddings(
     inputs_embeds: torch.Tensor,
     multimodal_embeddings: MultiModalItems,
     placeholder_token_id: int | list[int],
+    *,
+    num_placeholders: int | None = None,
 ) -> torch.Tensor:
     """Write the multimodal rows into the placeholder positions of ``inputs_embeds``, in place.
 
     Args:
         input_ids: ``[T]`` int32/int64 token ids.
-        inputs_embeds: ``[T, H]`` fp32/fp16/bf16, written in place at placeholder rows only.
+        inputs_embeds: ``[T, H]`` fp32/fp16/bf16, any strides, written in place at placeholder
+            rows only.
         multimodal_embeddings: a list/tuple of ``[rows_i, H]`` tensors (any lengths, taken in
-            order) or one ``[n, rows, H]`` tensor; cast to ``inputs_embeds.dtype``.
-        placeholder_token_id: the placeholder id, or a list of them.
+            order) or one ``[n, rows, H]`` tensor, in any float dtype (cast to
+            ``inputs_embeds.dtype``); an item that is a view of ``inputs_embeds`` is copied first.
+        placeholder_token_id: the placeholder id, or a list of them; each must fit ``input_ids``'
+            dtype (``ValueError`` otherwise: torch would wrap it onto a text token).
+        num_placeholders: the placeholder count when the caller holds it on the host: then the
+            count is checked against it without a host sync (see :func:`embed_multimodal_tokens`).
 
     Returns ``inputs_embeds``. Raises ``ValueError("Attempted to assign 25 + 25 = 50 multimodal
     tokens to 49 placeholders")`` on a count mismatch, leaving ``inputs_embeds`` unchanged.
-    Syncs with the device once, to count the placeholders (vLLM does the same).
+    Without ``num_placeholders``, syncs with the device once to count the placeholders (as vLLM).
 
     Example:
         >>> ids = torch.tensor([1, 9, 9, 2]); emb = torch.randn(4, 8)
         >>> merge_multimodal_embeddings(ids, emb, [torch.ones(2, 8)], 9)[1:3].sum().item()
         16.0
     """
-    ids = _check_ids(input_ids)
-    embeds = _check_embeds("inputs_embeds", inputs_embeds, ids.shape[0], ids.device)
-    items = _flatten_items(multimodal_embeddings, embeds.shape[1], embeds.dtype, embeds.device)
-    mask = _placeholder_mask(ids, placeholder_token_id)
-    torch.ops.ifk.multimodal_scatter(embeds, None, None, items, mask, _count_expression(multimodal_embeddings))
+    ids = check_ids(input_ids)
+    embeds = check_rows("inputs_embeds", inputs_embeds, ids.shape[0], ids.device)
+    mask = placeholder_mask(ids, placeholder_token_id)
+    _scatter(embeds, None, None, mask, multimodal_embeddings, num_placeholders)
     return inputs_embeds
 
 
@@ -293,13 +313,13 @@ def merge_multimodal_embeddings_by_mask(
     inputs_embeds: torch.Tensor,
     multimodal_embeddings: MultiModalItems,
     is_multimodal: torch.Tensor,
+    *,
+    num_placeholders: int | None = None,
 ) -> torch.Tensor:
     """:func:`merge_multimodal_embeddings` with a ``[T]`` bool position mask instead of token ids."""
-    check_tensor("inputs_embeds", inputs_embeds, ndim=2, dtypes=FLOAT_DTYPES)
-    mask = _check_mask(is_multimodal, inputs_embeds.shape[0], inputs_embeds.device)
-    embeds = _check_embeds("inputs_embeds", inputs_embeds, mask.shape[0], mask.device)
-    items = _flatten_items(multimodal_embeddings, embeds.shape[1], embeds.dtype, embeds.device)
-    torch.ops.ifk.multimodal_scatter(embeds, None, None, items, mask, _count_expression(multimodal_embeddings))
+    embeds = check_rows("inputs_embeds", inputs_embeds)
+    mask = check_mask(is_multimodal, embeds.shape[0], embeds.device)
+    _scatter(embeds, None, None, mask, multimodal_embeddings, num_placeholders)
     return inputs_embeds
 
 
@@ -311,48 +331,57 @@ def embed_multimodal_tokens(
     is_multimodal: torch.Tensor | None = None,
     placeholder_token_id: int | list[int] | None = None,
     out: torch.Tensor | None = None,
+    num_placeholders: int | None = None,
 ) -> torch.Tensor:
-    """Fused text-embedding lookup and multimodal scatter in one launch.
+    """Fused text-embedding lookup and multimodal scatter: one kernel over every row.
 
     Args:
         input_ids: ``[T]`` int32/int64. Ids at placeholder positions never index the table,
             so they may lie outside the vocabulary; ids at text positions must be in ``[0, V)``.
-        embedding_weight: ``[V, H]`` fp32/fp16/bf16 (unit stride along H).
-        multimodal_embeddings: list/tuple of ``[rows_i, H]`` or one ``[n, rows, H]`` tensor,
-            read in place (never concatenated), cast to the table's dtype if they differ.
-        is_multimodal / placeholder_token_id: exactly one says where the placeholders are.
-        out: optional ``[T, H]`` destination in the table's dtype.
+        embedding_weight: ``[V, H]`` fp32/fp16/bf16 (copied if strided along H).
+        multimodal_embeddings: list/tuple of ``[rows_i, H]`` or one ``[n, rows, H]`` tensor in any
+            float dtype, read in place (never concatenated), cast to the table's dtype if they
+            differ; an item that is a view of ``out`` is copied first.
+        is_multimodal / placeholder_token_id: exactly one says where the placeholders are
+            (``[T]`` bool, or an id / list of ids that fit ``input_ids``' dtype).
+        out: optional ``[T, H]`` destination in the table's dtype, any strides.
+        num_placeholders: the number of placeholders, when the caller already holds it on the
+            host (vLLM's scheduler does). Then nothing is read back from the device: the count
+            is checked against the items on the host, and text ids are not range-checked (an
+            out-of-vocabulary text id gives a zero row instead of an error).
 
-    Returns ``out`` (or a new ``[T, H]`` tensor). Checks the placeholder count and the text ids
-    with one host sync, skipped while a CUDA graph is being captured (then a surplus of
-    placeholders is left unwritten instead of raising).
+    Returns ``out`` (or a new ``[T, H]`` tensor).
+
+    Launches and syncs on a GPU: by placeholder id, 6 launches (mask, ``cumsum``, 3 for the
+    checks, the kernel; a list of items adds a pointer-table copy) and one host sync that checks
+    the placeholder count and the text ids (skipped while a CUDA graph is being captured; then a
+    surplus of placeholders is left unwritten instead of raising). With ``is_multimodal``,
+    ``num_placeholders`` and one item (a 3-D or 2-D tensor): 2 launches (``cumsum``, the
+    kernel) and no sync.
 
     Example:
         >>> w = torch.randn(10, 8); ids = torch.tensor([3, 99, 99, 4])
         >>> embed_multimodal_tokens(ids, w, [torch.zeros(2, 8)], placeholder_token_id=99).shape
         torch.Size([4, 8])
     """
-    ids = _check_ids(input_ids)
-    weight = check_tensor("embedding_weight", embedding_weight, ndim=2, dtypes=FLOAT_DTYPES, device=ids.device)
+    ids = check_ids(input_ids)
+    weight = check_rows("embedding_weight", embedding_weight, device=ids.device)
     if weight.shape[1] > 1 and weight.stride(1) != 1:
         weight = weight.contiguous()
     if (is_multimodal is None) == (placeholder_token_id is None):
         raise ValueError("pass exactly one of is_multimodal and placeholder_token_id")
-    if is_multimodal is not None:
-        mask = _check_mask(is_multimodal, ids.shape[0], ids.device)
-    else:
-        mask = _placeholder_mask(ids, placeholder_token_id)
     if out is None:
-        out = torch.empty((ids.shape[0], weight.shape[1]), dtype=weight.dtype, device=ids.device)
+        out = _alloc.empty((ids.shape[0], weight.shape[1]), weight.dtype, ids.device)
     else:
-        _check_embeds("out", out, ids.shape[0], ids.device)
+        check_rows("out", out, ids.shape[0], ids.device)
         if out.dtype != weight.dtype or out.shape[1] != weight.shape[1]:
             raise ValueError(
                 f"out must be [{ids.shape[0]}, {weight.shape[1]}] {weight.dtype}, got "
                 f"{list(out.shape)} {out.dtype}"
             )
-    items = _flatten_items(multimodal_embeddings, weight.shape[1], weight.dtype, weight.device)
-    torch.ops.ifk.multimodal_scatter(
-        out, ids.contiguous(), weight, items, mask, _count_expression(multimodal_embeddings)
-    )
+    if is_multimodal is not None:
+        mask = check_mask(is_multimodal, ids.shape[0], ids.device)
+    else:
+        mask = placeholder_mask(ids, placeholder_token_id)
+    _scatter(out, ids.contiguous(), weight, mask, multimodal_embeddings, num_placeholders)
     return out

@@ -8,7 +8,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 from pyiface.lora import LoRABatchWrapper, LoRAEmbedding, LoRALinear, LoRALogits
-from tests.pyiface.lora.common import BACKENDS, loop_delta, random_adapter
+from tests.pyiface.lora.common import BACKENDS, oracle_delta, random_adapter
 from tests.utils import KERNEL_DEVICE, assert_close
 from triton_kernels import use_backend
 
@@ -38,7 +38,7 @@ def test_packed_linear_matches_loop(backend):
         y = layer(x)
     flat = x.reshape(10, H_IN).cpu()
     ref = flat.double() @ base.weight.detach().cpu().double().T + base.bias.detach().cpu().double()
-    ref += loop_delta(flat, MAPPING, adapters, SLICES)
+    ref += oracle_delta(flat, MAPPING, adapters, SLICES)
     assert y.shape == (2, 5, sum(SLICES))
     assert_close(y.reshape(10, -1), ref.float().to(DEV))
 
@@ -111,7 +111,7 @@ def test_logits_and_embedding_layers(backend):
     assert_close(h, ref_h.float())
     last = h[:, -1].detach().cpu()
     ref_logits = last.double() @ head.weight.detach().cpu().double().T
-    ref_logits += loop_delta(last, [0, -1], {0: head_adapter}, (vocab,))
+    ref_logits += oracle_delta(last, [0, -1], {0: head_adapter}, (vocab,))
     assert_close(logits, ref_logits.float().to(DEV))
     # embedding LoRA trains: B's gradient reaches slot 1 only
     with use_backend(backend):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyiface.lora import LoRABatchWrapper, LoRAEmbeddingSlots, LoRASlots
-from tests.pyiface.lora.common import BACKENDS, loop_delta, random_adapter
+from tests.pyiface.lora.common import BACKENDS, oracle_delta, random_adapter
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal
 from triton_kernels import use_backend
 
@@ -59,7 +59,7 @@ def test_add_lora_linear_matches_loop(backend, mapping):
     wrapper = LoRABatchWrapper(MAX_LORAS, 16, DEV)
     with use_backend(backend):
         x, base, y = _linear_step(wrapper, slots, mapping)
-    ref = base.double() + loop_delta(x.cpu(), mapping, adapters, SLICES).to(DEV)
+    ref = base.double() + oracle_delta(x.cpu(), mapping, adapters, SLICES).to(DEV)
     assert_close(y, ref.float())
     untouched = torch.tensor([s in (-1, 1) for s in mapping], dtype=torch.bool, device=DEV)
     assert_equal(y[untouched], base[untouched])
@@ -73,7 +73,7 @@ def test_fp16_matches_loop(backend):
     mapping = [1, 0, -1, 1, 0, 0, 1]
     with use_backend(backend):
         x, base, y = _linear_step(wrapper, slots, mapping, dtype=torch.float16)
-    ref = base.double() + loop_delta(x.cpu().float(), mapping, stored, SLICES).to(DEV)
+    ref = base.double() + oracle_delta(x.cpu().float(), mapping, stored, SLICES).to(DEV)
     assert_close(y, ref.half())
 
 
@@ -87,7 +87,7 @@ def test_changing_mappings_keep_buffers(backend):
     with use_backend(backend):
         for mapping in ([0, 1, 2, -1], [2, 2, 2, 2, 2, 2, 1, 0, -1, 0, 1, 2], [-1, -1], [1, 0, 1]):
             x, base, y = _linear_step(wrapper, slots, mapping, sampled=mapping[-4:])
-            assert_close(y, (base.double() + loop_delta(x.cpu(), mapping, adapters, SLICES).to(DEV)).float())
+            assert_close(y, (base.double() + oracle_delta(x.cpu(), mapping, adapters, SLICES).to(DEV)).float())
             assert (wrapper.num_tokens, wrapper.num_samples) == (len(mapping), len(mapping[-4:]))
     assert [t.data_ptr() for m in metas for t in m.meta_args(m.max_num_tokens)] == ptrs
 
@@ -107,7 +107,7 @@ def test_add_lora_logits_uses_sampler_mapping(backend):
             y, x, slots.lora_a_stacked[0], slots.lora_b_stacked[0], 1.0, lora_ranks=slots.lora_ranks
         )
     assert out is y
-    assert_close(y, (base.double() + loop_delta(x.cpu(), sampled, adapters, (vocab,)).to(DEV)).float())
+    assert_close(y, (base.double() + oracle_delta(x.cpu(), sampled, adapters, (vocab,)).to(DEV)).float())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

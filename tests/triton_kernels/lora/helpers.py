@@ -1,4 +1,5 @@
-"""Shared pieces of the LoRA tests: batch mappings, random weights, a float64 per-adapter loop."""
+"""Shared pieces of the LoRA tests: batch mappings, random weights, and the oracle: the package's
+per-adapter reference (``triton_kernels.lora.reference``) in float64, grouped by the mapping."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from tests.utils import KERNEL_DEVICE
 from triton_kernels.lora import LoRAKernelMeta
+from triton_kernels.lora.reference import add_lora_linear_ref, lora_expand_ref, lora_shrink_ref, mapping_segments
 
 
 def token_mapping(kind: str, num_tokens: int, num_slots: int) -> torch.Tensor:
@@ -43,32 +45,29 @@ def lora_weights(num_slots, rank, hidden, widths, dtype, device=KERNEL_DEVICE, f
     return a, b
 
 
-def loop_shrink(x, a, mapping, scaling) -> torch.Tensor:
-    """``[S, T, R]`` float64 by a loop over adapters; zero rows for -1 tokens."""
-    x, mapping = x.cpu().double(), mapping.cpu()
-    a = [w.cpu().double().reshape(w.shape[0], *w.shape[-2:]) for w in a]
-    out = torch.zeros(len(a), x.shape[0], a[0].shape[1], dtype=torch.float64)
-    for slot in mapping.unique().tolist():
-        if slot >= 0:
-            rows = (mapping == slot).nonzero().flatten()
-            for s, w in enumerate(a):
-                out[s, rows] = scaling * x[rows] @ w[slot].T
+def _as_3d(weights) -> list[torch.Tensor]:
+    return [w.reshape(w.shape[0], *w.shape[-2:]).double() for w in weights]
+
+
+def oracle_shrink(x, a, mapping, scaling) -> torch.Tensor:
+    """``[S, T, R]`` float64 by the package's reference, grouped straight from the mapping."""
+    out = torch.zeros(len(a), x.shape[0], a[0].shape[-2], dtype=torch.float64, device=x.device)
+    lora_shrink_ref(x.double(), _as_3d(a), out, mapping_segments(mapping.to(x.device)), scaling)
     return out
 
 
-def loop_delta(x, a, b, mapping, scale, ranks=None) -> torch.Tensor:
-    """``[T, sum n_s]`` float64 delta by a loop over adapters (differentiable in x, a, b)."""
-    a = [w.reshape(w.shape[0], *w.shape[-2:]) for w in a]
-    b = [w.reshape(w.shape[0], *w.shape[-2:]) for w in b]
-    cols = []
-    for wa, wb in zip(a, b):
-        col = torch.zeros(x.shape[0], wb.shape[1], dtype=torch.float64, device=x.device)
-        for slot in mapping.unique().tolist():
-            if slot < 0:
-                continue
-            r = int(ranks[slot]) if ranks is not None else wa.shape[1]
-            keep = (mapping == slot).to(x.device).unsqueeze(1).double()
-            h = x.double() @ wa[slot, :r].double().T
-            col = col + keep * (scale * h @ wb[slot, :, :r].double().T)
-        cols.append(col)
-    return torch.cat(cols, 1)
+def oracle_expand(inputs, b, mapping, out, offset_start, add_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected output (float64, on the CPU) and the mask of the elements the op writes."""
+    expected = out.cpu().double()
+    segments = mapping_segments(mapping.cpu())
+    lora_expand_ref(inputs.cpu().double(), [w.cpu() for w in _as_3d(b)], expected, segments, offset_start, add_inputs)
+    written = torch.zeros(out.shape, dtype=torch.bool)
+    written[(mapping.cpu() >= 0).nonzero().flatten(), offset_start : offset_start + sum(w.shape[-2] for w in b)] = True
+    return expected, written
+
+
+def oracle_delta(x, a, b, mapping, scale, ranks=None) -> torch.Tensor:
+    """``[T, sum n_s]`` float64 delta by the package's reference (differentiable in x, a, b)."""
+    y = torch.zeros(x.shape[0], sum(w.shape[-2] for w in b), dtype=torch.float64, device=x.device)
+    add_lora_linear_ref(y, x.double(), _as_3d(a), _as_3d(b), scale, mapping_segments(mapping.to(x.device)), ranks)
+    return y

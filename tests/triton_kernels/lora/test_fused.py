@@ -1,11 +1,13 @@
-"""add_lora_linear (fused, per-slot ranks) and lora_linear (training) against a float64 loop."""
+"""add_lora_linear (fused, per-slot ranks) and lora_linear (training) against the package reference
+in float64."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.triton_kernels.lora.helpers import loop_delta, lora_weights, prepared_meta, token_mapping
+import triton_kernels._data_checks
+from tests.triton_kernels.lora.helpers import lora_weights, oracle_delta, prepared_meta, token_mapping
 from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal
 from triton_kernels import LoRAKernelMeta, add_lora_linear, lora_linear, use_backend
 
@@ -44,7 +46,7 @@ def test_add_lora_linear(num_tokens, hidden, rank, widths, ranks, kind, dtype, b
         num_tokens, hidden, rank, widths, ranks, kind, dtype, four_d=rank == 16
     )
     y = torch.randn(num_tokens, sum(widths)).to(dtype).to(KERNEL_DEVICE)
-    expected = y.double() + loop_delta(x, a, b, mapping, 0.75, ranks)
+    expected = y.double() + oracle_delta(x, a, b, mapping, 0.75, ranks)
     untouched = (mapping == -1).to(y.device)
     keep = y[untouched].clone()
     with use_backend(backend):
@@ -71,7 +73,7 @@ def _random_batches(draw):
 
 @settings(max_examples=25, deadline=None)
 @given(_random_batches())
-def test_random_shapes_match_the_loop(batch):
+def test_random_shapes_match_the_oracle(batch):
     """Any sizes (1s included), any slice widths and count, any mix of ranks and -1 tokens."""
     torch.manual_seed(batch["seed"])
     t, slots = batch["num_tokens"], batch["slots"]
@@ -80,7 +82,7 @@ def test_random_shapes_match_the_loop(batch):
     a, b = lora_weights(slots, batch["rank"], batch["hidden"], batch["widths"], torch.float32)
     ranks = None if batch["ranks"] is None else torch.tensor(batch["ranks"], device=KERNEL_DEVICE)
     y = torch.randn(t, sum(batch["widths"]), device=KERNEL_DEVICE)
-    expected = y.double() + loop_delta(x, a, b, mapping, 1.5, ranks)
+    expected = y.double() + oracle_delta(x, a, b, mapping, 1.5, ranks)
     with use_backend("triton"):
         add_lora_linear(y, x, a, b, 1.5, batch["widths"], prepared_meta(mapping, slots), lora_ranks=ranks)
     assert_close(y, expected)
@@ -125,7 +127,7 @@ def test_torch_backend_batched_paths(num_tokens, kind, ranks, mapping, dtype):
     x = torch.randn(num_tokens, 33).to(dtype).to(KERNEL_DEVICE)
     a, b = lora_weights(NUM_SLOTS, rank, 33, widths, dtype)
     ranks = None if ranks is None else torch.tensor(ranks, dtype=torch.int32, device=KERNEL_DEVICE)
-    expected_delta = loop_delta(x, a, b, mapping, 0.75, ranks)
+    expected_delta = oracle_delta(x, a, b, mapping, 0.75, ranks)
     for slot, r in enumerate(ranks.tolist() if ranks is not None else []):
         for w in a:
             w[slot, r:] = float("nan")
@@ -155,7 +157,7 @@ def test_lora_linear_gradients(ranks, backend):
     with use_backend(backend):
         out = lora_linear(x, a, b, 0.5, meta, lora_ranks=ranks)
     got = torch.autograd.grad(out, leaves, grad)
-    want_out = loop_delta(x, a, b, mapping, 0.5, ranks)
+    want_out = oracle_delta(x, a, b, mapping, 0.5, ranks)
     want = torch.autograd.grad(want_out, leaves, grad.double())
     assert_close(out, want_out)
     for name, g, w in zip(["x"] + [f"A{i}" for i in range(3)] + [f"B{i}" for i in range(3)], got, want):
@@ -201,7 +203,7 @@ def test_bad_inputs_raise_before_writing():
         (ValueError, "hidden size", dict(x=x[:, :15])),
         (ValueError, "y must have shape", dict(y=y[:, :9])),
         (TypeError, "y must have dtype", dict(y=y.half())),
-        (ValueError, "lora_b_stacked must hold", dict(lora_b_stacked=b[:1])),
+        (ValueError, "lora_b_stacked must hold", dict(lora_b_stacked=b[:1], output_slices=(6,))),
         (TypeError, "meta must be", dict(meta=meta.meta_args(6))),
     ]
     base = dict(y=y, x=x, lora_a_stacked=a, lora_b_stacked=b, scale=1.0, output_slices=(6, 4), meta=meta)
@@ -223,20 +225,92 @@ def test_lora_linear_no_lora_batch_is_zero():
     assert_equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_intermediate_beyond_fp16_range(backend):
+    """``x @ A^T`` past 65504 with small B: a finite fp16 delta on every backend (the rank-sized
+    intermediate stays in fp32; the Triton kernel used to round it to fp16, i.e. to inf)."""
+    mapping, x, a, b, ranks, meta = _case(7, 32, 16, (20, 9), (16, 8, 3, 16), "interleaved", torch.float32)
+    x = (x * 100).half()
+    a = [(w * 1000).half() for w in a]
+    b = [(w * 1e-3).half() for w in b]
+    expected = oracle_delta(x, a, b, mapping, 1.0, ranks)
+    assert expected.abs().max() < 60000 < oracle_delta(x, a, [torch.ones_like(w) for w in b], mapping, 1.0).abs().max()
+    y = torch.zeros(7, 29, device=KERNEL_DEVICE).half()
+    with use_backend(backend):
+        add_lora_linear(y, x, a, b, 1.0, (20, 9), meta, lora_ranks=ranks)
+    assert_close(y, expected, REL_TOL[torch.float16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["add_lora_linear", "lora_linear"])
+def test_meta_of_another_batch_raises_compiled(op, backend):
+    """Under torch.compile the wrapper's token-count check is traced away; the custom op's own
+    value check refuses a meta prepared for 8 tokens with a 5-token batch (it used to corrupt the
+    heap on triton), before anything is written."""
+    _, _, a, b, ranks, _ = _small()
+    meta = LoRAKernelMeta.make(NUM_SLOTS, 8, KERNEL_DEVICE)
+    meta.prepare_tensors(token_mapping("interleaved", 8, NUM_SLOTS).to(KERNEL_DEVICE))
+    x = torch.randn(5, 16, device=KERNEL_DEVICE)
+    y = torch.randn(5, 10, device=KERNEL_DEVICE)
+    keep = y.clone()
+
+    def step(x, y, meta: LoRAKernelMeta):
+        if op == "add_lora_linear":
+            return add_lora_linear(y, x, a, b, 0.5, (6, 4), meta, lora_ranks=ranks)
+        return y + lora_linear(x, a, b, 0.5, meta, lora_ranks=ranks)
+
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="prepared for 8 tokens, but x has 5"):
+            step(x, y, meta)
+        with pytest.raises(ValueError, match="lora_token_start_loc must rise from 0 to the token count 5"):
+            torch.compile(step, fullgraph=True, backend="aot_eager")(x, y, meta)
+    assert_equal(y, keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupted_metadata_raises_before_writing(backend):
+    _, x, a, b, ranks, meta = _small()
+    meta.active_lora_ids[3] = NUM_SLOTS
+    y = torch.randn(6, 10, device=KERNEL_DEVICE)
+    keep = y.clone()
+    with use_backend(backend), pytest.raises(ValueError, match="lora_ids holds 4, outside the weights' slots"):
+        add_lora_linear(y, x, a, b, 1.0, (6, 4), meta, lora_ranks=ranks)
+    assert_equal(y, keep)
+
+
+def test_kernel_stays_inside_its_tensors_when_value_checks_are_skipped(monkeypatch):
+    """As under CUDA-graph capture: a meta of another batch, a slot id past the weights and ranks
+    past the capacity give an undefined result inside ``y`` (a view into a larger buffer), never
+    a read or write outside."""
+    monkeypatch.setattr(triton_kernels._data_checks, "capturing", lambda t: True)
+    _, _, a, b, _, _ = _small()
+    meta = LoRAKernelMeta.make(NUM_SLOTS, 8, KERNEL_DEVICE)
+    meta.prepare_tensors(torch.tensor([0, 1, 2, 3, 3, 2, 1, 0], dtype=torch.int32, device=KERNEL_DEVICE))
+    meta.active_lora_ids[2] = 9
+    meta.num_tokens = 5  # the wrapper's eager count check passes; the metadata still holds 8 tokens
+    ranks = torch.tensor([8, 99, -3, 8], dtype=torch.int32, device=KERNEL_DEVICE)
+    x = torch.randn(5, 16, device=KERNEL_DEVICE)
+    buf = torch.randn(9, 13, device=KERNEL_DEVICE)
+    keep = buf.clone()
+    with use_backend("triton"):
+        add_lora_linear(buf[2:7, 1:11], x, a, b, 1.0, (6, 4), meta, lora_ranks=ranks)
+    inside = torch.zeros(9, 13, dtype=torch.bool)
+    inside[2:7, 1:11] = True
+    assert_equal(buf[~inside], keep[~inside], "buffer outside y")
+
+
 def test_opcheck():
     _, x, a, b, ranks, meta = _small()
-    meta4, flag = meta.meta_args(6)[1:5], meta.no_lora_flag_cpu
+    args = list(meta.meta_args(6))
     for t in [x, *a, *b]:
         t.requires_grad_(True)
     with use_backend("torch"):
-        torch.library.opcheck(
-            torch.ops.ifk.add_lora_linear.default, (torch.randn(6, 10), x, a, b, 0.5, [*meta4, flag], ranks)
-        )
-        torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, *meta4, flag, ranks))
-        torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, *meta4, flag, None))
+        torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (torch.randn(6, 10), x, a, b, 0.5, args, ranks))
+        torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, args, ranks))
+        torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x, a, b, 0.5, args, None))
         grad = torch.randn(6, 10)
         frozen = (x.detach(), [w.detach() for w in a], [w.detach() for w in b])
-        torch.library.opcheck(torch.ops.ifk.lora_linear_backward.default, (grad, *frozen, 0.5, *meta4, ranks))
+        torch.library.opcheck(torch.ops.ifk.lora_linear_backward.default, (grad, *frozen, 0.5, args, ranks))
 
 
 def test_compile_fullgraph_forward_and_backward():
@@ -289,7 +363,7 @@ def _llama(num_tokens, hidden, widths, ranks, kind, slots=8, rank=64):
 def test_add_lora_linear_bf16_real_sizes(num_tokens, hidden, widths, kind, ranks):
     mapping, x, a, b, ranks, meta = _llama(num_tokens, hidden, widths, ranks, kind)
     y = torch.randn(num_tokens, sum(widths), device="cuda").bfloat16()
-    expected = y.double() + loop_delta(x, a, b, mapping, 0.5, ranks)
+    expected = y.double() + oracle_delta(x, a, b, mapping, 0.5, ranks)
     add_lora_linear(y, x, a, b, 0.5, widths, meta, lora_ranks=ranks)
     assert_close(y, expected, REL_TOL[torch.bfloat16])
 
@@ -316,7 +390,7 @@ def test_cuda_graph_replay_with_changing_mappings():
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        assert_close(y, loop_delta(x, a, b, mapping, 0.5, ranks), REL_TOL[torch.bfloat16], name=kind)
+        assert_close(y, oracle_delta(x, a, b, mapping, 0.5, ranks), REL_TOL[torch.bfloat16], name=kind)
 
 
 @pytest.mark.gpu
@@ -324,15 +398,15 @@ def test_opcheck_compile_and_grads_triton_on_gpu():
     mapping, x, a, b, ranks, meta = _llama(
         64, 512, (256, 128), (8, 16, 4, 16), "interleaved", slots=4, rank=16
     )
-    meta4, flag = meta.meta_args(64)[1:5], meta.no_lora_flag_cpu
+    args = list(meta.meta_args(64))
     y = torch.randn(64, 384, device="cuda").bfloat16()
     a3, b3 = [w.squeeze(1) for w in a], [w.squeeze(1) for w in b]  # the raw op takes 3-D weights
-    torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (y, x, a3, b3, 0.5, [*meta4, flag], ranks))
+    torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (y, x, a3, b3, 0.5, args, ranks))
     a32 = [w.float().requires_grad_(True) for w in a]
     b32 = [w.float().requires_grad_(True) for w in b]
     x32 = x.float().requires_grad_(True)
     torch.library.opcheck(torch.ops.ifk.lora_linear.default, (x32, [w.squeeze(1) for w in a32],
-                          [w.squeeze(1) for w in b32], 0.5, *meta4, flag, ranks))  # fmt: skip
+                          [w.squeeze(1) for w in b32], 0.5, args, ranks))  # fmt: skip
 
     frozen_a, frozen_b = [w.detach() for w in a32], [w.detach() for w in b32]
 
@@ -343,8 +417,23 @@ def test_opcheck_compile_and_grads_triton_on_gpu():
     got = torch.compile(step, fullgraph=True)(x32, torch.zeros(64, 384, device="cuda"))
     leaves = [x32, *a32, *b32]
     grads = torch.autograd.grad(got.sum(), leaves)
-    delta = loop_delta(x32, a32, b32, mapping, 0.5, ranks)
+    delta = oracle_delta(x32, a32, b32, mapping, 0.5, ranks)
     assert_close(got, 2 * delta, 1e-5, name="y + delta")
     want_grads = torch.autograd.grad(delta.sum(), leaves)  # only lora_linear's half carries gradients
     for i, (g, w) in enumerate(zip(grads, want_grads)):
         assert_close(g, w, 1e-5, name=f"grad of leaf {i}")
+
+
+@pytest.mark.gpu
+def test_offsets_past_2_31():
+    """Rows of x and y start past element 2^31 of their buffer (int64 offsets)."""
+    rows, stride = 17, 2**27  # row 16 starts at element 2^31
+    mapping = torch.tensor([0, 1] * 8 + [2], dtype=torch.int32)
+    big = torch.empty(rows, stride, dtype=torch.bfloat16, device="cuda")
+    x, y = big[:, :64], big[:, -48:]
+    x.copy_(torch.randn(rows, 64, device="cuda"))
+    y.copy_(torch.randn(rows, 48, device="cuda"))
+    a, b = lora_weights(3, 16, 64, (32, 16), torch.bfloat16)
+    expected = y.double() + oracle_delta(x, a, b, mapping, 0.5)
+    add_lora_linear(y, x, a, b, 0.5, (32, 16), prepared_meta(mapping, 3))
+    assert_close(y, expected, REL_TOL[torch.bfloat16])

@@ -1,13 +1,14 @@
-"""lora_shrink / lora_expand against a float64 loop over adapters (vLLM semantics)."""
+"""lora_shrink / lora_expand against the package reference in float64 (vLLM semantics)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.triton_kernels.lora.helpers import loop_shrink, lora_weights, prepared_meta, token_mapping
+import triton_kernels._data_checks
+from tests.triton_kernels.lora.helpers import lora_weights, oracle_expand, oracle_shrink, prepared_meta, token_mapping
 from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, poisoned
-from triton_kernels import lora_expand, lora_shrink, use_backend
+from triton_kernels import LoRAKernelMeta, lora_expand, lora_shrink, use_backend
 
 BACKENDS = ["triton", "torch"]
 
@@ -45,26 +46,7 @@ def test_shrink(num_tokens, hidden, rank, widths, slots, kind, dtype, backend):
     if (mapping == -1).all():  # vLLM returns at once: nothing written
         assert torch.isnan(out).all()
     else:
-        assert_close(out.cpu(), loop_shrink(x, a, mapping, 0.7).float(), REL_TOL[dtype])
-
-
-def _loop_expand(inputs, b, mapping, out, offset_start, add_inputs):
-    """Expected output (float64) and the mask of the elements the op writes."""
-    expected, written = out.cpu().double().clone(), torch.zeros(out.shape, dtype=torch.bool)
-    b = [w.cpu().double().reshape(w.shape[0], *w.shape[-2:]) for w in b]
-    mapping = mapping.cpu()
-    for slot in mapping.unique().tolist():
-        if slot < 0:
-            continue
-        rows = (mapping == slot).nonzero().flatten()
-        col = offset_start
-        for s, w in enumerate(b):
-            val = inputs[s].cpu().double()[rows] @ w[slot].T
-            region = expected[rows, col : col + w.shape[1]]
-            expected[rows, col : col + w.shape[1]] = val + region if add_inputs else val
-            written[rows, col : col + w.shape[1]] = True
-            col += w.shape[1]
-    return expected, written
+        assert_close(out.cpu(), oracle_shrink(x, a, mapping, 0.7).cpu(), REL_TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -77,7 +59,7 @@ def test_expand(num_tokens, hidden, rank, widths, slots, kind, add_inputs, offse
     _, b = lora_weights(slots, rank, hidden, widths, dtype, four_d=add_inputs)
     inputs = torch.randn(len(widths), num_tokens, rank, device=KERNEL_DEVICE) / rank**0.5
     out = torch.randn(num_tokens, offset_start + sum(widths) + 3).to(dtype).to(KERNEL_DEVICE)
-    expected, written = _loop_expand(inputs.to(dtype), b, mapping, out, offset_start, add_inputs)
+    expected, written = oracle_expand(inputs, b, mapping, out, offset_start, add_inputs)
     if not add_inputs:
         out[written.to(out.device)] = float("nan")  # must be overwritten
     with use_backend(backend):
@@ -98,7 +80,7 @@ def test_strided_inputs(backend):
     _, b = lora_weights(3, 8, 40, (16, 8), torch.float32)
     wide = torch.randn(6, 50, device=KERNEL_DEVICE)
     out = wide[:, 10:40]
-    expected, _ = _loop_expand(loop_shrink(x, a, mapping, 1.0), b, mapping, out, 2, True)
+    expected, _ = oracle_expand(oracle_shrink(x, a, mapping, 1.0), b, mapping, out, 2, True)
     with use_backend(backend):
         lora_shrink(x, a, shrunk, *meta.meta_args(6), 1.0)
         lora_expand(shrunk, b, out, *meta.meta_args(6), offset_start=2, add_inputs=True)
@@ -116,7 +98,7 @@ def test_strided_inputs(backend):
     st.booleans(),
     st.integers(0, 2**16),
 )
-def test_random_shapes_match_the_loop(num_tokens, hidden, rank, widths, slots, offset, add, seed):
+def test_random_shapes_match_the_oracle(num_tokens, hidden, rank, widths, slots, offset, add, seed):
     torch.manual_seed(seed)
     mapping = torch.randint(-1, slots, (num_tokens,), dtype=torch.int32)
     meta = prepared_meta(mapping, slots)
@@ -124,7 +106,7 @@ def test_random_shapes_match_the_loop(num_tokens, hidden, rank, widths, slots, o
     a, b = lora_weights(slots, rank, hidden, widths, torch.float32)
     shrunk = torch.zeros(len(widths), num_tokens, rank, device=KERNEL_DEVICE)
     out = torch.randn(num_tokens, offset + sum(widths), device=KERNEL_DEVICE)
-    expected, _ = _loop_expand(loop_shrink(x, a, mapping, 0.5), b, mapping, out, offset, add)
+    expected, _ = oracle_expand(oracle_shrink(x, a, mapping, 0.5), b, mapping, out, offset, add)
     with use_backend("triton"):
         lora_shrink(x, a, shrunk, *meta.meta_args(num_tokens), 0.5)
         lora_expand(shrunk, b, out, *meta.meta_args(num_tokens), offset_start=offset, add_inputs=add)
@@ -193,6 +175,121 @@ def test_expand_bad_inputs_raise_before_writing():
         assert_equal(out, keep)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expand_fp32_inputs_beyond_fp16_range(backend):
+    """fp32 shrink results past 65504 times small fp16 B give a finite fp16 output on every
+    backend: the product runs in fp32, never on inputs rounded to fp16."""
+    mapping = token_mapping("interleaved", 6, 3)
+    _, b = lora_weights(3, 8, 16, (6, 5), torch.float32)
+    b = [(w * 1e-3).half() for w in b]
+    inputs = torch.randn(2, 6, 8, device=KERNEL_DEVICE) * 1e5
+    out = torch.randn(6, 11, device=KERNEL_DEVICE).half()
+    expected, written = oracle_expand(inputs, b, mapping, out, 0, True)
+    with use_backend(backend):
+        lora_expand(inputs, b, out, *prepared_meta(mapping, 3).meta_args(6), offset_start=0, add_inputs=True)
+    assert_close(out.cpu()[written], expected[written], REL_TOL[torch.float16])
+
+
+# --- metadata that does not belong to the batch ----------------------------------------------------
+def _meta_for(num_tokens: int) -> LoRAKernelMeta:
+    meta = LoRAKernelMeta.make(3, 8, KERNEL_DEVICE)
+    meta.prepare_tensors(token_mapping("interleaved", num_tokens, 3).to(KERNEL_DEVICE))
+    return meta
+
+
+def _run_both(backend, compiled, x, a, b, args, shrunk, out):
+    """lora_shrink then lora_expand (each eager or compiled), each expected to raise ValueError."""
+    def shrink(x, shrunk, args):
+        lora_shrink(x, a, shrunk, *args, 0.5)
+
+    def expand(shrunk, out, args):
+        lora_expand(shrunk, b, out, *args, offset_start=0, add_inputs=True)
+
+    if compiled:
+        shrink, expand = (torch.compile(f, fullgraph=True, backend="aot_eager") for f in (shrink, expand))
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="lora_token_start_loc must rise from 0 to the token count 5"):
+            shrink(x, shrunk, args)
+        with pytest.raises(ValueError, match="lora_token_start_loc must rise from 0 to the token count 5"):
+            expand(shrunk, out, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("prepared", "compiled"),
+    [pytest.param(8, False, id="prepared8-eager"), pytest.param(8, True, id="prepared8-compiled"),
+     pytest.param(3, False, id="prepared3-eager")],
+)  # fmt: skip
+def test_metadata_of_another_batch_raises_before_writing(prepared, compiled, backend):
+    """``meta.meta_args(5)`` of a meta prepared for 8 (or 3) tokens passes every shape check; the
+    value check refuses it, eager and compiled, before anything is written."""
+    meta = _meta_for(prepared)
+    x = torch.randn(5, 16, device=KERNEL_DEVICE)
+    a, b = lora_weights(3, 4, 16, (6, 5), torch.float32)
+    shrunk_buf, out_buf = torch.randn(2, 8, 4, device=KERNEL_DEVICE), torch.randn(8, 11, device=KERNEL_DEVICE)
+    keep = (shrunk_buf.clone(), out_buf.clone())
+    _run_both(backend, compiled, x, a, b, meta.meta_args(5), shrunk_buf[:, :5], out_buf[:5])
+    assert_equal(shrunk_buf, keep[0], "shrink output buffer")
+    assert_equal(out_buf, keep[1], "expand output buffer")
+
+
+def _corrupt(meta: LoRAKernelMeta, what: str) -> None:
+    if what == "counts":
+        meta.num_tokens_per_lora[1] += 1
+    elif what == "ids":
+        meta.active_lora_ids[2] = 7
+    elif what == "order":
+        meta.token_indices_sorted_by_lora_ids[0] = 100
+    elif what == "starts":
+        meta.lora_token_start_loc[2] = 6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("what", "match"),
+    [
+        ("counts", "num_tokens_per_lora holds"),
+        ("ids", "lora_ids holds 7, outside the weights' slots \\[0, 3\\)"),
+        ("order", "token_indices_sorted_by_lora_ids holds token 100, outside the batch \\[0, 5\\)"),
+        ("starts", "lora_token_start_loc must rise"),
+    ],
+)
+def test_corrupted_metadata_raises_before_writing(what, match, backend):
+    meta = _meta_for(5)
+    _corrupt(meta, what)
+    x = torch.randn(5, 16, device=KERNEL_DEVICE)
+    a, b = lora_weights(3, 4, 16, (6, 5), torch.float32)
+    shrunk, out = torch.randn(2, 5, 4, device=KERNEL_DEVICE), torch.randn(5, 11, device=KERNEL_DEVICE)
+    keep = (shrunk.clone(), out.clone())
+    with use_backend(backend):
+        with pytest.raises(ValueError, match=match):
+            lora_shrink(x, a, shrunk, *meta.meta_args(5), 0.5)
+        with pytest.raises(ValueError, match=match):
+            lora_expand(shrunk, b, out, *meta.meta_args(5))
+    assert_equal(shrunk, keep[0])
+    assert_equal(out, keep[1])
+
+
+@pytest.mark.parametrize("what", ["another-batch", "counts", "ids", "order", "starts"])
+def test_kernels_stay_inside_their_tensors_when_value_checks_are_skipped(what, monkeypatch):
+    """As under CUDA-graph capture (the value check skipped): bad metadata gives an undefined result
+    inside the outputs, never a write outside them (the outputs are views into larger buffers)."""
+    monkeypatch.setattr(triton_kernels._data_checks, "capturing", lambda t: True)
+    meta = _meta_for(8 if what == "another-batch" else 5)
+    _corrupt(meta, what)
+    x = torch.randn(5, 16, device=KERNEL_DEVICE)
+    a, b = lora_weights(3, 4, 16, (6, 5), torch.float32)
+    shrunk_buf, out_buf = torch.randn(2, 9, 4, device=KERNEL_DEVICE), torch.randn(9, 13, device=KERNEL_DEVICE)
+    keep = (shrunk_buf.clone(), out_buf.clone())
+    with use_backend("triton"):
+        lora_shrink(x, a, shrunk_buf[:, 2:7], *meta.meta_args(5), 0.5)
+        lora_expand(shrunk_buf[:, 2:7], b, out_buf[2:7, 1:12], *meta.meta_args(5), add_inputs=True)
+    inside = torch.zeros(9, 13, dtype=torch.bool)
+    inside[2:7, 1:12] = True
+    assert_equal(shrunk_buf[:, [0, 1, 7, 8]], keep[0][:, [0, 1, 7, 8]], "shrink buffer outside the output")
+    assert_equal(out_buf[~inside], keep[1][~inside], "expand buffer outside the output")
+
+
 def test_opcheck():
     _, x, a, meta = _shrink_case(5, 16, 8, (6, 4), 3, "interleaved", torch.float32)
     inputs, b, out, _ = _expand_args()
@@ -237,9 +334,9 @@ def test_shrink_expand_bf16_llama_qkv(num_tokens, hidden):
     _, b = lora_weights(8, 16, hidden, LLAMA3_8B_QKV, torch.bfloat16, four_d=True)
     shrunk = poisoned((3, num_tokens, 16), torch.float32)
     lora_shrink(x, a, shrunk, *meta.meta_args(num_tokens), 0.5)
-    assert_close(shrunk.cpu(), loop_shrink(x, a, mapping, 0.5).float(), REL_TOL[torch.bfloat16])
+    assert_close(shrunk.cpu(), oracle_shrink(x, a, mapping, 0.5).cpu(), REL_TOL[torch.bfloat16])
     out = torch.randn(num_tokens, sum(LLAMA3_8B_QKV), device="cuda").bfloat16()
-    expected, written = _loop_expand(shrunk.bfloat16(), b, mapping, out, 0, True)
+    expected, written = oracle_expand(shrunk, b, mapping, out, 0, True)
     lora_expand(shrunk, b, out, *meta.meta_args(num_tokens), offset_start=0, add_inputs=True)
     assert_equal(out.cpu()[~written], expected[~written].bfloat16())
     assert_close(out.cpu()[written], expected[written], REL_TOL[torch.bfloat16])
@@ -267,3 +364,22 @@ def test_opcheck_and_compile_triton_on_gpu():
     want = step(x, torch.zeros(64, 384, device="cuda").bfloat16())
     got = torch.compile(step, fullgraph=True)(x, torch.zeros(64, 384, device="cuda").bfloat16())
     assert_close(got, want, REL_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_offsets_past_2_31():
+    """Rows of x and of the expand output start past element 2^31 of their buffer (int64 offsets)."""
+    rows, stride = 17, 2**27  # row 16 starts at element 2^31
+    mapping = torch.tensor([0, 1] * 8 + [2], dtype=torch.int32)
+    meta = prepared_meta(mapping, 3)
+    big = torch.empty(rows, stride, dtype=torch.float16, device="cuda")
+    x, out = big[:, :64], big[:, -32:]
+    x.copy_(torch.randn(rows, 64, device="cuda"))
+    out.copy_(torch.randn(rows, 32, device="cuda"))
+    a, b = lora_weights(3, 16, 64, (20, 12), torch.float16)
+    shrunk = poisoned((2, rows, 16), torch.float32)
+    lora_shrink(x, a, shrunk, *meta.meta_args(rows), 0.5)
+    assert_close(shrunk.cpu(), oracle_shrink(x, a, mapping, 0.5).cpu(), REL_TOL[torch.float16])
+    expected, written = oracle_expand(shrunk, b, mapping, out, 0, True)
+    lora_expand(shrunk, b, out, *meta.meta_args(rows), offset_start=0, add_inputs=True)
+    assert_close(out.cpu()[written], expected[written], REL_TOL[torch.float16])

@@ -6,18 +6,22 @@ import re
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from tests.utils import KERNEL_DEVICE, assert_equal, poison_, poisoned
 from triton_kernels import (
+    _alloc,
     embed_multimodal_tokens,
     merge_multimodal_embeddings,
     merge_multimodal_embeddings_by_mask,
     use_backend,
 )
+from triton_kernels.multimodal import scatter
 
 PLACEHOLDER = 7
 VOCAB = 50
-KERNEL_BACKENDS = ["triton", "torch"]
+# The csrc kernel joins on a GPU machine (built on first use).
+KERNEL_BACKENDS = ["triton", "torch", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def make_case(num_tokens, hidden, item_rows, dtype, *, device=KERNEL_DEVICE, item_dtype=None, shuffle=True):
@@ -180,6 +184,22 @@ BAD_CALLS = {
                       ValueError, "exactly one"),
     "out-dtype": (lambda c: embed_multimodal_tokens(c.ids, c.weight, [torch.randn(3, 16)], placeholder_token_id=7,
                                                     out=c.embeds.half()), ValueError, "out must be"),
+    "num-placeholders-type": (lambda c: merge_multimodal_embeddings(c.ids, c.embeds, [torch.randn(3, 16)], 7,
+                                                                    num_placeholders=-1),
+                              TypeError, "num_placeholders"),
+    "host-count-mismatch": (lambda c: merge_multimodal_embeddings(c.ids, c.embeds, [torch.randn(3, 16)], 7,
+                                                                  num_placeholders=4), ValueError,
+                            re.escape("Attempted to assign 3 = 3 multimodal tokens to 4 placeholders")),
+    # torch compares an int32 tensor with 2**32 + 2 as if it were 2: that would overwrite text token 2.
+    "placeholder-wraps-int32": (lambda c: merge_multimodal_embeddings(c.ids.int(), c.embeds, [torch.randn(3, 16)],
+                                                                      2**32 + 2), ValueError,
+                                r"placeholder_token_id 4294967298 is outside .* torch.int32"),
+    "placeholder-list-wraps-int32": (lambda c: merge_multimodal_embeddings(c.ids.int(), c.embeds, [torch.randn(3, 16)],
+                                                                           [7, 2**32 + 2]), ValueError,
+                                     "placeholder_token_id 4294967298 is outside"),
+    "placeholder-beyond-int64": (lambda c: embed_multimodal_tokens(c.ids, c.weight, [torch.randn(3, 16)],
+                                                                   placeholder_token_id=2**64, out=c.embeds),
+                                 ValueError, "placeholder_token_id 18446744073709551616 is outside"),
 }
 
 
@@ -197,6 +217,26 @@ def test_bad_input_raises_and_writes_nothing(name):
     before = case.embeds.clone()
     with use_backend("torch"), pytest.raises(exc, match=message):
         call(case)
+    assert_equal(case.embeds, before)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        pytest.param(lambda c: [c.ids, c.weight, c.ids == 7, torch.randn(3, 15)], "items must be", id="item-hidden"),
+        pytest.param(lambda c: [c.ids, c.weight[:, :8], c.ids == 7, torch.randn(3, 16)], "embedding_weight",
+                     id="weight-hidden"),
+        pytest.param(lambda c: [c.ids[:5], c.weight, c.ids == 7, torch.randn(3, 16)], "input_ids", id="ids-rows"),
+        pytest.param(lambda c: [c.ids, c.weight, c.ids, torch.randn(3, 16)], "is_multimodal", id="mask-dtype"),
+    ],
+)
+def test_custom_op_checks_metadata_itself(inputs, message):
+    """The registered op re-checks what its kernels rely on (torch.compile may drop the wrapper's
+    checks), before writing anything."""
+    case = _Case()
+    before = case.embeds.clone()
+    with use_backend("triton"), pytest.raises(ValueError, match=message):
+        torch.ops.ifk.multimodal_scatter(case.embeds, inputs(case), "3", None)
     assert_equal(case.embeds, before)
 
 
@@ -244,7 +284,9 @@ def test_gpu_opcheck_and_compile():
     ids, items = make_case(300, 257, [100, 20], torch.bfloat16, device="cuda")
     weight = torch.randn(VOCAB, 257, dtype=torch.bfloat16, device="cuda")
     out = torch.empty(300, 257, dtype=torch.bfloat16, device="cuda")
-    torch.library.opcheck(torch.ops.ifk.multimodal_scatter, (out, ids, weight, items, ids == PLACEHOLDER, "100 + 20"))
+    torch.library.opcheck(
+        torch.ops.ifk.multimodal_scatter, (out, [ids, weight, ids == PLACEHOLDER, *items], "100 + 20", None)
+    )
     compiled = torch.compile(
         lambda i, w, it: embed_multimodal_tokens(i, w, it, placeholder_token_id=PLACEHOLDER), fullgraph=True
     )
@@ -256,7 +298,10 @@ def test_opcheck_and_compile_cpu():
     weight = torch.randn(VOCAB, 12, device=KERNEL_DEVICE)
     out = torch.empty(20, 12, device=KERNEL_DEVICE)
     with use_backend("torch"):
-        torch.library.opcheck(torch.ops.ifk.multimodal_scatter, (out, ids, weight, items, ids == PLACEHOLDER, "3 + 4"))
+        for host_count in (None, 7):
+            torch.library.opcheck(
+                torch.ops.ifk.multimodal_scatter, (out, [ids, weight, ids == PLACEHOLDER, *items], "3 + 4", host_count)
+            )
         compiled = torch.compile(
             lambda i, w, it: embed_multimodal_tokens(i, w, it, placeholder_token_id=PLACEHOLDER), fullgraph=True
         )
@@ -275,3 +320,150 @@ def test_strided_out_rows(backend):
     assert_equal(wide[:, 3:13], expected(ids, weight[ids], items))
     assert_equal(wide[:, :3], before[:, :3])
     assert_equal(wide[:, 13:], before[:, 13:])
+
+
+# --- aliasing, dtypes, strides, the host count ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_item_that_is_a_view_of_the_target(backend):
+    """An item cut from ``inputs_embeds`` over the placeholder rows: the result vLLM gets by
+    concatenating first (the item's rows as they were before the call)."""
+    embeds = torch.randn(20, 8, device=KERNEL_DEVICE)
+    ids = torch.randint(0, VOCAB, (20,), device=KERNEL_DEVICE)
+    ids[ids == PLACEHOLDER] = 0
+    ids[2:8] = PLACEHOLDER
+    before = embeds.clone()
+    with use_backend(backend):
+        merge_multimodal_embeddings(ids, embeds, [embeds[4:10]], PLACEHOLDER)
+    assert_equal(embeds, expected(ids, before, [before[4:10]]))
+
+    weight = torch.randn(VOCAB, 8, device=KERNEL_DEVICE)
+    out = torch.randn(20, 8, device=KERNEL_DEVICE)
+    before = out.clone()
+    with use_backend(backend):
+        embed_multimodal_tokens(ids, weight, [out[:6]], placeholder_token_id=PLACEHOLDER, out=out)
+    assert_equal(out, expected(ids, weight[ids], [before[:6]]))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_float64_items_are_cast(backend):
+    ids, items = make_case(23, 10, [4, 3], torch.float16, item_dtype=torch.float64)
+    weight = torch.randn(VOCAB, 10, dtype=torch.float16, device=KERNEL_DEVICE)
+    with use_backend(backend):
+        out = embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER)
+    assert_equal(out, expected(ids, weight[ids], [it.half() for it in items]))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_column_strided_target(backend):
+    """``inputs_embeds`` / ``out`` transposed views (stride along H = T): accepted, written alike."""
+    ids, items = make_case(21, 9, [5, 2], torch.float32)
+    embeds = torch.randn(9, 21, device=KERNEL_DEVICE).t()
+    before = embeds.clone()
+    with use_backend(backend):
+        assert merge_multimodal_embeddings(ids, embeds, items, PLACEHOLDER) is embeds
+    assert_equal(embeds, expected(ids, before, items))
+
+    weight = torch.randn(VOCAB, 9, device=KERNEL_DEVICE)
+    out = poison_(torch.empty(9, 21, device=KERNEL_DEVICE)).t()
+    with use_backend(backend):
+        embed_multimodal_tokens(ids, weight, items, is_multimodal=ids == PLACEHOLDER, out=out)
+    assert_equal(out, expected(ids, weight[ids], items))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_host_count_skips_the_checks(backend):
+    """With ``num_placeholders`` nothing is read back: the result matches, and an out-of-vocab
+    text id (no longer checked) gives a zero row on every backend, never an out-of-bounds read."""
+    ids, items = make_case(30, 12, [6, 4], torch.float32)
+    weight = torch.randn(VOCAB, 12, device=KERNEL_DEVICE)
+    mask = ids == PLACEHOLDER
+    with use_backend(backend):
+        out = embed_multimodal_tokens(ids, weight, items, is_multimodal=mask, num_placeholders=10)
+    assert_equal(out, expected(ids, weight[ids], items))
+
+    text = (~mask).nonzero().squeeze(1)
+    ids[text[0]], ids[text[1]] = VOCAB + 1000, -5
+    ref = expected(ids, weight[ids.clamp(0, VOCAB - 1)], items)
+    ref[text[:2]] = 0
+    with use_backend(backend):
+        out = embed_multimodal_tokens(ids, weight, items, placeholder_token_id=PLACEHOLDER, num_placeholders=10)
+    assert_equal(out, ref)
+
+
+class _KernelRecorder:
+    """Stands in for the Triton kernel: records one launch, runs nothing."""
+
+    def __init__(self, launches: list[str]):
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append("kernel")
+
+
+# Top-level aten ops that launch nothing on a GPU (allocation, views, the host side of a sync).
+_NO_LAUNCH = {"aten::empty", "aten::reshape", "aten::view", "aten::select", "aten::resolve_conj",
+              "aten::resolve_neg", "aten::detach_", "aten::contiguous", "aten::to", "aten::item"}
+
+
+def _device_work(monkeypatch, call) -> tuple[list[str], int]:
+    """The launches (device ops, host-to-device copies, the kernel) and host syncs of ``call`` on
+    the triton backend, counted on CPU with torch.profiler: ``torch.tensor`` of host data
+    (``lift_fresh``) is a copy to the device on a GPU; ``.to`` counts only when it copies."""
+    kernels: list[str] = []
+    syncs: list[str] = []
+    monkeypatch.setattr(scatter, "_embed_scatter_kernel", _KernelRecorder(kernels))
+    monkeypatch.setattr(_alloc, "POISON", False)  # the test tier's NaN fill is not part of the op
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: syncs.append("tolist") or tolist(t))
+    with use_backend("triton"), profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    launches = []
+    for e in prof.events():
+        parent = e.cpu_parent
+        if not e.name.startswith("aten::") or (parent is not None and parent.name.startswith("aten::")):
+            continue
+        if e.name == "aten::lift_fresh":
+            launches.append("host-to-device copy")
+        elif e.name not in _NO_LAUNCH or (e.name == "aten::to" and e.cpu_children):
+            launches.append(e.name)
+    syncs += [e.name for e in prof.events() if e.name == "aten::_local_scalar_dense"]
+    return launches + kernels, len(syncs)
+
+
+def test_launch_count(monkeypatch):
+    """The numbers the docstring of triton_kernels.multimodal.scatter gives."""
+    ids, items = make_case(40, 16, [6, 4], torch.float32)
+    weight = torch.randn(VOCAB, 16, device=KERNEL_DEVICE)
+    one_item = torch.cat(items)[None]
+    mask = ids == PLACEHOLDER
+
+    def by_id(embeddings, **kwargs):
+        return lambda: embed_multimodal_tokens(ids, weight, embeddings, placeholder_token_id=PLACEHOLDER, **kwargs)
+
+    launches, syncs = _device_work(monkeypatch, by_id(one_item))
+    assert (len(launches), syncs) == (6, 1), launches
+    launches, syncs = _device_work(monkeypatch, by_id(items))
+    assert (len(launches), syncs) == (7, 1), launches
+    launches, syncs = _device_work(monkeypatch, by_id(items, num_placeholders=10))
+    assert (len(launches), syncs) == (4, 0), launches
+    launches, syncs = _device_work(monkeypatch, lambda: embed_multimodal_tokens(
+        ids, weight, one_item, is_multimodal=mask, num_placeholders=10))
+    assert (len(launches), syncs) == (2, 0), launches
+    embeds = torch.randn(40, 16, device=KERNEL_DEVICE)
+    launches, syncs = _device_work(monkeypatch, lambda: merge_multimodal_embeddings(ids, embeds, one_item, PLACEHOLDER))
+    assert (len(launches), syncs) == (3, 1), launches
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_every_position_a_placeholder_with_an_empty_table(backend):
+    """V = 0 and no text position: nothing indexes the table, so nothing to complain about."""
+    ids = torch.full((5,), 3, device=KERNEL_DEVICE)
+    items = [torch.randn(5, 4, device=KERNEL_DEVICE)]
+    with use_backend(backend):
+        out = embed_multimodal_tokens(ids, torch.empty(0, 4, device=KERNEL_DEVICE), items, placeholder_token_id=3)
+    assert_equal(out, items[0])
+    with use_backend(backend), pytest.raises(ValueError, match=r"token id 0 at a text position, outside .*\[0, 0\)"):
+        embed_multimodal_tokens(ids.masked_fill(torch.arange(5) == 1, 0), torch.empty(0, 4, device=KERNEL_DEVICE),
+                                [torch.randn(4, 4, device=KERNEL_DEVICE)], placeholder_token_id=3)
