@@ -12,9 +12,10 @@ Backends: ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``cpu`` (the C
 
 int64 offsets (checked by listing every ``index * stride`` product in the kernel): the sequence
 ``i_s``, the batch row ``i_b``, the channels ``o_d``, the token positions (``t0``/``t1``/``o_t``: a
-packed T can pass 2^31 / D), the slot, the group ``i_g`` (``i_g * stride_g`` with ``stride_g = N T``
-for packed B/C) and the state index ``o_n`` (``o_n * stride_n`` with ``stride_n = T``) are int64.
-Nothing else is multiplied by a stride.
+packed T can pass 2^31 / D), the slot and the state index ``o_n`` (``o_n * stride_n`` with
+``stride_n = T`` for packed B/C) are int64, and the group is widened where it meets its stride
+(``i_g * stride_g`` with ``stride_g = N T``; an int64 ``i_g`` everywhere cost 8 bytes of stack on
+sm_90). Nothing else is multiplied by a stride.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _load_bc(ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_b, stride_g, st
         p = ptr + o_d[:, None] * stride_g + o_n[None, :] * stride_n
         return tl.load(p, mask=m_d[:, None] & m_n[None, :], other=0.0).to(tl.float32)[:, :, None]
     else:
-        p = ptr + i_b * stride_b + i_g * stride_g + o_n[:, None] * stride_n + o_t[None, :]
+        p = ptr + i_b * stride_b + i_g.to(tl.int64) * stride_g + o_n[:, None] * stride_n + o_t[None, :]
         return tl.load(p, mask=m_n[:, None] & m_t[None, :], other=0.0).to(tl.float32)[None, :, :]
 
 
@@ -116,7 +117,7 @@ def _selective_scan_kernel(
     BLOCK_L: tl.constexpr,
 ):
     i_s = tl.program_id(0).to(tl.int64)
-    i_g = (tl.program_id(1) // blocks_per_group).to(tl.int64)
+    i_g = tl.program_id(1) // blocks_per_group
     o_dg = (tl.program_id(1) % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_dg < dim_per_group
     o_d = (i_g * dim_per_group + o_dg).to(tl.int64)
