@@ -47,6 +47,8 @@ def check_optional(name: str, t: object, **kwargs) -> torch.Tensor | None:
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> None:
     """Check ``t.shape`` against ``expected`` (``None`` matches any size)."""
     shape = tuple(t.shape)
+    if shape == tuple(expected):  # the common case, without a per-dim loop (decode calls are short)
+        return
     if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
         want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
         raise ValueError(f"{name} must have shape {want}, got {list(shape)}")
@@ -56,6 +58,14 @@ def check_dim(name: str, t: torch.Tensor, dim: int, size: int, what: str) -> Non
     """Check ``t.shape[dim] == size``, where ``what`` says where ``size`` comes from."""
     if t.shape[dim] != size:
         raise ValueError(f"{name}.shape[{dim}] must equal {what} ({size}), got {t.shape[dim]}")
+
+
+def strides(t: torch.Tensor | None, dims: int | tuple[int, ...]) -> list[int]:
+    """The strides a kernel takes for an optional tensor: ``dims`` an int ``n`` means all ``n`` dims
+    (``t`` has rank ``n``), a tuple the listed dims; zeros when ``t`` is ``None`` (the kernel never
+    reads it)."""
+    dims = tuple(range(dims)) if isinstance(dims, int) else dims
+    return [0] * len(dims) if t is None else [t.stride(d) for d in dims]
 
 
 def unit_stride_last(t: torch.Tensor) -> torch.Tensor:

@@ -27,14 +27,14 @@ SELECTIVE_SCAN = Op(
     native={"cpu": "mamba_cpu"},
 )
 SELECTIVE_STATE_UPDATE = Op(
-    "selective_state_update", reference="triton_kernels.mamba.conv_reference:selective_state_update_ref"
+    "selective_state_update", reference="triton_kernels.mamba.reference:selective_state_update_ref"
 )
-CAUSAL_CONV1D = Op("causal_conv1d", reference="triton_kernels.mamba.conv_reference:causal_conv1d_fn_ref")
+CAUSAL_CONV1D = Op("causal_conv1d", reference="triton_kernels.mamba.reference:causal_conv1d_fn_ref")
 CAUSAL_CONV1D_VARLEN = Op(
-    "causal_conv1d_varlen", reference="triton_kernels.mamba.conv_reference:causal_conv1d_varlen_ref"
+    "causal_conv1d_varlen", reference="triton_kernels.mamba.reference:causal_conv1d_varlen_ref"
 )
 CAUSAL_CONV1D_UPDATE = Op(
-    "causal_conv1d_update", reference="triton_kernels.mamba.conv_reference:causal_conv1d_update_ref"
+    "causal_conv1d_update", reference="triton_kernels.mamba.reference:causal_conv1d_update_ref"
 )
 RMS_NORM_GATED = Op("rms_norm_gated", reference="triton_kernels.mamba2.rms_norm_gated:rms_norm_gated_ref")
 MAMBA_CHUNK_SCAN = Op("mamba_chunk_scan", reference="triton_kernels.mamba2.ssd_reference:ssd_core_torch")

@@ -133,7 +133,9 @@ void selective_scan_cpu(const at::Tensor& out, const std::optional<at::Tensor>& 
   TORCH_CHECK(u.dim() == 3 && B.dim() == 4 && C.dim() == 4, "selective_scan_cpu: u must be 3-D, B and C 4-D");
   for (const at::Tensor* t : {&out, &u, &delta, z ? &*z : &u})
     TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == 1, "selective_scan_cpu: u, delta, z, out need unit stride along L");
-  TORCH_CHECK(B.stride(3) == 1 && C.stride(3) == 1, "selective_scan_cpu: B and C need unit stride along N");
+  // a size-1 (or empty) dimension keeps any stride through .contiguous(): only a longer N needs unit stride
+  for (const at::Tensor* t : {&B, &C})
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "selective_scan_cpu: B and C need unit stride along N");
   const bool varlen = query_start_loc.has_value();
   const int64_t dim = u.size(1), dstate = A.size(1), seqlen = u.size(2);
   const int64_t n_seq = varlen ? query_start_loc->size(0) - 1 : u.size(0);
@@ -142,6 +144,9 @@ void selective_scan_cpu(const at::Tensor& out, const std::optional<at::Tensor>& 
   const int64_t* cache = cache_indices.has_value() ? cache_indices->data_ptr<int64_t>() : nullptr;
   const bool* has_init = has_initial_state.has_value() ? has_initial_state->data_ptr<bool>() : nullptr;
   float* st = state.has_value() ? (check_f32(*state, "state"), state->data_ptr<float>()) : nullptr;
+  const int64_t n_slots = st ? state->size(0) : 0;
+  TORCH_CHECK(!st || cache || n_seq <= n_slots, "selective_scan_cpu: ", n_seq, " sequences but ", n_slots,
+              " state rows and no cache_indices");
   const float *pD = opt_ptr(D, "D"), *pz = opt_ptr(z, "z"), *pbias = opt_ptr(delta_bias, "delta_bias");
   const float *pu = u.data_ptr<float>(), *pdt = delta.data_ptr<float>(), *pA = A.data_ptr<float>();
 
@@ -153,7 +158,8 @@ void selective_scan_cpu(const at::Tensor& out, const std::optional<at::Tensor>& 
     for (int64_t s = 0; s < n_seq; ++s) {
       for (int64_t d = 0; d < dim; ++d) {
         const int64_t slot = cache ? cache[s] : s;
-        if (cache && slot == pad_slot_id) continue;
+        // the pad slot, or a slot outside the cache (the Python side refuses one): nothing read or written
+        if (cache && (slot == pad_slot_id || slot < 0 || slot >= n_slots)) continue;
         const int64_t bi = varlen ? 0 : s, t0 = varlen ? qsl[s] : 0, t1 = varlen ? qsl[s + 1] : seqlen;
         const int64_t bb = varlen ? 0 : s;
         Channel c{pu + bi * u.stride(0) + d * u.stride(1) + t0,

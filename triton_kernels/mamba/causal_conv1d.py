@@ -6,6 +6,13 @@ sequence as ``W`` shifted loads of the input; positions before the sequence star
 sequence's initial state (its last columns), or zeros. The program holding the first L-block of
 a sequence also writes the sequence's final state (the last ``S`` inputs of ``[state, x]``): it
 is the only program that reads the old state, so it may overwrite it in place after a barrier.
+
+int64 offsets (checked by listing every ``index * stride`` product in the kernel): the sequence
+``seq``, its start token, the slot and the channel base ``d0`` are int64 scalars, and the in-tile
+indices ``o_d``, ``o_l`` (and ``pos``, ``col_pos``) and ``o_s`` are int64 too: ``o_l * stride_l``
+passes 2^31 for a transposed ``[B, L, D]`` input once ``L x D`` does (stride_l = D), and
+``o_d * stride_d`` for a packed ``[D, T]`` input once ``BLOCK_D x T`` does (stride_d = T).
+Weight and bias offsets stay below ``D x W``.
 """
 
 from __future__ import annotations
@@ -14,15 +21,26 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, check_shape, check_tensor, on_device
+from triton_kernels import _alloc, _data_checks
+from triton_kernels._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_optional,
+    check_shape,
+    check_tensor,
+    on_device,
+    strides,
+)
+from triton_kernels._ops import destination_op
+from triton_kernels._tl_math import silu
 from triton_kernels.constants import PAD_SLOT_ID
-from triton_kernels.mamba.conv_reference import (
+from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, check_query_start_loc
+from triton_kernels.mamba.reference import (
     causal_conv1d_bwd_ref,
     causal_conv1d_fn_ref,
     causal_conv1d_update_ref,
     causal_conv1d_varlen_ref,
 )
-from triton_kernels.mamba.state_update import check_slot_range, check_slots
 from triton_kernels.registry import CAUSAL_CONV1D, CAUSAL_CONV1D_UPDATE, CAUSAL_CONV1D_VARLEN
 
 # Output tile: BLOCK_D * BLOCK_L = _TILE elements (16 x 64 for long sequences, 1024 x 1 for decode):
@@ -42,6 +60,7 @@ def _causal_conv1d_kernel(
     final_ptr,  # [slots, D, S], written when WRITE_STATE (may be init_ptr)
     slot_ptr,  # [batch] int, when HAS_SLOTS (else sequence b uses slot b)
     has_init_ptr,  # [batch] bool, when INIT_MODE == 2
+    seq_idx_ptr,  # [B, L] int, HAS_SEQ_IDX (uniform only): taps from another sequence read zeros
     seq_start_ptr,  # [batch + 1] int, IS_VARLEN
     block_seq_ptr,  # [n_blocks] int64, IS_VARLEN: the sequence of each L-block (batch: none)
     block_off_ptr,  # [n_blocks] int64, IS_VARLEN: the index of the L-block within its sequence
@@ -60,6 +79,7 @@ def _causal_conv1d_kernel(
     stride_init_s, stride_init_d, stride_init_k,
     stride_final_s, stride_final_d, stride_final_k,
     stride_out_b, stride_out_d, stride_out_l,
+    stride_seq_b, stride_seq_l,
     # meta
     WIDTH: tl.constexpr,
     SILU: tl.constexpr,
@@ -68,6 +88,7 @@ def _causal_conv1d_kernel(
     HAS_SLOTS: tl.constexpr,
     INIT_MODE: tl.constexpr,  # 0: zeros, 1: every sequence has a state, 2: per-sequence flags
     WRITE_STATE: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -91,13 +112,12 @@ def _causal_conv1d_kernel(
         x_base = x_ptr + seq * stride_x_b
         out_base = out_ptr + seq * stride_out_b
     slot = tl.load(slot_ptr + seq).to(tl.int64) if HAS_SLOTS else seq
-    # 64-bit offsets stay scalar (the tile's base pointers); offsets inside a tile are 32-bit
     d0 = (i_d * BLOCK_D).to(tl.int64)
     x_base += d0 * stride_x_d
     out_base += d0 * stride_out_d
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < dim - i_d * BLOCK_D
-    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    m_d = o_d < dim - d0
+    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
     m_out = m_d[:, None] & (o_l < length)[None, :]
     p_out = out_base + o_d[:, None] * stride_out_d + o_l[None, :] * stride_out_l
     # the initial state covers positions [-n_init, 0): all S columns, or none
@@ -114,10 +134,16 @@ def _causal_conv1d_kernel(
             p_w = weight_ptr + d0 * stride_w_d + o_d * stride_w_d
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + d0 + o_d, mask=m_d).to(tl.float32)[:, None]
+            if HAS_SEQ_IDX:
+                p_seq = seq_idx_ptr + seq * stride_seq_b
+                b_seq = tl.load(p_seq + o_l * stride_seq_l, mask=o_l < length, other=-1)
             for k in tl.static_range(WIDTH):
                 pos = o_l + (k - (WIDTH - 1))
                 b_w = tl.load(p_w + k * stride_w_k, mask=m_d).to(tl.float32)
-                m_x = m_d[:, None] & ((pos >= 0) & (pos < length))[None, :]
+                m_pos = (pos >= 0) & (pos < length)
+                if HAS_SEQ_IDX:  # a tap reaching into the previous sequence of the row reads zero
+                    m_pos &= tl.load(p_seq + pos * stride_seq_l, mask=m_pos, other=-1) == b_seq
+                m_x = m_d[:, None] & m_pos[None, :]
                 b_x = tl.load(x_base + o_d[:, None] * stride_x_d + pos[None, :] * stride_x_l, mask=m_x,
                               other=0.0).to(tl.float32)
                 acc += b_w[:, None] * b_x
@@ -130,10 +156,10 @@ def _causal_conv1d_kernel(
                                   other=0.0).to(tl.float32)
                     acc += b_w[:, None] * b_s
             if SILU:
-                acc = acc * tl.sigmoid(acc)
+                acc = silu(acc)
             tl.store(p_out, acc.to(out_ptr.dtype.element_ty), mask=m_out)
             if WRITE_STATE and i_l == 0:
-                o_s = tl.arange(0, BLOCK_S)
+                o_s = tl.arange(0, BLOCK_S).to(tl.int64)
                 col_pos = length - state_len + o_s  # the new state's columns as sequence col_positions
                 m_col = m_d[:, None] & (o_s < state_len)[None, :]
                 b_new = tl.load(x_base + o_d[:, None] * stride_x_d + col_pos[None, :] * stride_x_l,
@@ -175,6 +201,7 @@ def _launch_triton(
     final: torch.Tensor | None = None,  # [slots, D, S]
     slots: torch.Tensor | None = None,  # [batch]
     has_init: torch.Tensor | None = None,  # [batch] bool
+    seq_idx: torch.Tensor | None = None,  # [B, L] int, uniform only
     query_start_loc: torch.Tensor | None = None,  # [batch + 1], varlen
     pad_slot_id: int = PAD_SLOT_ID,
 ) -> None:
@@ -202,7 +229,7 @@ def _launch_triton(
         n_l_blocks, n_blocks = 1, block_seq.shape[0]
     else:
         block_seq = block_off = x
-        n_l_blocks = triton.cdiv(length, block_l)
+        n_l_blocks = max(1, triton.cdiv(length, block_l))  # an empty sequence still writes its state
         n_blocks = batch * n_l_blocks
     init_mode = 0 if init is None else (2 if has_init is not None else 1)
     grid = (n_blocks, triton.cdiv(dim, block_d))
@@ -212,59 +239,52 @@ def _launch_triton(
             x if init is None else init, x if final is None else final,
             x if slots is None else slots,
             x if has_init is None else has_init.view(torch.uint8),
+            x if seq_idx is None else seq_idx,
             x if query_start_loc is None else query_start_loc, block_seq, block_off, out,
             batch, length, n_l_blocks, dim, state.shape[0] if state is not None else batch, state_len,
             pad_slot_id,
-            *x_strides, *weight.stride(), *(init.stride() if init is not None else (0, 0, 0)),
-            *(final.stride() if final is not None else (0, 0, 0)), *out_strides,
+            *x_strides, *weight.stride(), *strides(init, 3), *strides(final, 3), *out_strides, *strides(seq_idx, 2),
             WIDTH=width, SILU=silu, HAS_BIAS=bias is not None, IS_VARLEN=varlen, HAS_SLOTS=slots is not None,
-            INIT_MODE=init_mode, WRITE_STATE=final is not None, BLOCK_D=block_d, BLOCK_L=block_l,
-            BLOCK_S=block_s, num_warps=4,
+            INIT_MODE=init_mode, WRITE_STATE=final is not None, HAS_SEQ_IDX=seq_idx is not None,
+            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_S=block_s, num_warps=4,
         )
 
 
-@torch.library.custom_op("ifk::causal_conv1d_fwd", mutates_args=("out", "final_states"))
+@destination_op("causal_conv1d_fwd", mutates_args=("out", "final_states"))
 def _causal_conv1d_fwd(
     out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    initial_states: torch.Tensor | None,
     final_states: torch.Tensor | None,
+    inputs: list[torch.Tensor | None],
     silu: bool,
 ) -> None:
-    """Destination-passing core of :func:`causal_conv1d_fn` (inputs validated)."""
+    """Destination-passing core of :func:`causal_conv1d_fn` (metadata validated): ``inputs`` is
+    ``[x, weight, bias, initial_states, seq_idx]``."""
+    x, weight, bias, initial_states, seq_idx = inputs
     if CAUSAL_CONV1D.resolve(x.device) == "torch":
-        _, fin = causal_conv1d_fn_ref(x, weight, bias, silu, initial_states, out=out)
+        _, fin = causal_conv1d_fn_ref(x, weight, bias, silu, initial_states, out=out, seq_idx=seq_idx)
         if final_states is not None:
             final_states.copy_(fin)
     else:
-        _launch_triton(x, weight, bias, out, silu, init=initial_states, final=final_states)
+        _launch_triton(x, weight, bias, out, silu, init=initial_states, final=final_states, seq_idx=seq_idx)
 
 
-@_causal_conv1d_fwd.register_fake
-def _(out, x, weight, bias, initial_states, final_states, silu) -> None:
-    return None
-
-
-@torch.library.custom_op("ifk::causal_conv1d_varlen", mutates_args=("out", "conv_states"))
+@destination_op("causal_conv1d_varlen", mutates_args=("out", "conv_states"))
 def _causal_conv1d_varlen(
     out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
     conv_states: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    slots: torch.Tensor | None,
-    has_initial_state: torch.Tensor | None,
+    inputs: list[torch.Tensor | None],
     silu: bool,
     pad_slot_id: int,
 ) -> None:
-    """Destination-passing core of :func:`causal_conv1d_varlen` (metadata validated)."""
-    _check_query_start_loc(query_start_loc, x.shape[1])
-    check_slot_range("cache_indices", slots, conv_states.shape[0], pad_slot_id)
+    """Destination-passing core of :func:`causal_conv1d_varlen` (metadata validated): ``inputs`` is
+    ``[x, weight, bias, query_start_loc, cache_indices, has_initial_state]``."""
+    x, weight, bias, query_start_loc, slots, has_initial_state = inputs
+    batch = query_start_loc.shape[0] - 1
+    if slots is None:  # here too, not only in the wrapper: a traced call skips the wrapper's eager checks
+        check_default_slots("conv_states", conv_states.shape[0], batch, "cache_indices", exact=False)
+    _data_checks.check_offsets_and_slots("query_start_loc", query_start_loc, x.shape[1], "cache_indices", slots,
+                                         conv_states.shape[0], pad_slot_id, unique=True)
     if CAUSAL_CONV1D_VARLEN.resolve(x.device) == "torch":
-        batch = query_start_loc.shape[0] - 1
         slots = torch.arange(batch, device=x.device) if slots is None else slots
         if has_initial_state is None:
             has_initial_state = torch.zeros(batch, dtype=torch.bool, device=x.device)
@@ -273,28 +293,21 @@ def _causal_conv1d_varlen(
     else:
         init = conv_states if has_initial_state is not None else None
         _launch_triton(x, weight, bias, out, silu, init=init, final=conv_states, slots=slots,
-                       has_init=has_initial_state,
-                       query_start_loc=query_start_loc, pad_slot_id=pad_slot_id)
+                       has_init=has_initial_state, query_start_loc=query_start_loc, pad_slot_id=pad_slot_id)
 
 
-@_causal_conv1d_varlen.register_fake
-def _(out, x, weight, bias, conv_states, query_start_loc, slots, has_init, silu, pad_slot_id) -> None:
-    return None
-
-
-@torch.library.custom_op("ifk::causal_conv1d_update", mutates_args=("out", "conv_state"))
+@destination_op("causal_conv1d_update", mutates_args=("out", "conv_state"))
 def _causal_conv1d_update(
     out: torch.Tensor,
-    x: torch.Tensor,
     conv_state: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    slots: torch.Tensor | None,
+    inputs: list[torch.Tensor | None],
     silu: bool,
     pad_slot_id: int,
 ) -> None:
-    """Destination-passing core of :func:`causal_conv1d_update` (``x``/``out`` as ``[B, D, L]``)."""
-    check_slot_range("conv_state_indices", slots, conv_state.shape[0], pad_slot_id)
+    """Destination-passing core of :func:`causal_conv1d_update` (metadata validated): ``inputs`` is
+    ``[x, weight, bias, conv_state_indices]``, ``x``/``out`` as ``[B, D, L]``."""
+    x, weight, bias, slots = inputs
+    _data_checks.check_slots("conv_state_indices", slots, conv_state.shape[0], pad_slot_id, unique=True)
     if CAUSAL_CONV1D_UPDATE.resolve(x.device) == "torch":
         slots = torch.arange(x.shape[0], device=x.device) if slots is None else slots
         causal_conv1d_update_ref(x, conv_state, weight, bias, silu, slots, pad_slot_id, out)
@@ -303,31 +316,36 @@ def _causal_conv1d_update(
                        pad_slot_id=pad_slot_id)
 
 
-@_causal_conv1d_update.register_fake
-def _(out, x, conv_state, weight, bias, slots, silu, pad_slot_id) -> None:
-    return None
-
-
 class _CausalConv1dFn(torch.autograd.Function):
     """Forward on the chosen backend; backward by the torch reference's closed form (fp32, the conv
     recomputed), so every backend trains, and torch.compile traces the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, initial_states, silu, return_final_states):
-        out = torch.empty_like(x)
-        final = x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1) if return_final_states else None
-        torch.ops.ifk.causal_conv1d_fwd(out, x, weight, bias, initial_states, final, silu)
-        ctx.save_for_backward(x, weight, bias, initial_states)
+    def forward(ctx, x, weight, bias, initial_states, seq_idx, silu, return_final_states):
+        final = _new_final_states(x, weight) if return_final_states else None
+        out = _conv_forward(x, weight, bias, initial_states, seq_idx, final, silu)
+        ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
         ctx.silu = silu
         return out, final
 
     @staticmethod
     def backward(ctx, d_out, d_final):
-        x, weight, bias, initial_states = ctx.saved_tensors
-        grads = causal_conv1d_bwd_ref(x, weight, bias, ctx.silu, initial_states, d_out, d_final)
+        x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
+        grads = causal_conv1d_bwd_ref(x, weight, bias, ctx.silu, initial_states, d_out, d_final, seq_idx)
         inputs = (x, weight, bias, initial_states)
         cast = (None if g is None or t is None else g.to(t.dtype) for g, t in zip(grads, inputs))
-        return (*cast, None, None)
+        return (*cast, None, None, None)
+
+
+def _new_final_states(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _alloc.empty((*x.shape[:2], weight.shape[1] - 1), x.dtype, x.device)
+
+
+def _conv_forward(x, weight, bias, initial_states, seq_idx, final, silu: bool) -> torch.Tensor:
+    """A new ``out`` like x; the final states written into ``final`` when given."""
+    out = _alloc.empty_like(x)
+    _causal_conv1d_fwd(out, final, [x, weight, bias, initial_states, seq_idx], silu)
+    return out
 
 
 def _silu_flag(activation: object) -> bool:
@@ -357,26 +375,16 @@ def _check_state_cache(name: str, states: object, dim: int, width: int, device: 
                          f"got {list(states.shape)}")
 
 
-def _check_query_start_loc(query_start_loc: torch.Tensor, num_tokens: int) -> None:
-    """Raise unless the bounds start at 0, never decrease and end at T (one host sync; skipped
-    under CUDA-graph capture)."""
-    if query_start_loc.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    first, last, decreasing = torch.stack(
-        [query_start_loc[0], query_start_loc[-1], (query_start_loc.diff() < 0).any().long()]).tolist()
-    if first != 0 or last != num_tokens or decreasing:
-        raise ValueError(f"query_start_loc must rise from 0 to the token count {num_tokens}, got "
-                         f"{query_start_loc.tolist()}")
-
-
 def causal_conv1d_fn(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     *,
+    seq_idx: torch.Tensor | None = None,
     initial_states: torch.Tensor | None = None,
     return_final_states: bool = False,
+    final_states_out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv1d over whole sequences (causal-conv1d's ``causal_conv1d_fn``).
 
@@ -384,12 +392,18 @@ def causal_conv1d_fn(
         x: ``[B, D, L]`` fp32/fp16/bf16, any strides.
         weight: ``[D, W]``, W in 2..4; bias: optional ``[D]``.
         activation: ``None`` or ``"silu"``/``"swish"``.
+        seq_idx: optional ``[B, L]`` int32/int64, several sequences packed in one row: a tap at a
+            position whose ``seq_idx`` differs from the output position's reads zero, so the conv
+            never mixes tokens across a change of ``seq_idx`` (not with initial or final states,
+            as in causal-conv1d).
         initial_states: optional ``[B, D, W-1]``, the inputs before position 0 (default zeros).
         return_final_states: also return the last ``W-1`` inputs, ``[B, D, W-1]`` in x's dtype.
+        final_states_out: optional ``[B, D, W-1]`` destination of the final states in x's dtype
+            (any strides), written and returned; needs ``return_final_states``.
 
     Returns ``out [B, D, L]`` in x's dtype, ``out[b, d, t] = act(bias[d] + sum_k weight[d, k] *
     x[b, d, t - W + 1 + k])``, or ``(out, final_states)``. Differentiable in x, weight, bias and
-    initial_states; the backward runs the torch reference.
+    initial_states; the backward runs the torch reference's closed form.
 
     Example:
         >>> out, fin = causal_conv1d_fn(torch.randn(2, 8, 5), torch.randn(8, 4), activation="silu",
@@ -401,11 +415,30 @@ def causal_conv1d_fn(
     dim = _check_weight(weight, bias, x.device)
     if x.shape[1] != dim:
         raise ValueError(f"x has {x.shape[1]} channels but weight has {dim} (x shape {list(x.shape)})")
-    check_optional("initial_states", initial_states, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
-    if initial_states is not None:
-        check_shape("initial_states", initial_states, [x.shape[0], dim, weight.shape[1] - 1])
-    out, final = _CausalConv1dFn.apply(x, weight, bias, initial_states, _silu_flag(activation),
-                                       bool(return_final_states))
+    state_shape = [x.shape[0], dim, weight.shape[1] - 1]
+    if check_optional("initial_states", initial_states, ndim=3, dtypes=FLOAT_DTYPES, device=x.device) is not None:
+        check_shape("initial_states", initial_states, state_shape)
+    if check_optional("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES, device=x.device) is not None:
+        check_shape("seq_idx", seq_idx, [x.shape[0], x.shape[2]])
+        if initial_states is not None or return_final_states:
+            raise ValueError("seq_idx cannot be combined with initial_states or return_final_states "
+                             "(as in causal-conv1d: the states belong to one sequence per row)")
+    if final_states_out is not None:
+        check_tensor("final_states_out", final_states_out, ndim=3, dtypes=(x.dtype,), device=x.device)
+        check_shape("final_states_out", final_states_out, state_shape)
+        if not return_final_states:
+            raise ValueError("final_states_out is given but return_final_states is False")
+    silu = _silu_flag(activation)
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (x, weight, bias, initial_states)):
+        final = final_states_out  # inference: the kernel writes the destination itself
+        if final is None and return_final_states:
+            final = _new_final_states(x, weight)
+        out = _conv_forward(x, weight, bias, initial_states, seq_idx, final, silu)
+    else:
+        out, final = _CausalConv1dFn.apply(x, weight, bias, initial_states, seq_idx, silu, bool(return_final_states))
+        if final_states_out is not None:  # a differentiable copy (autograd cannot mark a view dirty)
+            final = final_states_out.copy_(final)
     return (out, final) if return_final_states else out
 
 
@@ -430,12 +463,14 @@ def causal_conv1d_varlen(
             inputs of ``[state, x_seq]`` there.
         query_start_loc: ``[batch + 1]`` int32/int64, sequence i is ``x[:, qsl[i]:qsl[i+1]]``.
         cache_indices: ``[batch]`` slot of each sequence (default: sequence i uses slot i); a
-            sequence at ``pad_slot_id`` reads and writes no state and gets zero outputs.
+            sequence at ``pad_slot_id`` reads and writes no state and gets zero outputs. A slot
+            other than the pad slot may appear once (ValueError otherwise; under CUDA-graph capture
+            the check is skipped and two sequences writing one slot race).
         has_initial_state: ``[batch]`` bool (default: all False).
 
     Returns a new ``[D, T]`` tensor in x's dtype (vLLM writes into x; a new tensor keeps x
     reusable and the op functional). Checks ``query_start_loc`` and ``cache_indices`` with one host
-    sync each (skipped under CUDA-graph capture).
+    sync (skipped under CUDA-graph capture, where an out-of-range slot counts as the pad slot).
 
     Example:
         >>> states = torch.zeros(4, 8, 3)
@@ -449,22 +484,15 @@ def causal_conv1d_varlen(
     if x.shape[0] != dim:
         raise ValueError(f"x has {x.shape[0]} channels but weight has {dim} (x shape {list(x.shape)})")
     _check_state_cache("conv_states", conv_states, dim, weight.shape[1], x.device)
-    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES, device=x.device)
-    batch = query_start_loc.shape[0] - 1
-    if batch < 0:
-        raise ValueError("query_start_loc must have batch + 1 >= 1 entries, got 0")
-    slots = check_slots("cache_indices", cache_indices, batch, x.device)
-    if slots is None and conv_states.shape[0] < batch:
-        raise ValueError(
-            f"conv_states has {conv_states.shape[0]} slots for {batch} sequences; pass cache_indices")
-    if check_optional("has_initial_state", has_initial_state, ndim=1, dtypes=(torch.bool,),
-                      device=x.device) is not None:
-        check_shape("has_initial_state", has_initial_state, [batch])
-    out = torch.empty_like(x)
-    torch.ops.ifk.causal_conv1d_varlen(
-        out, x, weight, bias, conv_states, query_start_loc.contiguous(), slots,
-        None if has_initial_state is None else has_initial_state.contiguous(), _silu_flag(activation),
-        int(pad_slot_id),
+    batch = check_query_start_loc(query_start_loc, x.device)
+    slots = check_index("cache_indices", cache_indices, batch, x.device)
+    if slots is None:
+        check_default_slots("conv_states", conv_states.shape[0], batch, "cache_indices", exact=False)
+    has_initial_state = check_index("has_initial_state", has_initial_state, batch, x.device, (torch.bool,))
+    out = _alloc.empty_like(x)
+    _causal_conv1d_varlen(
+        out, conv_states, [x, weight, bias, query_start_loc.contiguous(), slots, has_initial_state],
+        _silu_flag(activation), check_pad_slot_id(pad_slot_id),
     )
     return out
 
@@ -487,9 +515,12 @@ def causal_conv1d_update(
         weight: ``[D, W]``, W in 2..4; bias: optional ``[D]``.
         conv_state_indices: ``[B]`` slot of each row (default: row b uses slot b, and then
             ``slots == B``); a row at ``pad_slot_id`` reads and writes no state, its output is zero.
+            A slot other than the pad slot may appear once (ValueError otherwise; under CUDA-graph
+            capture the check is skipped and repeated rows race: the result is undefined).
 
     Returns a new tensor like ``x`` (its dtype). Validating ``conv_state_indices`` syncs with the
-    device once (skipped under CUDA-graph capture, where out-of-range rows are treated as pad rows).
+    device once (range and repeats; skipped under CUDA-graph capture, where out-of-range rows are
+    treated as pad rows).
 
     Example:
         >>> state = torch.zeros(2, 8, 3)
@@ -501,12 +532,11 @@ def causal_conv1d_update(
     if x.shape[1] != dim:
         raise ValueError(f"x has {x.shape[1]} channels but weight has {dim} (x shape {list(x.shape)})")
     _check_state_cache("conv_state", conv_state, dim, weight.shape[1], x.device)
-    slots = check_slots("conv_state_indices", conv_state_indices, x.shape[0], x.device)
-    if slots is None and conv_state.shape[0] != x.shape[0]:
-        raise ValueError(f"conv_state has {conv_state.shape[0]} slots but x has {x.shape[0]} rows; "
-                         "pass conv_state_indices")
-    out = torch.empty_like(x)
+    slots = check_index("conv_state_indices", conv_state_indices, x.shape[0], x.device)
+    if slots is None:
+        check_default_slots("conv_state", conv_state.shape[0], x.shape[0], "conv_state_indices", exact=True)
+    out = _alloc.empty_like(x)
     x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(-1), out.unsqueeze(-1))
-    torch.ops.ifk.causal_conv1d_update(out3, x3, conv_state, weight, bias, slots, _silu_flag(activation),
-                                       int(pad_slot_id))
+    _causal_conv1d_update(out3, conv_state, [x3, weight, bias, slots], _silu_flag(activation),
+                          check_pad_slot_id(pad_slot_id))
     return out

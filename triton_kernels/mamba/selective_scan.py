@@ -9,26 +9,35 @@ cache through ``cache_indices``; the batched form is the same walk with one sequ
 
 Backends: ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``cpu`` (the C++ kernel
 ``csrc/mamba/selective_scan_cpu.cpp``, default on CPU) and ``torch`` (:mod:`.reference`).
+
+int64 offsets (checked by listing every ``index * stride`` product in the kernel): the sequence
+``i_s``, the batch row ``i_b``, the channels ``o_d``, the token positions (``t0``/``t1``/``o_t``: a
+packed T can pass 2^31 / D), the slot and the state index ``o_n`` (``o_n * stride_n`` with
+``stride_n = T`` for packed B/C) are int64, and the group is widened where it meets its stride
+(``i_g * stride_g`` with ``stride_g = N T``; an int64 ``i_g`` everywhere cost 8 bytes of stack on
+sm_90). Nothing else is multiplied by a stride.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 import triton
 import triton.language as tl
 
+from triton_kernels import _alloc, _data_checks
 from triton_kernels._checks import (
     FLOAT_DTYPES,
-    INDEX_DTYPES,
     check_optional,
     check_shape,
     check_tensor,
     on_device,
+    strides,
     unit_stride_last,
 )
+from triton_kernels._ops import destination_op
+from triton_kernels._tl_math import silu, softplus
 from triton_kernels.constants import PAD_SLOT_ID
+from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, check_query_start_loc
 from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
 from triton_kernels.registry import SELECTIVE_SCAN
 
@@ -56,7 +65,7 @@ def _load_bc(ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_b, stride_g, st
         p = ptr + o_d[:, None] * stride_g + o_n[None, :] * stride_n
         return tl.load(p, mask=m_d[:, None] & m_n[None, :], other=0.0).to(tl.float32)[:, :, None]
     else:
-        p = ptr + i_b * stride_b + i_g * stride_g + o_n[:, None] * stride_n + o_t[None, :]
+        p = ptr + i_b * stride_b + i_g.to(tl.int64) * stride_g + o_n[:, None] * stride_n + o_t[None, :]
         return tl.load(p, mask=m_n[:, None] & m_t[None, :], other=0.0).to(tl.float32)[None, :, :]
 
 
@@ -78,6 +87,7 @@ def _selective_scan_kernel(
     has_init_ptr,  # [n_seq] bool, HAS_INIT
     # sizes
     seqlen,
+    num_slots,
     dstate,
     dim_per_group,
     blocks_per_group,
@@ -111,7 +121,7 @@ def _selective_scan_kernel(
     o_dg = (tl.program_id(1) % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_dg < dim_per_group
     o_d = (i_g * dim_per_group + o_dg).to(tl.int64)
-    o_n = tl.arange(0, BLOCK_N)
+    o_n = tl.arange(0, BLOCK_N).to(tl.int64)
     m_n = o_n < dstate
     m_dn = m_d[:, None] & m_n[None, :]
     if IS_VARLEN:
@@ -124,7 +134,9 @@ def _selective_scan_kernel(
         t1 = t0 + seqlen
     if HAS_CACHE_IDX:
         slot = tl.load(cache_ptr + i_s).to(tl.int64)
-        valid = slot != pad_slot_id
+        # a slot outside the cache (only when the value checks were skipped under graph capture)
+        # is treated as the pad slot: nothing outside the cache is read or written
+        valid = (slot != pad_slot_id) & (slot >= 0) & (slot < num_slots)
     else:
         slot = i_s
         valid = i_s >= 0
@@ -158,7 +170,7 @@ def _selective_scan_kernel(
         if HAS_BIAS:
             b_dt += b_bias[:, None]
         if DELTA_SOFTPLUS:
-            b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
+            b_dt = softplus(b_dt)
         b_B = _load_bc(B_ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_B_b, stride_B_g, stride_B_n,
                        B_PER_CHANNEL)
         b_C = _load_bc(C_ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_C_b, stride_C_g, stride_C_n,
@@ -175,7 +187,7 @@ def _selective_scan_kernel(
         if HAS_Z:
             b_z = tl.load(z_ptr + i_b * stride_z_b + o_d[:, None] * stride_z_d + o_t[None, :], mask=m_dt,
                           other=0.0).to(tl.float32)
-            b_y *= b_z / (1.0 + tl.exp(-b_z))
+            b_y *= silu(b_z)
         p_out = out_ptr + i_b * stride_o_b + o_d[:, None] * stride_o_d + o_t[None, :]
         tl.store(p_out, b_y.to(out_ptr.dtype.element_ty), mask=m_dt)
 
@@ -190,23 +202,17 @@ def _block_sizes(dstate: int, dim_per_group: int) -> tuple[int, int, int]:
     return min(block_d, MAX_BLOCK_D, triton.next_power_of_2(dim_per_group)), block_n, block_l
 
 
-def _strides(t: torch.Tensor | None, dims: tuple[int, ...]) -> list[int]:
-    return [0] * len(dims) if t is None else [t.stride(d) for d in dims]
-
-
 def _launch_triton(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, qsl, cache_indices,
                    has_initial_state, pad_slot_id, n_seq, groups) -> None:
     """Launch on the common layout: u/delta/z/out ``[Bu, D, L]``, B/C ``[Bb, G, N, L]`` or ``[D, N]``."""
     dim, dstate = A.shape
-    if n_seq == 0 or dim == 0:
-        return
     dim_per_group = dim // groups
     block_d, block_n, block_l = _block_sizes(dstate, dim_per_group)
     blocks_per_group = triton.cdiv(dim_per_group, block_d)
     b_per_channel, c_per_channel = B.dim() == 2, C.dim() == 2
     bc_dims = lambda M: (0, 1) if M.dim() == 2 else (0, 1, 2)  # noqa: E731
-    b_strides = ([0] if b_per_channel else []) + _strides(B, bc_dims(B))
-    c_strides = ([0] if c_per_channel else []) + _strides(C, bc_dims(C))
+    b_strides = ([0] if b_per_channel else []) + strides(B, bc_dims(B))
+    c_strides = ([0] if c_per_channel else []) + strides(C, bc_dims(C))
     grid = (n_seq, groups * blocks_per_group)
     with on_device(u.device):
         _selective_scan_kernel[grid](
@@ -219,9 +225,9 @@ def _launch_triton(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softpl
             qsl if qsl is not None else u,
             cache_indices if cache_indices is not None else u,
             has_initial_state if has_initial_state is not None else u,
-            u.shape[2], dstate, dim_per_group, blocks_per_group, pad_slot_id,
-            *_strides(u, (0, 1)), *_strides(delta, (0, 1)), *_strides(z, (0, 1)), *_strides(out, (0, 1)),
-            *_strides(A, (0, 1)), *b_strides, *c_strides, *_strides(state, (0, 1, 2)),
+            u.shape[2], 0 if state is None else state.shape[0], dstate, dim_per_group, blocks_per_group, pad_slot_id,
+            *strides(u, (0, 1)), *strides(delta, (0, 1)), *strides(z, (0, 1)), *strides(out, (0, 1)),
+            *strides(A, (0, 1)), *b_strides, *c_strides, *strides(state, (0, 1, 2)),
             IS_VARLEN=qsl is not None,
             HAS_CACHE_IDX=cache_indices is not None,
             HAS_INIT=has_initial_state is not None,
@@ -270,53 +276,28 @@ def _launch_cpu(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         state.copy_(state32)
 
 
-def _check_varlen_data(qsl: torch.Tensor, cache_indices: torch.Tensor | None, num_tokens: int,
-                       num_slots: int, pad_slot_id: int) -> None:
-    """The data-dependent checks: one host sync, skipped while a CUDA graph is being captured."""
-    if qsl.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    values = torch.cat([qsl.long(), cache_indices.long()]) if cache_indices is not None else qsl
-    values = values.tolist()
-    starts, slots = values[: qsl.shape[0]], values[qsl.shape[0]:]
-    if starts[0] != 0 or starts[-1] != num_tokens or any(a > b for a, b in itertools.pairwise(starts)):
-        raise ValueError(
-            f"query_start_loc must rise from 0 to the token count {num_tokens} without decreasing, "
-            f"got {starts}"
-        )
-    bad = [s for s in slots if s != pad_slot_id and not 0 <= s < num_slots]
-    if bad:
-        raise ValueError(
-            f"cache_indices holds {bad[0]}, outside the {num_slots} slots of ssm_states "
-            f"(and not pad_slot_id={pad_slot_id})"
-        )
-
-
-@torch.library.custom_op("ifk::selective_scan", mutates_args=("out", "state"))
+@destination_op("selective_scan", mutates_args=("out", "state"))
 def _selective_scan(
     out: torch.Tensor,
     state: torch.Tensor | None,
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
+    inputs: list[torch.Tensor | None],
     delta_softplus: bool,
-    query_start_loc: torch.Tensor | None,
-    cache_indices: torch.Tensor | None,
-    has_initial_state: torch.Tensor | None,
     pad_slot_id: int,
 ) -> None:
-    """Destination-passing core of both public ops (inputs validated).
+    """Destination-passing core of both public ops (metadata validated). ``inputs`` is
+    ``[u, delta, A, B, C, D, z, delta_bias, query_start_loc, cache_indices, has_initial_state]``.
 
     Batched: u ``[B, D, L]``, state the ``[B, D, N]`` last state or None, no query_start_loc.
     Packed: u ``[D, T]``, state the ``[slots, D, N]`` cache, query_start_loc ``[batch + 1]``.
     """
+    u, delta, A, B, C, D, z, delta_bias, query_start_loc, cache_indices, has_initial_state = inputs
     varlen = query_start_loc is not None
-    if varlen:
-        _check_varlen_data(query_start_loc, cache_indices, u.shape[1], state.shape[0], pad_slot_id)
+    if varlen:  # here too, not only in the wrapper: a traced call skips the wrapper's eager checks
+        if cache_indices is None:
+            check_default_slots("ssm_states", state.shape[0], query_start_loc.shape[0] - 1, "cache_indices",
+                                exact=False)
+        _data_checks.check_offsets_and_slots("query_start_loc", query_start_loc, u.shape[1], "cache_indices",
+                                             cache_indices, state.shape[0], pad_slot_id, unique=True)
     backend = SELECTIVE_SCAN.resolve(u.device)
     if backend == "torch":
         if varlen:
@@ -333,20 +314,16 @@ def _selective_scan(
         B, C = B[None], C[None]
     else:
         B, C = (M[:, None] if M.dim() == 3 else M for M in (B, C))
+    n_seq = query_start_loc.shape[0] - 1 if varlen else u.shape[0]
+    if n_seq == 0 or u.shape[1] == 0:
+        return
     args = (out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, query_start_loc,
             cache_indices, has_initial_state, pad_slot_id)
     if backend == "cpu":
         _launch_cpu(*args)
     else:
         groups = max(M.shape[1] if M.dim() == 4 else 1 for M in (B, C))
-        n_seq = query_start_loc.shape[0] - 1 if varlen else u.shape[0]
         _launch_triton(*args, n_seq, groups)
-
-
-@_selective_scan.register_fake
-def _(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, query_start_loc, cache_indices,
-      has_initial_state, pad_slot_id) -> None:
-    return None
 
 
 def _check_bc(name: str, M: object, dim: int, dstate: int, lead: tuple[int, ...], length: int,
@@ -393,12 +370,10 @@ def _validated(u, delta, A, B, C, D, z, delta_bias, *, varlen: bool) -> tuple:
 
 
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool):
-    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    last = None
-    if return_last_state:
-        last = torch.empty((u.shape[0], *A.shape), dtype=torch.float32, device=u.device)
-    torch.ops.ifk.selective_scan(out, last, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                 None, None, None, PAD_SLOT_ID)
+    out = _alloc.empty_like(u)
+    last = _alloc.empty((u.shape[0], *A.shape), torch.float32, u.device) if return_last_state else None
+    _selective_scan(out, last, [u, delta, A, B, C, D, z, delta_bias, None, None, None], bool(delta_softplus),
+                    PAD_SLOT_ID)
     return (out, last) if return_last_state else out
 
 
@@ -454,13 +429,6 @@ def selective_scan_fn(
     return _scan_forward(*args, delta_softplus, return_last_state)
 
 
-def _check_index(name: str, t: object, batch: int, dtypes: tuple, device: torch.device):
-    if check_optional(name, t, ndim=1, dtypes=dtypes, device=device) is None:
-        return None
-    check_shape(name, t, (batch,))
-    return t.contiguous()
-
-
 def selective_scan_varlen(
     u: torch.Tensor,
     ssm_states: torch.Tensor,
@@ -489,15 +457,18 @@ def selective_scan_varlen(
         D, delta_bias: optional ``[D]``. z: optional ``[D, T]`` gate (never written).
         query_start_loc: ``[batch + 1]`` int32/int64 token offsets from 0 to T, non-decreasing
             (None: one sequence of T tokens).
-        cache_indices: ``[batch]`` int32/int64 state rows (None: row b for sequence b).
-            Sequences whose index is ``pad_slot_id`` are skipped: no state read or written,
-            no output column written.
+        cache_indices: ``[batch]`` int32/int64 state rows (None: row b for sequence b, and then
+            ssm_states needs at least batch rows). Sequences whose index is ``pad_slot_id`` are
+            skipped: no state read or written, no output column written. A row other than the pad
+            slot may appear once (ValueError otherwise; under CUDA-graph capture the check is
+            skipped and two sequences writing one row race: the result is undefined).
         has_initial_state: ``[batch]`` bool (None: every sequence starts from zeros).
         out: optional ``[D, T]`` destination in u's dtype (unit stride along T).
 
     Returns ``out`` (a new tensor when not given: zeros where pad sequences were skipped).
     Checks query_start_loc and cache_indices against T and the slot count with one host sync,
-    skipped while a CUDA graph is being captured.
+    skipped while a CUDA graph is being captured (an out-of-range index then counts as the pad
+    slot: nothing outside the cache is read or written).
 
     Example:
         >>> u = torch.randn(64, 10); A = -torch.rand(64, 16); Bc = torch.randn(1, 16, 10)
@@ -512,22 +483,20 @@ def selective_scan_varlen(
     check_shape("ssm_states", ssm_states, (None, dim, A.shape[1]))
     if query_start_loc is None:
         query_start_loc = torch.tensor([0, num_tokens], dtype=torch.int32, device=u.device)
-    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES, device=u.device)
-    batch = query_start_loc.shape[0] - 1
-    if batch < 0:
-        raise ValueError("query_start_loc must hold at least one offset (batch + 1 entries), got none")
-    cache_indices = _check_index("cache_indices", cache_indices, batch, INDEX_DTYPES, u.device)
-    has_initial_state = _check_index("has_initial_state", has_initial_state, batch, (torch.bool,), u.device)
-    if isinstance(pad_slot_id, bool) or not isinstance(pad_slot_id, int):
-        raise TypeError(f"pad_slot_id must be an int, got {pad_slot_id!r}")
-    if out is None:
-        alloc = torch.empty if cache_indices is None else torch.zeros
+    batch = check_query_start_loc(query_start_loc, u.device)
+    cache_indices = check_index("cache_indices", cache_indices, batch, u.device)
+    if cache_indices is None:
+        check_default_slots("ssm_states", ssm_states.shape[0], batch, "cache_indices", exact=False)
+    has_initial_state = check_index("has_initial_state", has_initial_state, batch, u.device, (torch.bool,))
+    check_pad_slot_id(pad_slot_id)
+    if out is None:  # pad sequences' columns are never written: zeros there
+        alloc = _alloc.empty if cache_indices is None else torch.zeros
         out = alloc((dim, num_tokens), dtype=u.dtype, device=u.device)
     else:
         check_tensor("out", out, ndim=2, dtypes=(u.dtype,), device=u.device)
         check_shape("out", out, (dim, num_tokens))
         if num_tokens > 1 and out.stride(1) != 1:
             raise ValueError(f"out must have unit stride along T, got strides {out.stride()}")
-    torch.ops.ifk.selective_scan(out, ssm_states, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                 query_start_loc.contiguous(), cache_indices, has_initial_state, pad_slot_id)
+    _selective_scan(out, ssm_states, [u, delta, A, B, C, D, z, delta_bias, query_start_loc.contiguous(),
+                                      cache_indices, has_initial_state], bool(delta_softplus), pad_slot_id)
     return out

@@ -3,6 +3,12 @@
 One program updates ``BLOCK_P`` channels of one head of one batch row across the whole state size
 ``N``: it gathers the row's state by slot, discretises (``exp(dt A)``, ``dt B x``), writes the new
 state back and reduces it against ``C``. The plain ``[slots, D, N]`` form runs as one head.
+
+int64 offsets (checked by listing every ``index * stride`` product in the kernel): the state cache
+``[slots, H, P, N]`` can pass 2^31 elements (e.g. 4096 slots x 5120 x 128), so ``slot`` and the row
+``i_b`` are int64, and so is the head ``i_h`` (``i_h * stride_h`` < H P N fits int32 today, but costs
+nothing to widen). The remaining products stay within one ``[P, N]`` tile of one head (``o_p *
+stride_p``, ``o_n * stride_n``) or one ``[G, N]`` row of B/C, far below 2^31.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_optional, check_shape, check_tensor, on_device
-from triton_kernels._tl_math import softplus
+from triton_kernels import _alloc, _data_checks
+from triton_kernels._checks import FLOAT_DTYPES, check_optional, check_shape, check_tensor, on_device, strides
+from triton_kernels._ops import destination_op
+from triton_kernels._tl_math import silu, softplus
 from triton_kernels.constants import PAD_SLOT_ID
-from triton_kernels.mamba.conv_reference import selective_state_update_ref
+from triton_kernels.mamba._args import check_default_slots, check_index
+from triton_kernels.mamba.reference import selective_state_update_ref
 from triton_kernels.registry import SELECTIVE_STATE_UPDATE
 
 
@@ -61,7 +70,7 @@ def _selective_state_update_kernel(
 ):
     i_p = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
-    i_h = tl.program_id(2)
+    i_h = tl.program_id(2).to(tl.int64)
     i_g = i_h // heads_per_group
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
@@ -106,7 +115,7 @@ def _selective_state_update_kernel(
         if HAS_Z:
             p_z = z_ptr + i_b * stride_z_b + i_h * stride_z_h + o_p * stride_z_p
             b_z = tl.load(p_z, mask=m_p).to(tl.float32)
-            b_out *= b_z * tl.sigmoid(b_z)
+            b_out *= silu(b_z)
         tl.store(p_out, b_out.to(out_ptr.dtype.element_ty), mask=m_p)
 
 
@@ -121,10 +130,6 @@ def _block_config(dstate: int) -> tuple[int, int]:
     if dstate <= 128:
         return 8, 4
     return 4, 8
-
-
-def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
-    return (0,) * ndim if t is None else t.stride()
 
 
 def _tie_hdim(A, dt, dt_bias) -> bool:
@@ -147,50 +152,15 @@ def _launch_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad
             state, x, dt, x if dt_bias is None else dt_bias, A, B, C, x if D is None else D,
             x if z is None else z, out, x if slots is None else slots,
             state.shape[0], dim, dstate, heads // B.shape[1], pad_slot_id,
-            *state.stride(), *x.stride(), *dt.stride(), *_strides(dt_bias, 2), *A.stride(), *B.stride(),
-            *C.stride(), *_strides(D, 2), *_strides(z, 3), *out.stride(),
+            *state.stride(), *x.stride(), *dt.stride(), *strides(dt_bias, 2), *A.stride(), *B.stride(),
+            *C.stride(), *strides(D, 2), *strides(z, 3), *out.stride(),
             DT_SOFTPLUS=dt_softplus, HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None,
             HAS_Z=z is not None, HAS_SLOTS=slots is not None, TIE_HDIM=_tie_hdim(A, dt, dt_bias),
             BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), num_warps=num_warps,
         )
 
 
-def check_slots(name: str, indices: object, batch: int, device: torch.device) -> torch.Tensor | None:
-    """Metadata checks of a ``[batch]`` int32/int64 slot-index tensor (values: :func:`check_slot_range`)."""
-    if indices is None:
-        return None
-    check_tensor(name, indices, ndim=1, dtypes=INDEX_DTYPES, device=device)
-    if indices.shape[0] != batch:
-        raise ValueError(f"{name} has {indices.shape[0]} entries, expected {batch} (one per sequence)")
-    return indices.contiguous()
-
-
-def check_slot_range(name: str, indices: torch.Tensor | None, num_slots: int, pad_slot_id: int) -> None:
-    """Raise unless every entry is a slot in ``[0, num_slots)`` or ``pad_slot_id``.
-
-    Reads the values (one host sync on a GPU), so it runs inside the custom ops, before they write.
-    Skipped while a CUDA graph is being captured; the kernels then treat an out-of-range entry like
-    the pad slot, so they never write outside the cache.
-    """
-    if indices is None or indices.numel() == 0:
-        return
-    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    # one host read of (min, max) over the entries with pad entries replaced by slot 0: every entry
-    # is a slot or the pad slot iff both lie in [0, num_slots); the mask below runs only to report
-    is_pad = indices == pad_slot_id
-    lo, hi = torch.stack(torch.aminmax(indices.masked_fill(is_pad, 0))).tolist()
-    if lo >= 0 and hi < num_slots:
-        return
-    bad = ~is_pad & ((indices < 0) | (indices >= num_slots))
-    if bad.any():
-        raise ValueError(
-            f"{name} holds {int(indices[bad][0])}, outside the cache [0, {num_slots}) and not the "
-            f"pad slot {pad_slot_id}"
-        )
-
-
-@torch.library.custom_op("ifk::selective_state_update", mutates_args=("state", "out"))
+@destination_op("selective_state_update", mutates_args=("state", "out"))
 def _selective_state_update(
     state: torch.Tensor,
     out: torch.Tensor,
@@ -198,25 +168,16 @@ def _selective_state_update(
     dt_softplus: bool,
     pad_slot_id: int,
 ) -> None:
-    """Destination-passing core in the heads form (inputs already validated).
-
-    ``inputs`` is ``[x, dt, A, B, C, D, z, dt_bias, slots]`` (the last four may be ``None``). One
-    list instead of nine arguments: the custom-op dispatcher re-reads the schema in Python once per
-    argument on every call (``fill_defaults``), which cost ~0.1 ms per call with 13 arguments.
-    """
+    """Destination-passing core in the heads form (metadata validated): ``inputs`` is
+    ``[x, dt, A, B, C, D, z, dt_bias, slots]`` (the last four may be ``None``)."""
     x, dt, A, B, C, D, z, dt_bias, slots = inputs
-    check_slot_range("state_batch_indices", slots, state.shape[0], pad_slot_id)
+    _data_checks.check_slots("state_batch_indices", slots, state.shape[0], pad_slot_id, unique=True)
     if x.shape[0] == 0:
         return
     if SELECTIVE_STATE_UPDATE.resolve(x.device) == "torch":
         selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad_slot_id, out)
     else:
         _launch_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, slots, pad_slot_id, out)
-
-
-@_selective_state_update.register_fake
-def _(state, out, inputs, dt_softplus, pad_slot_id) -> None:
-    return None
 
 
 def selective_state_update(
@@ -244,12 +205,15 @@ def selective_state_update(
         D, dt_bias: ``[D]`` / ``[H, P]``.
         dt_softplus: apply softplus to ``dt + dt_bias`` (values above 20 pass through).
         state_batch_indices: ``[B]`` int32/int64 slot of each row (default: row b uses slot b);
-            a row at ``pad_slot_id`` reads and writes no state and gets a zero output row.
+            a row at ``pad_slot_id`` reads and writes no state and gets a zero output row. A slot
+            other than the pad slot may appear once (two rows updating one state would race on a
+            GPU): a repeat raises ValueError, except under CUDA-graph capture, where the check is
+            skipped and repeated rows race (the result is then undefined).
         out: optional destination like ``x``.
 
     Returns ``out`` (or a new tensor like ``x``): ``(state . C + D x) * silu(z)`` with the new state
-    ``state * exp(dt A) + dt B x``. Validating ``state_batch_indices`` syncs with the device once
-    (skipped under CUDA-graph capture, where out-of-range rows are treated as pad rows).
+    ``state * exp(dt A) + dt B x``. Validating ``state_batch_indices`` (range, repeats) syncs with the
+    device once (skipped under CUDA-graph capture, where out-of-range rows are treated as pad rows).
 
     Example:
         >>> state = torch.zeros(4, 8, 16); x = torch.randn(2, 8); A = -torch.rand(8, 16)
@@ -282,17 +246,17 @@ def selective_state_update(
     if heads_form and (C.shape[1] != groups or groups == 0 or heads % groups):
         raise ValueError(f"B and C need the same number of groups dividing H={heads}, got "
                          f"{B.shape[1]} and {C.shape[1]}")
-    slots = check_slots("state_batch_indices", state_batch_indices, batch, dev)
-    if slots is None and state.shape[0] != batch:
-        raise ValueError(f"state has {state.shape[0]} slots but x has {batch} rows; pass state_batch_indices")
+    slots = check_index("state_batch_indices", state_batch_indices, batch, dev)
+    if slots is None:
+        check_default_slots("state", state.shape[0], batch, "state_batch_indices", exact=True)
     if out is None:
-        out = torch.empty_like(x)
+        out = _alloc.empty_like(x)
     if not heads_form:  # the plain form is the heads form with one head and one group
         state, A = state.unsqueeze(1), A.unsqueeze(0)
         x, dt, B, C = x.unsqueeze(1), dt.unsqueeze(1), B.unsqueeze(1), C.unsqueeze(1)
         D, dt_bias = (None if t is None else t.unsqueeze(0) for t in (D, dt_bias))
         z = None if z is None else z.unsqueeze(1)
-    torch.ops.ifk.selective_state_update(
+    _selective_state_update(
         state, out if heads_form else out.unsqueeze(1), [x, dt, A, B, C, D, z, dt_bias, slots],
         bool(dt_softplus), int(pad_slot_id),
     )

@@ -1,19 +1,19 @@
-"""causal_conv1d_fn / _varlen / _update: every backend against the fp32 torch reference, prefill then
-decode == whole sequence, pad and untouched slots, gradients, bad input, HF oracles, gpu tier."""
+"""causal_conv1d_fn / _varlen / _update: every backend (Triton under the interpreter, torch) against the
+float64 oracle, prefill then decode == whole sequence, pad and untouched slots, gradients, bad input,
+HF oracles, gpu tier. Outputs are poisoned by the package (IFK_POISON_OUTPUTS=1 in conftest)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
+from tests.triton_kernels.mamba import oracle
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal
 from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen
-from triton_kernels.mamba.conv_reference import (
-    causal_conv1d_fn_ref,
-    causal_conv1d_update_ref,
-    causal_conv1d_varlen_ref,
-)
+from triton_kernels.mamba.reference import causal_conv1d_fn_ref, causal_conv1d_update_ref
 
 BACKENDS = ["triton", "torch"]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
@@ -35,44 +35,39 @@ FN_CASES = [
     pytest.param(3, 16, 2, 4, True, None, True, id="B3-L2-shorter-than-state"),
     pytest.param(2, 12, 2, 4, True, "silu", False, id="B2-L2-shorter-than-state-no-init"),
     pytest.param(1, 70, 131, 3, False, "swish", False, id="B1-D70-L131-W3-multiblock"),
+    pytest.param(2, 6, 0, 4, True, "silu", True, id="B2-L0-init"),  # bug 7: torch raised on L = 0
+    pytest.param(2, 6, 0, 3, False, None, False, id="B2-L0"),
 ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("batch", "dim", "length", "width", "has_bias", "act", "has_init"), FN_CASES)
-def test_fn_matches_reference(backend, dtype, batch, dim, length, width, has_bias, act, has_init):
+def test_fn_matches_oracle(backend, dtype, batch, dim, length, width, has_bias, act, has_init):
     x = rnd(batch, dim, length, dtype=dtype)
     weight, bias = rnd(dim, width, dtype=dtype), rnd(dim, dtype=dtype) if has_bias else None
     init = rnd(batch, dim, width - 1, dtype=dtype) if has_init else None
-    ref_out, ref_final = causal_conv1d_fn_ref(x.float(), weight, bias, act is not None, init)
+    ref_out, ref_final = oracle.causal_conv1d(x, weight, bias, act is not None, init)
     with use_backend(backend):
         out, final = causal_conv1d_fn(x, weight, bias, act, initial_states=init, return_final_states=True)
         plain = causal_conv1d_fn(x, weight, bias, act, initial_states=init)
     assert out.dtype == dtype
     assert final.dtype == dtype
-    assert_close(out, ref_out.to(dtype), tol(dtype))
+    if length:
+        assert_close(out, ref_out, tol(dtype))
+    assert out.shape == x.shape
     assert_equal(final, ref_final.to(dtype), "final_states")
     assert_equal(plain, out, "out without final states")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("length", [1, 2, 3, 8])
 @pytest.mark.parametrize("has_init", [False, True])
-def test_fn_reference_matches_padded_conv(dtype, length, has_init):
-    """The reference (conv padded inside F.conv1d, activation written into ``out``) against the
-    textbook form: left-pad with the initial states (or zeros), valid depthwise conv, silu."""
-    x, weight, bias = rnd(2, 6, length, dtype=dtype), rnd(6, 4, dtype=dtype), rnd(6, dtype=dtype)
-    init = rnd(2, 6, 3, dtype=dtype) if has_init else None
-    xcat = torch.cat([torch.zeros(2, 6, 3) if init is None else init.float(), x.float()], dim=-1)
-    want = torch.nn.functional.silu(torch.nn.functional.conv1d(
-        xcat, weight.float().unsqueeze(1), bias.float(), groups=6))
-    out, final = causal_conv1d_fn_ref(x, weight, bias, True, init)
-    assert_close(out, want.to(dtype), tol(dtype))
-    assert_equal(final, xcat[..., -3:], "final_states")
+def test_fn_reference_writes_into_out(has_init):
+    """The torch backend's ``out=`` path (the activation written into the destination)."""
+    x, weight, bias = rnd(2, 6, 5), rnd(6, 4), rnd(6)
+    init = rnd(2, 6, 3) if has_init else None
     into = torch.full_like(x, float("nan"))
     causal_conv1d_fn_ref(x, weight, bias, True, init, out=into)
-    assert_equal(into, out, "out=")
+    assert_close(into, oracle.causal_conv1d(x, weight, bias, True, init)[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,7 +78,7 @@ def test_fn_noncontiguous_input(backend):
     weight = rnd(24, 4)
     with use_backend(backend):
         out = causal_conv1d_fn(x, weight, activation="silu")
-    assert_close(out, causal_conv1d_fn_ref(x.contiguous(), weight, None, True)[0])
+    assert_close(out, oracle.causal_conv1d(x, weight, None, True)[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -94,7 +89,7 @@ def test_fn_gradients_match_reference_autograd(backend):
     with use_backend(backend):
         out, final = causal_conv1d_fn(x, weight, bias, "silu", initial_states=init, return_final_states=True)
     grads = torch.autograd.grad([out, final], [x, weight, bias, init], [d_out, d_final])
-    ref_out, ref_final = causal_conv1d_fn_ref(x, weight, bias, True, init)
+    ref_out, ref_final = oracle.causal_conv1d(x, weight, bias, True, init)
     ref_grads = torch.autograd.grad([ref_out, ref_final], [x, weight, bias, init], [d_out, d_final])
     for name, g, r in zip(["x", "weight", "bias", "initial_states"], grads, ref_grads):
         assert_close(g, r, name=f"d_{name}")
@@ -102,7 +97,83 @@ def test_fn_gradients_match_reference_autograd(backend):
     x2 = x.detach().requires_grad_()
     with use_backend(backend):
         (g_x,) = torch.autograd.grad(causal_conv1d_fn(x2, weight.detach(), None, None), [x2], [d_out])
-    (r_x,) = torch.autograd.grad(causal_conv1d_fn_ref(x2, weight.detach(), None, False)[0], [x2], [d_out])
+    (r_x,) = torch.autograd.grad(oracle.causal_conv1d(x2, weight.detach(), None, False)[0], [x2], [d_out])
+    assert_close(g_x, r_x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fn_gradients_of_an_empty_sequence(backend):
+    """L = 0: no output; the final states are the initial states, so their gradient passes through."""
+    x, weight, bias = rnd(2, 6, 0).requires_grad_(), rnd(6, 4).requires_grad_(), rnd(6).requires_grad_()
+    init, d_final = rnd(2, 6, 3).requires_grad_(), rnd(2, 6, 3)
+    with use_backend(backend):
+        _, final = causal_conv1d_fn(x, weight, bias, "silu", initial_states=init, return_final_states=True)
+    g_x, g_w, g_b, g_init = torch.autograd.grad([final], [x, weight, bias, init], [d_final])
+    assert g_x.shape == x.shape
+    assert_equal(g_w, torch.zeros_like(weight), "d_weight")
+    assert_equal(g_b, torch.zeros_like(bias), "d_bias")
+    assert_equal(g_init, d_final, "d_initial_states")
+
+
+# ------------------------------------------------------------------ seq_idx and final_states_out
+
+
+def _seq_idx(batch, length, cuts):
+    """``[B, L]`` int32: row b holds sequences split at the positions ``cuts[b]``."""
+    rows = [[sum(t >= c for c in cuts[b]) for t in range(length)] for b in range(batch)]
+    return torch.tensor(rows, dtype=torch.int32, device=KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("length", "width", "cuts"), [
+    pytest.param(11, 4, [[3, 4, 9], []], id="L11-W4-cuts"),
+    pytest.param(70, 3, [[1], [64, 65, 69]], id="L70-W3-multiblock"),
+])
+def test_fn_seq_idx_matches_oracle(backend, dtype, length, width, cuts):
+    x, weight, bias = rnd(2, 19, length, dtype=dtype), rnd(19, width, dtype=dtype), rnd(19, dtype=dtype)
+    seq_idx = _seq_idx(2, length, cuts)
+    with use_backend(backend):
+        out = causal_conv1d_fn(x, weight, bias, "silu", seq_idx=seq_idx)
+    assert_close(out, oracle.causal_conv1d(x, weight, bias, True, seq_idx=seq_idx)[0], tol(dtype))
+    # each piece alone == its columns of the packed row
+    for b in range(2):
+        bounds = [0, *cuts[b], length]
+        for s, e in itertools.pairwise(bounds):
+            alone = oracle.causal_conv1d(x[b : b + 1, :, s:e], weight, bias, True)[0]
+            assert_close(out[b : b + 1, :, s:e], alone, tol(dtype), name=f"row {b} piece {s}:{e}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fn_seq_idx_gradients_match_oracle(backend):
+    x, weight, bias = rnd(2, 6, 9).requires_grad_(), rnd(6, 4).requires_grad_(), rnd(6).requires_grad_()
+    seq_idx, d_out = _seq_idx(2, 9, [[2, 3], [5]]), rnd(2, 6, 9)
+    with use_backend(backend):
+        out = causal_conv1d_fn(x, weight, bias, "silu", seq_idx=seq_idx)
+    grads = torch.autograd.grad([out], [x, weight, bias], [d_out])
+    ref = torch.autograd.grad([oracle.causal_conv1d(x, weight, bias, True, seq_idx=seq_idx)[0]], [x, weight, bias],
+                              [d_out])
+    for name, g, r in zip(["x", "weight", "bias"], grads, ref):
+        assert_close(g, r, name=f"d_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fn_final_states_out_is_written_and_returned(backend):
+    """A caller-given destination (here a strided view) receives the final states."""
+    x, weight, init = rnd(2, 6, 5).requires_grad_(), rnd(6, 4), rnd(2, 6, 3)
+    buffer = torch.full((2, 6, 6), float("nan"), device=KERNEL_DEVICE)
+    dest = buffer[..., ::2]
+    with use_backend(backend):
+        out, final = causal_conv1d_fn(x, weight, None, None, initial_states=init, return_final_states=True,
+                                      final_states_out=dest)
+    ref_out, ref_final = oracle.causal_conv1d(x, weight, None, False, init)
+    assert final is dest
+    assert_equal(buffer[..., ::2], ref_final.float(), "final_states_out")
+    assert torch.isnan(buffer[..., 1::2]).all(), "final_states_out wrote between its columns"
+    assert_close(out, ref_out)
+    d_final = rnd(2, 6, 3)
+    (g_x,) = torch.autograd.grad([final], [x], [d_final])
+    (r_x,) = torch.autograd.grad([oracle.causal_conv1d(x, weight, None, False, init)[1]], [x], [d_final])
     assert_close(g_x, r_x)
 
 
@@ -125,26 +196,10 @@ def make_varlen(lengths, dim, width, num_slots, slots, has_init, state_len=None,
 
 
 def varlen_expected(args, activation="silu"):
-    states = args["conv_states"].clone()
-    batch = args["query_start_loc"].shape[0] - 1
-    slots = args["cache_indices"]
-    slots = torch.arange(batch, device=KERNEL_DEVICE) if slots is None else slots
-    init = args["has_initial_state"]
-    init = torch.zeros(batch, dtype=torch.bool, device=KERNEL_DEVICE) if init is None else init
-    out = torch.empty(args["x"].shape, device=KERNEL_DEVICE)
-    causal_conv1d_varlen_ref(
-        args["x"],
-        args["weight"],
-        args["bias"],
-        states,
-        args["query_start_loc"],
-        slots,
-        init,
-        activation is not None,
-        PAD_SLOT_ID,
-        out,
-    )
-    return out, states
+    """The float64 oracle: ``(out [D, T], conv_states)``."""
+    return oracle.causal_conv1d_varlen(
+        args["x"], args["weight"], args["bias"], args["conv_states"], args["query_start_loc"].tolist(),
+        args["cache_indices"], args["has_initial_state"], activation is not None, PAD_SLOT_ID)
 
 
 def touched_mask(num_slots, slots):
@@ -179,7 +234,7 @@ def test_varlen_matches_reference(backend, dtype, lengths, width, num_slots, slo
     before = args["conv_states"].clone()
     with use_backend(backend):
         out = causal_conv1d_varlen(**args)
-    assert_close(out, ref_out.to(dtype), tol(dtype))
+    assert_close(out, ref_out, tol(dtype))
     assert_equal(args["conv_states"], ref_states.to(dtype), "conv_states")
     untouched = ~touched_mask(num_slots, args["cache_indices"]) if slots is not None else None
     if untouched is not None:
@@ -216,26 +271,15 @@ def test_update_matches_reference(
     weight, bias = rnd(dim, width, dtype=dtype), rnd(dim, dtype=dtype) if has_bias else None
     state = rnd(num_slots, dim, state_len, dtype=dtype)
     idx = None if slots is None else torch.tensor(slots, device=KERNEL_DEVICE, dtype=torch.int32)
-    ref_state = state.clone()
     x3 = x if x.dim() == 3 else x.unsqueeze(-1)
-    ref_out = torch.empty(x3.shape, device=KERNEL_DEVICE)
-    causal_conv1d_update_ref(
-        x3,
-        ref_state,
-        weight,
-        bias,
-        True,
-        torch.arange(batch, device=KERNEL_DEVICE) if idx is None else idx,
-        PAD_SLOT_ID,
-        ref_out,
-    )
+    ref_out, ref_state = oracle.causal_conv1d_update(x3, state, weight, bias, True, idx, PAD_SLOT_ID)
     before = state.clone()
     with use_backend(backend):
         out = causal_conv1d_update(x, state, weight, bias, "silu", idx)
     assert out.shape == x.shape
     assert out.dtype == dtype
-    assert_close(out, ref_out.reshape(x.shape).to(dtype), tol(dtype))
-    assert_equal(state, ref_state, "conv_state")
+    assert_close(out, ref_out.reshape(x.shape), tol(dtype))
+    assert_equal(state, ref_state.to(dtype), "conv_state")
     if idx is not None:
         untouched = ~touched_mask(num_slots, idx)
         assert_equal(state[untouched], before[untouched], "untouched slots")
@@ -293,36 +337,18 @@ def test_torch_library_opcheck():
     x, w, b = rnd(2, 6, 5), rnd(6, 4), rnd(6)
     torch.library.opcheck(
         torch.ops.ifk.causal_conv1d_fwd,
-        (torch.empty_like(x), x, w, b, rnd(2, 6, 3), torch.empty(2, 6, 3), True),
+        (torch.empty_like(x), torch.empty(2, 6, 3), [x, w, b, rnd(2, 6, 3), None], True),
     )
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 2, 3, 3]], dtype=torch.int32, device=KERNEL_DEVICE)
+    torch.library.opcheck(torch.ops.ifk.causal_conv1d_fwd, (torch.empty_like(x), None, [x, w, b, None, seq_idx], False))
+    slots = torch.tensor([2, PAD_SLOT_ID], device=KERNEL_DEVICE)
     torch.library.opcheck(
-        torch.ops.ifk.causal_conv1d_update,
-        (
-            torch.empty_like(x),
-            x,
-            rnd(3, 6, 3),
-            w,
-            b,
-            torch.tensor([2, PAD_SLOT_ID], device=KERNEL_DEVICE),
-            True,
-            PAD_SLOT_ID,
-        ),
+        torch.ops.ifk.causal_conv1d_update, (torch.empty_like(x), rnd(3, 6, 3), [x, w, b, slots], True, PAD_SLOT_ID)
     )
     v = make_varlen([3, 2], 6, 4, 3, [1, 0], [True, False])
+    inputs = [v["x"], v["weight"], v["bias"], v["query_start_loc"], v["cache_indices"], v["has_initial_state"]]
     torch.library.opcheck(
-        torch.ops.ifk.causal_conv1d_varlen,
-        (
-            torch.empty_like(v["x"]),
-            v["x"],
-            v["weight"],
-            v["bias"],
-            v["conv_states"],
-            v["query_start_loc"],
-            v["cache_indices"],
-            v["has_initial_state"],
-            True,
-            PAD_SLOT_ID,
-        ),
+        torch.ops.ifk.causal_conv1d_varlen, (torch.empty_like(v["x"]), v["conv_states"], inputs, True, PAD_SLOT_ID)
     )
 
 
@@ -344,6 +370,27 @@ def test_torch_compile_fullgraph_update_and_training():
     (g_compiled,) = torch.autograd.grad(loss(xs), [xs])
     (g_eager,) = torch.autograd.grad(causal_conv1d_fn_ref(xs, weight, bias, True)[0].square().sum(), [xs])
     assert_close(g_compiled, g_eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_slots_under_capture_count_as_pad(backend, monkeypatch):
+    """With the value checks skipped (as under CUDA-graph capture), a slot outside the cache reads
+    and writes no state and gets a zero output, in the varlen conv and the update."""
+    monkeypatch.setattr("triton_kernels._data_checks.capturing", lambda t: True)
+    args = make_varlen([3, 4], 6, 4, 2, [1, 9], [True, True])
+    ref_out, ref_states = varlen_expected({**args, "cache_indices": _dev(1, PAD_SLOT_ID)})
+    with use_backend(backend):
+        out = causal_conv1d_varlen(**args)
+    assert_close(out, ref_out)
+    assert_equal(args["conv_states"], ref_states.float(), "conv_states")
+    x, state, weight = rnd(2, 6), rnd(2, 6, 3), rnd(6, 4)
+    idx = _dev(-5, 1)
+    ref_out, ref_state = oracle.causal_conv1d_update(x[..., None], state, weight, None, True,
+                                                     _dev(PAD_SLOT_ID, 1), PAD_SLOT_ID)
+    with use_backend(backend):
+        out = causal_conv1d_update(x, state, weight, None, "silu", idx)
+    assert_close(out, ref_out[..., 0])
+    assert_equal(state, ref_state.float(), "conv_state")
 
 
 # ------------------------------------------------------------------ bad input
@@ -368,6 +415,19 @@ FN_BAD = [
         dict(activation="relu"), ValueError, r"activation must be None, 'silu' or 'swish'", id="act"
     ),
     pytest.param(dict(x=rnd(6, 5)), ValueError, r"x must be 3-D", id="x-rank"),
+    pytest.param(dict(seq_idx=_dev(0, 0, 1, 1)), ValueError, r"seq_idx must be 2-D", id="seq-idx-rank"),
+    pytest.param(dict(seq_idx=torch.zeros(2, 4, dtype=torch.int32, device=KERNEL_DEVICE)), ValueError,
+                 r"seq_idx must have shape \[2, 5\]", id="seq-idx-shape"),
+    pytest.param(dict(seq_idx=torch.zeros(2, 5, device=KERNEL_DEVICE)), TypeError, r"seq_idx must have dtype",
+                 id="seq-idx-float"),
+    pytest.param(dict(seq_idx=torch.zeros(2, 5, dtype=torch.int32, device=KERNEL_DEVICE), initial_states=rnd(2, 6, 3)),
+                 ValueError, r"seq_idx cannot be combined", id="seq-idx-with-init"),
+    pytest.param(dict(final_states_out=rnd(2, 6, 3)), ValueError, r"return_final_states is False",
+                 id="final-out-without-return"),
+    pytest.param(dict(final_states_out=rnd(2, 6, 2), return_final_states=True), ValueError,
+                 r"final_states_out must have shape \[2, 6, 3\]", id="final-out-shape"),
+    pytest.param(dict(final_states_out=rnd(2, 6, 3, dtype=torch.float16), return_final_states=True), TypeError,
+                 r"final_states_out must have dtype", id="final-out-dtype"),
 ]
 
 
@@ -375,9 +435,8 @@ FN_BAD = [
 def test_fn_bad_input(change, exc, match):
     args = dict(x=rnd(2, 6, 5), weight=rnd(6, 4), bias=None, activation=None)
     args.update(change)
-    init = args.pop("initial_states", None)
     with pytest.raises(exc, match=match):
-        causal_conv1d_fn(**args, initial_states=init)
+        causal_conv1d_fn(**args)
 
 
 VARLEN_BAD = [
@@ -395,6 +454,13 @@ VARLEN_BAD = [
     ),
     pytest.param(
         dict(cache_indices=_dev(0)), ValueError, r"cache_indices has 1 entries, expected 2", id="index-count"
+    ),
+    pytest.param(dict(cache_indices=_dev(3, 3)), ValueError, r"cache_indices holds slot 3 twice", id="slot-twice"),
+    pytest.param(
+        dict(conv_states=rnd(1, 6, 3), cache_indices=None),
+        ValueError,
+        r"conv_states has 1 slots for 2 sequences; pass cache_indices",
+        id="more-sequences-than-slots",
     ),
     pytest.param(
         dict(query_start_loc=_dev(0, 3, 6)),
@@ -446,7 +512,11 @@ UPDATE_BAD = [
         dict(conv_state_indices=_dev(3, 0)), ValueError, r"holds 3, outside the cache", id="index-end"
     ),
     pytest.param(
-        dict(conv_state_indices=None), ValueError, r"conv_state has 3 slots but x has 2 rows", id="no-index"
+        dict(conv_state_indices=_dev(1, 1)), ValueError, r"conv_state_indices holds slot 1 twice", id="slot-twice"
+    ),
+    pytest.param(
+        dict(conv_state_indices=None), ValueError, r"conv_state has 3 slots for 2 rows; pass conv_state_indices",
+        id="no-index",
     ),
     pytest.param(dict(x=rnd(2, 7)), ValueError, r"x has 7 channels but weight has 6", id="channels"),
     pytest.param(dict(conv_state=rnd(3, 6, 2)), ValueError, r"conv_state must have shape", id="state-short"),
@@ -583,3 +653,16 @@ def test_gpu_update_graph_capture_compile_and_opcheck():
     compiled = torch.compile(causal_conv1d_update, fullgraph=True)
     out = compiled(x, state.clone(), weight, bias, "silu", idx)
     assert out.shape == (batch, dim)
+
+
+@pytest.mark.gpu
+def test_gpu_fn_seq_idx_and_final_states_out_bf16():
+    x = rnd(2, 2048, 1024, dtype=torch.bfloat16, device="cuda")
+    weight, bias = rnd(2048, 4, dtype=torch.bfloat16, device="cuda"), rnd(2048, dtype=torch.bfloat16, device="cuda")
+    seq_idx = _seq_idx(2, 1024, [[100, 101, 700], [5]])
+    out = causal_conv1d_fn(x, weight, bias, "silu", seq_idx=seq_idx)
+    assert_close(out, causal_conv1d_fn_ref(x, weight, bias, True, seq_idx=seq_idx)[0])
+    dest = torch.empty(2, 2048, 3, dtype=torch.bfloat16, device="cuda")
+    _, final = causal_conv1d_fn(x, weight, bias, "silu", return_final_states=True, final_states_out=dest)
+    assert final is dest
+    assert_equal(dest, x[..., -3:])

@@ -1,12 +1,14 @@
-"""selective_scan_fn / selective_scan_varlen: the Triton kernel (interpreter on CPU) and the torch
-backend against the fp64 reference, packed == alone, chunks chained through the cache == whole,
-untouched slots, bad input, and the gpu tier (real sizes, bf16, opcheck, compile, graphs)."""
+"""selective_scan_fn / selective_scan_varlen: every backend (the Triton kernel under the interpreter on
+CPU, the torch backend; the C++ kernel in tests/csrc) against the float64 sequential oracle, packed ==
+alone, chunks chained through the cache == whole, untouched slots, bad input, and the gpu tier (real
+sizes, bf16, opcheck, compile, graphs)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.triton_kernels.mamba import oracle
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
 from triton_kernels import PAD_SLOT_ID, selective_scan_fn, selective_scan_varlen, use_backend
 from triton_kernels.mamba.reference import selective_scan_ref
@@ -38,10 +40,8 @@ def make_batched(bsz, dim, dstate, seqlen, *, bc="token", dtype=F32, z=True, D=T
 
 
 def ref64(args, initial_state=None):
-    """The reference in fp64 on copies: ``(out, last_state)``."""
-    a = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    init = None if initial_state is None else initial_state.double()
-    return selective_scan_ref(**a, initial_state=init)
+    """The float64 oracle: ``(out, last_state)``."""
+    return oracle.selective_scan(**args, initial_state=initial_state)
 
 
 BATCHED = [
@@ -55,11 +55,13 @@ BATCHED = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize(("shape", "flags"), BATCHED)
-def test_selective_scan_fn_matches_reference(shape, flags):
+def test_selective_scan_fn_matches_oracle(backend, shape, flags):
     args = make_batched(**shape, **flags)
     ref_out, ref_state = ref64(args)
-    out, last = selective_scan_fn(**args, return_last_state=True)
+    with use_backend(backend):
+        out, last = selective_scan_fn(**args, return_last_state=True)
     assert out.dtype == args["u"].dtype
     assert last.dtype == torch.float32
     assert_close(out, ref_out.to(out.dtype) if out.dtype == F16 else ref_out, name="out")
@@ -75,13 +77,17 @@ def test_selective_scan_fn_non_contiguous_and_plain_output():
     assert_close(selective_scan_fn(**strided), ref_out)
 
 
-def test_torch_backend_matches_reference_in_fp32():
-    args = make_batched(2, 10, 4, 45, bc="group2")
-    ref_out, ref_state = ref64(args)
-    with use_backend("torch"):
-        out, last = selective_scan_fn(**args, return_last_state=True)
-    assert_close(out, ref_out)
-    assert_close(last, ref_state)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_softplus_keeps_tiny_steps(backend):
+    """Bug 3: ``log(1 + exp(x))`` in fp32 rounds to 0 below x = -16, so dt vanished and the state
+    never moved; the stable softplus keeps dt = exp(x) there."""
+    args = make_batched(1, 4, 2, 6, z=False, D=False, bias=False)
+    args["delta"] = torch.full_like(args["delta"], -30.0)
+    _, ref_state = ref64(args)
+    with use_backend(backend):
+        _, last = selective_scan_fn(**args, return_last_state=True)
+    assert ref_state.abs().min() > 0
+    assert_close(last, ref_state, name="last_state")
 
 
 def test_backward_raises_not_implemented():
@@ -200,6 +206,36 @@ def test_varlen_empty_batch_and_no_tokens(backend):
     assert_equal(args["ssm_states"], before)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen_more_sequences_than_slots_without_cache_indices_raises(backend):
+    """Bug 1: with cache_indices=None, sequence b writes slot b: more sequences than slots wrote past
+    the cache. A metadata check (no sync) refuses it before anything is written."""
+    args = make_varlen([3, 2, 4], 4, 2, 1, num_slots=2)
+    before = args["ssm_states"].clone()
+    out = poisoned(args["u"].shape, F32)
+    with use_backend(backend), pytest.raises(ValueError, match="ssm_states has 2 slots for 3 sequences; pass "
+                                             "cache_indices"):
+        selective_scan_varlen(**args, out=out)
+    assert_equal(args["ssm_states"], before)
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen_out_of_range_slot_under_capture_counts_as_pad(backend, monkeypatch):
+    """With the value checks skipped (as under CUDA-graph capture), a cache index outside the cache
+    reads and writes nothing: the sequence is treated like a pad sequence."""
+    monkeypatch.setattr("triton_kernels._data_checks.capturing", lambda t: True)
+    args = make_varlen([3, 4], 4, 2, 1, num_slots=2)
+    ref_out, ref_states = varlen_expected(args, [1, PAD_SLOT_ID], [True, False])
+    out = poisoned(args["u"].shape, F32)
+    with use_backend(backend):
+        selective_scan_varlen(**args, out=out, cache_indices=torch.tensor([1, 7], device=KERNEL_DEVICE),
+                              has_initial_state=torch.tensor([True, True], device=KERNEL_DEVICE))
+    assert_close(out[:, :3], ref_out[:, :3], name="out")
+    assert torch.isnan(out[:, 3:]).all(), "the out-of-range sequence's columns were written"
+    assert_close(args["ssm_states"], ref_states, name="states")
+
+
 # ---- bad input: a clear error and nothing written ---------------------------------------------
 
 
@@ -215,6 +251,8 @@ def _bad_varlen_calls():
                      "cache_indices holds 3", id="slot-outside-cache"),
         pytest.param(dict(cache_indices=torch.tensor([0, 1], device=KERNEL_DEVICE)), ValueError,
                      "cache_indices", id="cache-indices-short"),
+        pytest.param(dict(cache_indices=torch.tensor([1, PAD_SLOT_ID, 1], device=KERNEL_DEVICE)), ValueError,
+                     "cache_indices holds slot 1 twice", id="slot-twice"),
         pytest.param(dict(has_initial_state=torch.ones(3, device=KERNEL_DEVICE)), TypeError,
                      "has_initial_state", id="has-init-float"),
         pytest.param(dict(delta=torch.randn(6, 9, device=KERNEL_DEVICE)), ValueError, "delta",
@@ -271,12 +309,13 @@ def test_opcheck_both_forms():
     args = make_batched(1, 4, 2, 6)
     out, last = poisoned((1, 4, 6), F32), poisoned((1, 4, 2), F32)
     torch.library.opcheck(torch.ops.ifk.selective_scan.default, (
-        out, last, args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
-        args["delta_bias"], True, None, None, None, PAD_SLOT_ID))
+        out, last, [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
+                    args["delta_bias"], None, None, None], True, PAD_SLOT_ID))
     v = make_varlen([2, 3], 4, 2, 1, num_slots=3)
     torch.library.opcheck(torch.ops.ifk.selective_scan.default, (
-        poisoned((4, 5), F32), v["ssm_states"], v["u"], v["delta"], v["A"], v["B"], v["C"], None, None, None,
-        False, v["query_start_loc"], torch.tensor([2, 0], device=KERNEL_DEVICE), None, PAD_SLOT_ID))
+        poisoned((4, 5), F32), v["ssm_states"], [v["u"], v["delta"], v["A"], v["B"], v["C"], None, None, None,
+                                                 v["query_start_loc"], torch.tensor([2, 0], device=KERNEL_DEVICE),
+                                                 None], False, PAD_SLOT_ID))
 
 
 # ---- gpu tier ---------------------------------------------------------------------------------
@@ -328,7 +367,7 @@ def test_gpu_opcheck_and_compile_batched():
     args = make_batched(2, 256, 16, 100, dtype=torch.bfloat16)
     out, last = torch.empty_like(args["u"]), torch.empty(2, 256, 16, device="cuda")
     torch.library.opcheck(torch.ops.ifk.selective_scan.default, (
-        out, last, args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
-        args["delta_bias"], True, None, None, None, PAD_SLOT_ID))
+        out, last, [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
+                    args["delta_bias"], None, None, None], True, PAD_SLOT_ID))
     eager = selective_scan_fn(**args)
     assert_equal(torch.compile(selective_scan_fn, fullgraph=True)(**args), eager)

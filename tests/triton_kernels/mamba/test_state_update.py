@@ -1,5 +1,5 @@
-"""selective_state_update: every backend against the fp32 torch reference, pad and untouched slots,
-awkward sizes, bad input, the HF transformers oracle, and the gpu tier."""
+"""selective_state_update: every backend (Triton under the interpreter, torch) against the float64
+oracle, pad and untouched slots, awkward sizes, bad input, the HF transformers oracle, and the gpu tier."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from tests.triton_kernels.mamba import oracle
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
 from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
-from triton_kernels.mamba.conv_reference import selective_state_update_ref
 from triton_kernels.mamba.state_update import selective_state_update
 
 BACKENDS = ["triton", "torch"]
@@ -50,8 +50,8 @@ def make_case(
 
 
 def expected(args, slots, pad_slot_id=PAD_SLOT_ID):
-    """The reference on a copy, in the heads form, fp32 output: ``(new_state, out)``."""
-    a = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    """The float64 oracle in the heads form: ``(new_state, out)`` shaped like the inputs."""
+    a = dict(args)
     plain = a["state"].dim() == 3
     if plain:
         a["state"], a["A"] = a["state"].unsqueeze(1), a["A"].unsqueeze(0)
@@ -61,25 +61,8 @@ def expected(args, slots, pad_slot_id=PAD_SLOT_ID):
         for k in ("D", "dt_bias"):
             if a.get(k) is not None:
                 a[k] = a[k].unsqueeze(0)
-    out = torch.empty(a["x"].shape, device=a["x"].device)
-    if slots is None:
-        slots = torch.arange(a["x"].shape[0], device=a["x"].device)
-    selective_state_update_ref(
-        a["state"],
-        a["x"],
-        a["dt"],
-        a["A"],
-        a["B"],
-        a["C"],
-        a.get("D"),
-        a.get("z"),
-        a.get("dt_bias"),
-        a.get("dt_softplus", False),
-        slots,
-        pad_slot_id,
-        out,
-    )
-    return (a["state"].squeeze(1), out.squeeze(1)) if plain else (a["state"], out)
+    state, out = oracle.selective_state_update(**a, slots=slots, pad_slot_id=pad_slot_id)
+    return (state.squeeze(1), out.squeeze(1)) if plain else (state, out)
 
 
 CASES = [
@@ -128,6 +111,8 @@ def test_softplus_threshold_and_formula(backend):
     args = make_case(2, 2, 4, 2, optional=False)
     args["dt"][0] = 25.0
     args["dt"][1] = -3.0
+    args["dt"][1, 1] = -30.0  # bug 3: fp32 log(1 + exp(-30)) is 0; from a zero state dt B x must show
+    args["state"][1, 1] = 0.0
     state0 = args["state"].clone()
     with use_backend(backend):
         y = selective_state_update(**args, dt_softplus=True)
@@ -135,6 +120,8 @@ def test_softplus_threshold_and_formula(backend):
         new = state0[b, 0] * torch.exp(dt * args["A"][0]) + dt * args["B"][b] * args["x"][b, 0]
         torch.testing.assert_close(args["state"][b, 0], new, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(y[b, 0], (new * args["C"][b]).sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(args["state"][1, 1], math.exp(-30.0) * args["B"][1] * args["x"][1, 1],
+                               rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -295,6 +282,12 @@ BAD = [
         id="index-past-end-beside-pad",
     ),
     pytest.param(
+        lambda a: {"state_batch_indices": torch.tensor([2, 2], device=KERNEL_DEVICE)},
+        ValueError,
+        r"state_batch_indices holds slot 2 twice",
+        id="slot-twice",
+    ),
+    pytest.param(
         lambda a: {"state_batch_indices": torch.tensor([0.0, 1.0], device=KERNEL_DEVICE)},
         TypeError,
         r"state_batch_indices must have dtype",
@@ -303,7 +296,7 @@ BAD = [
     pytest.param(
         lambda a: {"state_batch_indices": None},
         ValueError,
-        r"state has 3 slots but x has 2 rows",
+        r"state has 3 slots for 2 rows; pass state_batch_indices",
         id="no-index-slot-mismatch",
     ),
 ]
