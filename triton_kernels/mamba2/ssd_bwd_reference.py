@@ -42,61 +42,69 @@ def dt_chain(ddt: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor | None, 
     return ddt
 
 
-def _heads(t: torch.Tensor, hpg: int) -> torch.Tensor:
-    """``[K, g, L, n]`` -> ``[K, h, L, n]`` (head i reads group i // hpg)."""
-    return t.repeat_interleave(hpg, dim=1)
+def _per_group(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[K, h, L, p]`` -> ``[K, g, hpg * L, p]`` (a group's heads stacked along the rows)."""
+    K, h, L, p = t.shape
+    return t.reshape(K, groups, (h // groups) * L, p)
 
 
-def _groups(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[K, h, L, n]`` -> ``[K, g, L, n]``: summed over each group's heads (in head order)."""
-    K, h, L, n = t.shape
-    return t.view(K, groups, h // groups, L, n).sum(2)
+def _by_state(M: torch.Tensor, s: torch.Tensor, groups: int) -> torch.Tensor:
+    """``M [K, g, L, n] @ s[head]^T`` for per-head states ``s [K, h, p, n]``: ``[K, h, L, p]``."""
+    K, h, p, n = s.shape
+    L = M.shape[2]
+    out = M @ s.reshape(K, groups, (h // groups) * p, n).transpose(-1, -2)  # [K, g, L, hpg * p]
+    return out.view(K, groups, L, h // groups, p).transpose(2, 3).reshape(K, h, L, p)
 
 
-def _chunk_inputs(x, dt, a, B, C, tok, valid, hpg, dtype):
-    """Per-head chunk tensors: ``dt_k [K, h, L]``, ``S [K, h, L]``, ``x, u [K, h, L, p]``,
-    ``B, C [K, h, L, n]``."""
-    dt_k = (dt[tok] * valid[..., None]).transpose(1, 2)
-    S = (a[tok] * valid[..., None]).cumsum(1).transpose(1, 2)
-    xk = x[tok].to(dtype).transpose(1, 2)
-    Bk = _heads(B[tok].to(dtype).transpose(1, 2), hpg)
-    Ck = _heads(C[tok].to(dtype).transpose(1, 2), hpg)
+def _chunk_inputs(x, dt, a, B, C, tok, valid, full: bool, dtype):
+    """Chunk tensors: ``dt_k, S [K, h, L]``, ``x, u [K, h, L, p]``, per group ``B, C [K, g, L, n]``."""
+    dt_k, a_k = dt[tok], a[tok]
+    if not full:
+        dt_k, a_k = dt_k * valid[..., None], a_k * valid[..., None]
+    dt_k = dt_k.transpose(1, 2).contiguous()
+    S = a_k.cumsum(1).transpose(1, 2).contiguous()
+    xk = x[tok].to(dtype).transpose(1, 2).contiguous()
+    Bk = B[tok].to(dtype).transpose(1, 2).contiguous()
+    Ck = C[tok].to(dtype).transpose(1, 2).contiguous()
     return dt_k, S, xk, xk * dt_k[..., None], Bk, Ck
 
 
-def _chunk_state(h, x, dt, a, B, tok, valid, hpg) -> torch.Tensor:
+def _chunk_state(h, x, dt, a, B, tok, valid, full: bool, groups: int) -> torch.Tensor:
     """The state leaving one chunk of ``K`` sequences: ``exp(S_L) h + sum_s exp(S_L - S_s) u_s (x) B_s``."""
-    dt_k = (dt[tok] * valid[..., None]).transpose(1, 2)
-    S = (a[tok] * valid[..., None]).cumsum(1).transpose(1, 2)
-    u = x[tok].to(h.dtype).transpose(1, 2) * (dt_k * torch.exp(S[..., -1:] - S))[..., None]
-    return torch.exp(S[..., -1])[..., None, None] * h + u.transpose(-1, -2) @ _heads(
-        B[tok].to(h.dtype).transpose(1, 2), hpg)
+    _, S, _, u, Bk, _ = _chunk_inputs(x, dt, a, B, B, tok, valid, full, h.dtype)
+    u = u * torch.exp(S[..., -1:] - S)[..., None]
+    K, nheads, _, p = u.shape
+    inject = _per_group(u.transpose(-1, -2).contiguous(), groups) @ Bk  # [K, g, hpg * p, n]
+    return torch.exp(S[..., -1])[..., None, None] * h + inject.view(K, nheads, p, -1)
 
 
-def _chunk_step_bwd(g, dh, h, dy_all, dout, x, dt, a, A, B, C, D, z, tok, valid, causal, groups):
+def _chunk_step_bwd(g, dh, h, dy_all, dout, x, dt, a, A, B, C, D, z, tok, valid, full, causal, groups):
     """The gradients of one chunk of ``K`` sequences. ``h``/``dh`` ``[K, h, p, n]``: the state
     entering the chunk and the gradient of the one leaving it. Writes the per-token rows of the
-    fp32 buffers in ``g`` and accumulates ``g["dA"]``/``g["dD"]``; returns ``dh_prev``."""
-    nheads = x.shape[1]
-    hpg, dtype = nheads // groups, h.dtype
-    dt_k, S, xk, u, Bk, Ck = _chunk_inputs(x, dt, a, B, C, tok, valid, hpg, dtype)
-    rows = tok[valid]
-    decay = torch.exp((S[..., :, None] - S[..., None, :]).masked_fill(~causal, -math.inf))  # [K, h, t, s]
+    buffers in ``g`` and accumulates ``g["dA"]``/``g["dD"]``; returns ``dh_prev``."""
+    dtype = h.dtype
+    dt_k, S, xk, u, Bk, Ck = _chunk_inputs(x, dt, a, B, C, tok, valid, full, dtype)
+    K, nheads, L, p = xk.shape
+    n, hpg = Bk.shape[-1], nheads // groups
+    decay = torch.exp((S[..., :, None] - S[..., None, :]).masked_fill_(~causal, -math.inf))  # [K, h, t, s]
     exp_s, to_end = torch.exp(S), torch.exp(S[..., -1:] - S)
+    dy = dy_all[tok]
+    if not full:
+        dy = dy * valid[..., None, None]
+    dy = dy.transpose(1, 2).contiguous()  # [K, h, L, p]
 
-    dy = dy_all[tok].transpose(1, 2) * valid[:, None, :, None]  # [K, h, L, p]
-    W = decay * (Ck @ Bk.transpose(-1, -2))  # [K, h, t, s]
-    du_state = to_end[..., None] * (Bk @ dh.transpose(-1, -2))  # [K, h, L, p]
+    W = (decay.view(K, groups, hpg, L, L) * (Ck @ Bk.transpose(-1, -2))[:, :, None]).view(K, nheads, L, L)
+    du_state = to_end[..., None] * _by_state(Bk, dh, groups)  # [K, h, L, p]
     du = W.transpose(-1, -2) @ dy + du_state
     G = decay * (dy @ u.transpose(-1, -2))  # [K, h, t, s]
-    dC = G @ Bk + exp_s[..., None] * (dy @ h)  # per head [K, h, L, n]
-    dB = G.transpose(-1, -2) @ Ck + to_end[..., None] * (u @ dh)
+    dC = (_per_group(G, groups) @ Bk).view(K, nheads, L, n) + exp_s[..., None] * (dy @ h)  # per head
+    dB = (_per_group(G.transpose(-1, -2).contiguous(), groups) @ Ck).view(K, nheads, L, n) \
+        + to_end[..., None] * (u @ dh)
     xdu = (xk * du).sum(-1)  # [K, h, L]
-    dS = (Ck * dC).sum(-1) - dt_k * xdu
+    dS = (dC.view(K, groups, hpg, L, n) * Ck[:, :, None]).sum(-1).view(K, nheads, L) - dt_k * xdu
     dS[..., -1] += torch.exp(S[..., -1]) * (dh * h).sum((-1, -2)) + (u * du_state).sum((-1, -2))
     da = dS.flip(-1).cumsum(-1).flip(-1)
     g["dA"] += (dt_k * da).sum((0, 2))
-    g["ddt"][rows] = (A * da + xdu).transpose(1, 2)[valid]
 
     dx = du * dt_k[..., None]
     if D is not None:
@@ -104,18 +112,28 @@ def _chunk_step_bwd(g, dh, h, dy_all, dout, x, dt, a, A, B, C, D, z, tok, valid,
         dx = dx + Dh[:, None, :] * dy
         dxy = (dy * xk).sum(2)  # [K, h, p]
         g["dD"] += dxy.sum(0) if D.dim() == 2 else dxy.sum((0, 2))
+    rows, sel = tok.flatten(), slice(None)
+    if not full:
+        rows, sel = tok[valid], valid
     if z is not None:
-        y = W @ u + exp_s[..., None] * (Ck @ h.transpose(-1, -2))
+        y = W @ u + exp_s[..., None] * _by_state(Ck, h, groups)
         if D is not None:
             y = y + Dh[:, None, :] * xk
         zk = z[tok].to(dtype).transpose(1, 2)
         sig = torch.sigmoid(zk)
         dz = dout[tok].to(dtype).transpose(1, 2) * y * sig * (1 + zk * (1 - sig))
-        g["dz"][rows] = dz.transpose(1, 2)[valid]
-    g["dx"][rows] = dx.transpose(1, 2)[valid]
-    g["dB"][rows] = _groups(dB, groups).transpose(1, 2)[valid]
-    g["dC"][rows] = _groups(dC, groups).transpose(1, 2)[valid]
-    return torch.exp(S[..., -1])[..., None, None] * dh + (dy * exp_s[..., None]).transpose(-1, -2) @ Ck
+        g["dz"][rows] = dz.transpose(1, 2).flatten(0, 1) if full else dz.transpose(1, 2)[sel]
+
+    def put(key, t):  # [K, h|g, L, ...] -> the token rows of g[key]
+        t = t.transpose(1, 2)
+        g[key][rows] = t.flatten(0, 1) if full else t[sel]
+
+    put("ddt", (A * da + xdu)[..., None])
+    put("dx", dx)
+    put("dB", dB.view(K, groups, hpg, L, n).sum(2))
+    put("dC", dC.view(K, groups, hpg, L, n).sum(2))
+    dyC = _per_group((dy * exp_s[..., None]).transpose(-1, -2).contiguous(), groups) @ Ck  # [K, g, hpg * p, n]
+    return torch.exp(S[..., -1])[..., None, None] * dh + dyC.view(K, nheads, p, n)
 
 
 def ssd_core_bwd_torch(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, dout, dfinal, x, dt, A, B, C, D, z, dt_bias,
@@ -143,7 +161,7 @@ def ssd_core_bwd_torch(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, dout, dfina
     h = _initial(init_states, init_index, nseq, (nheads, p, n), order_t, dtype, device)
     dh = _initial(dfinal, final_index, nseq, (nheads, p, n), order_t, dtype, device)
     g = dict(dx=torch.zeros(num_tokens, nheads, p, dtype=dtype, device=device),
-             ddt=torch.zeros(num_tokens, nheads, dtype=dtype, device=device),
+             ddt=torch.zeros(num_tokens, nheads, 1, dtype=dtype, device=device),
              dB=torch.zeros(num_tokens, groups, n, dtype=dtype, device=device),
              dC=torch.zeros(num_tokens, groups, n, dtype=dtype, device=device),
              dA=torch.zeros(nheads, dtype=dtype, device=device),
@@ -166,15 +184,16 @@ def ssd_core_bwd_torch(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, dout, dfina
                 k1 = min(active, k0 + per_step)
                 tok = starts[k0:k1, None] + j * block + offs
                 valid = tok < ends[k0:k1, None]
-                steps.append((k0, k1, torch.minimum(tok, ends[k0:k1, None] - 1), valid))
+                full = all(lengths[order[k]] >= (j + 1) * block for k in range(k0, k1))
+                steps.append((k0, k1, torch.minimum(tok, ends[k0:k1, None] - 1), valid, full))
         entering = []  # the states entering each step's chunks (the boundary states)
-        for k0, k1, tok, valid in steps:
+        for k0, k1, tok, valid, full in steps:
             entering.append(h[k0:k1].clone())
-            h[k0:k1] = _chunk_state(h[k0:k1], x, dtp, a, B, tok, valid, nheads // groups)
-        for (k0, k1, tok, valid), h_in in zip(reversed(steps), reversed(entering), strict=True):
+            h[k0:k1] = _chunk_state(h[k0:k1], x, dtp, a, B, tok, valid, full, groups)
+        for (k0, k1, tok, valid, full), h_in in zip(reversed(steps), reversed(entering), strict=True):
             dh[k0:k1] = _chunk_step_bwd(g, dh[k0:k1], h_in, dy_all, dout, x, dtp, a, A_c, B, C, D, z, tok, valid,
-                                        causal, groups)
-        g["ddt"] = dt_chain(g["ddt"], dt, dt_bias, dt_softplus, dt_limit)
+                                        full, causal, groups)
+    g["ddt"] = dt_chain(g["ddt"][..., 0], dt, dt_bias, dt_softplus, dt_limit)
 
     for out, key in ((dx, "dx"), (ddt, "ddt"), (dB, "dB"), (dC, "dC"), (dA, "dA"), (dD, "dD"), (dz, "dz")):
         if out is not None:
