@@ -43,6 +43,8 @@ from triton_kernels._checks import (
 )
 from triton_kernels._data_checks import check_offsets, check_slots
 from triton_kernels.constants import PAD_SLOT_ID
+from triton_kernels.mamba2.ssd_bwd_reference import ssd_core_bwd_torch
+from triton_kernels.mamba2.ssd_bwd_triton import ssd_core_bwd_triton
 from triton_kernels.mamba2.ssd_reference import ssd_core_torch
 from triton_kernels.mamba2.ssd_triton import ssd_core_triton
 from triton_kernels.registry import MAMBA_CHUNK_SCAN
@@ -53,9 +55,16 @@ DEFAULT_DT_LIMIT = (0.0, math.inf)
 # ---- backend choice -----------------------------------------------------------------------------
 
 
-def _core(device: torch.device, dtypes):
-    """The core function of the backend that runs on ``device`` for these dtypes."""
-    return ssd_core_torch if MAMBA_CHUNK_SCAN.resolve(device, dtypes) == "torch" else ssd_core_triton
+def _core(device: torch.device, dtypes, backward: bool = False):
+    """The (forward or backward) core function of the backend that runs on ``device`` for these dtypes."""
+    torch_backend = MAMBA_CHUNK_SCAN.resolve(device, dtypes) == "torch"
+    if backward:
+        return ssd_core_bwd_torch if torch_backend else ssd_core_bwd_triton
+    return ssd_core_torch if torch_backend else ssd_core_triton
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def _run_core(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_starts, init_states, init_index,
@@ -63,13 +72,9 @@ def _run_core(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_sta
     device = x.device
     dtypes = {t.dtype for t in (x, dt, B, C, init_states, final_states) if t is not None}
     core = _core(device, dtypes)
-
-    def index(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
     with on_device(device):
-        core(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_starts, index(seq_starts),
-             init_states, index(init_index), final_states, index(final_index), chunk_size)
+        core(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_starts, _index(seq_starts, device),
+             init_states, _index(init_index, device), final_states, _index(final_index, device), chunk_size)
 
 
 # ---- validation (metadata only; run by the public functions and again inside the custom ops) ----
@@ -246,19 +251,117 @@ def _chunk_scan_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state
     return result if len(result) > 1 else out
 
 
+@torch.library.custom_op("ifk::mamba_chunk_scan_bwd",
+                         mutates_args=("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinit"))
+def _chunk_scan_bwd_op(
+    dx: torch.Tensor,
+    ddt: torch.Tensor,
+    dA: torch.Tensor,
+    dB: torch.Tensor,
+    dC: torch.Tensor,
+    dD: torch.Tensor | None,
+    dz: torch.Tensor | None,
+    ddt_bias: torch.Tensor | None,
+    dinit: torch.Tensor | None,
+    inputs: list[torch.Tensor | None],
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    chunk_size: int,
+) -> None:
+    """Destination-passing backward of :func:`mamba_chunk_scan_combined`.
+
+    Writes the gradients dx ``[b, l, h, p]``, ddt ``[b, l, h]``, dA ``[h]``, dB, dC ``[b, l, g, n]``,
+    and where the input exists dD, dz, ddt_bias, dinit (initial_states' shape), each in its input's
+    dtype. inputs = ``[dout, dfinal, dvarlen, x, dt, A, B, C, D, z, dt_bias, initial_states,
+    seq_idx, cu_seqlens]``: the gradients of ``out`` ``[b, l, h, p]``, of the returned final states
+    ``[b, h, p, n]`` and varlen states ``[nseq, h, p, n]`` (None: no gradient), then the forward's inputs.
+    """
+    dout, dfinal, dvarlen, *fwd = inputs
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens = fwd
+    batch, seqlen, nheads, headdim, dstate = _check_combined(*fwd)
+    _check_chunk_size(chunk_size)
+    _check_grads(dict(dx=(dx, x), ddt=(ddt, dt), dA=(dA, A), dB=(dB, B), dC=(dC, C), dD=(dD, D), dz=(dz, z),
+                      ddt_bias=(ddt_bias, dt_bias), dinit=(dinit, initial_states), dout=(dout, x)))
+    state_shape = (nheads, headdim, dstate)
+    if check_optional("dfinal", dfinal, ndim=4, dtypes=FLOAT_DTYPES, device=x.device) is not None:
+        check_shape("dfinal", dfinal, (batch, *state_shape))
+    cu = None if cu_seqlens is None else check_offsets("cu_seqlens", cu_seqlens, seqlen, what="length")
+    if cu_seqlens is not None and cu is None:
+        raise ValueError("mamba_chunk_scan_combined reads cu_seqlens on the host: it cannot run in a CUDA graph")
+    if check_optional("dvarlen", dvarlen, ndim=4, dtypes=FLOAT_DTYPES, device=x.device) is not None:
+        if cu is None:
+            raise ValueError("dvarlen (the gradient of the varlen states) needs cu_seqlens")
+        check_shape("dvarlen", dvarlen, (len(cu) - 1, *state_shape))
+    starts, opens, closes_row, closes_seq = _segments(batch, seqlen, seq_idx, cu)
+    nseg = len(opens)
+    init_index = opens if initial_states is not None else [-1] * nseg
+    target, final_index = dfinal, closes_row if dfinal is not None else [-1] * nseg
+    if dvarlen is not None:  # one gradient row per segment: its row's and its sequence's final state
+        target = torch.zeros((nseg, *state_shape), dtype=torch.float32, device=x.device)
+        for grad, closes in ((dfinal, closes_row), (dvarlen, closes_seq)):
+            if grad is not None:
+                seg = [i for i, c in enumerate(closes) if c >= 0]
+                target[seg] += grad[[closes[i] for i in seg]].float()
+        final_index = list(range(nseg))
+
+    def packed(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.reshape(batch * seqlen, *t.shape[2:])
+
+    device = x.device
+    core = _core(device, {t.dtype for t in (x, dt, B, C, initial_states) if t is not None}, backward=True)
+    with on_device(device):
+        core(packed(dx), packed(ddt), dA, packed(dB), packed(dC), dD, packed(dz), ddt_bias, dinit, packed(dout),
+             target, packed(x), packed(dt), A, packed(B), packed(C), D, packed(z), dt_bias, dt_softplus,
+             (dt_min, dt_max), starts, _index(starts, device), initial_states, _index(init_index, device),
+             _index(final_index, device), chunk_size)
+
+
+@_chunk_scan_bwd_op.register_fake
+def _(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, inputs, dt_softplus, dt_min, dt_max, chunk_size) -> None:
+    return None
+
+
+def _check_grads(pairs: dict) -> None:
+    """Each gradient (None exactly where its input is None) has its input's shape, dtype and device."""
+    for name, (grad, like) in pairs.items():
+        if (grad is None) != (like is None):
+            raise ValueError(f"{name} must be given exactly when its input is, got {type(grad).__name__}")
+        if grad is not None:
+            check_tensor(name, grad, dtypes=(like.dtype,), device=like.device)
+            check_shape(name, grad, like.shape)
+
+
 class _ChunkScanFn(torch.autograd.Function):
-    """Forward-only for now: the backward pass comes with the training issue and raises until then."""
+    """Forward: ``ifk::mamba_chunk_scan``; backward: ``ifk::mamba_chunk_scan_bwd``, which
+    recomputes the chunk-boundary states (only the inputs are saved)."""
 
     @staticmethod
-    def forward(ctx, *args):
-        return _chunk_scan_forward(*args)
+    def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus,
+                dt_limit, return_final_states, return_varlen_states):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens)
+        ctx.scalars = (dt_softplus, *dt_limit, chunk_size)
+        ctx.returns = (return_final_states, return_varlen_states)
+        return _chunk_scan_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                                   dt_softplus, dt_limit, return_final_states, return_varlen_states)
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            "mamba_chunk_scan_combined has no backward pass yet (forward-only); call it under torch.no_grad() "
-            "or with inputs that do not require grad"
-        )
+    def backward(ctx, dout, *dstates):
+        fwd = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, initial_states = fwd[:9]
+        dfinal = dstates[0] if ctx.returns[0] else None
+        dvarlen = dstates[-1] if ctx.returns[1] else None
+        if dout is None:
+            dout = torch.zeros_like(x)
+
+        def grad(t):
+            return None if t is None else _alloc.empty(t.shape, t.dtype, t.device)
+
+        grads = [grad(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)]
+        torch.ops.ifk.mamba_chunk_scan_bwd(*grads, [dout, dfinal, dvarlen, *fwd], *ctx.scalars)
+        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
+        return dx, ddt, dA, dB, dC, None, dD, dz, ddt_bias, dinit, None, None, None, None, None, None
 
 
 def mamba_chunk_scan_combined(
@@ -298,7 +401,9 @@ def mamba_chunk_scan_combined(
     Returns ``out [b, l, h, p]`` in x's dtype, then ``final_states`` and/or ``varlen_states`` as
     mamba_ssm does: ``out``, ``(out, final)``, ``(out, varlen)`` or ``(out, final, varlen)``.
     Arithmetic is fp32. Reads seq_idx / cu_seqlens on the host (one sync on a GPU) when given.
-    Forward only: backward raises NotImplementedError.
+    Differentiable in x, dt, A, B, C, D, z, dt_bias and initial_states (gradients also flow in
+    through the returned states); the backward recomputes the chunk-boundary states and is
+    deterministic (no float atomics).
 
     Example:
         >>> x = torch.randn(1, 100, 4, 16); dt = torch.rand(1, 100, 4); A = -torch.rand(4)

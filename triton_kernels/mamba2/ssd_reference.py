@@ -101,13 +101,14 @@ def ssd_core_torch(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, se
     D ``[h]``/``[h, p]``/None; z ``[T, h, p]``/None; dt_bias ``[h]``/None; ``seq_starts`` host
     offsets ``[nseq + 1]`` (``seq_starts_t`` unused here); init_states/final_states
     ``[S, h, p, n]``/None with ``[nseq]`` int64 row indices (-1: zeros / not written; they may be
-    the same tensor). Arithmetic in fp32.
+    the same tensor). Arithmetic in fp32 (fp64 for fp64 inputs).
     """
     del seq_starts_t
     nseq = len(seq_starts) - 1
     nheads, p = x.shape[1], x.shape[2]
     groups, n = B.shape[1], B.shape[2]
-    dtype, device = torch.float32, x.device
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp64: the gradient checks
+    device = x.device
     block = min(chunk_size, TORCH_BLOCK)
     lengths = [seq_starts[i + 1] - seq_starts[i] for i in range(nseq)]
     nchunks = [-(-length // block) for length in lengths]

@@ -13,8 +13,8 @@ one small host->device copy), so no chunk spans two sequences. Three launches:
    sequence's initial state (or zeros) into the scratch: every read of ``init_states`` happens in
    this launch, before launch 2 writes any final row, so the two may share storage freely.
 2. ``_ssd_state_passing_kernel`` per (sequence, head, p/n tile): walks the sequence's chunks in
-   order, turning the chunk states in place into the states entering each chunk, and writes the
-   final state.
+   order, turning the chunk states in place into the states entering (and leaving) each chunk,
+   and writes the final state.
 3. ``_ssd_chunk_scan_kernel`` per (chunk, head, row block, p tile):
    ``y = exp(dA_t) C_t prev^T + sum_{s<=t} (C_t . B_s) exp(dA_t - dA_s) dt_s x_s + D x_t``, then
    ``* silu(z_t)``, with ``tl.dot`` (C.B^T computed in the program, no ``[chunks, g, L, L]`` buffer).
@@ -189,8 +189,7 @@ def _ssd_state_passing_kernel(
         da_total = tl.load(p_cum + start + length - 1, mask=length > 0, other=0.0)
         p_st += stride_st_s
         state = state * tl.exp(da_total) + tl.load(p_st, mask=m_pn, other=0.0)
-        if c + 1 < c_end:
-            tl.store(p_st, state, mask=m_pn)  # the state entering chunk c + 1
+        tl.store(p_st, state, mask=m_pn)  # the state leaving chunk c (entering c + 1; the backward reads it)
     if HAS_FINAL:
         row = tl.load(final_index_ptr + seq)
         if row >= 0:
@@ -334,6 +333,86 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
+class ChunkTable(NamedTuple):
+    """The host-built chunk table (:func:`_chunk_table`) as int64 device tensors."""
+
+    chunk_seq: torch.Tensor  # [nchunks]
+    chunk_start: torch.Tensor  # [nchunks]
+    chunk_len: torch.Tensor  # [nchunks]
+    seq_chunk: torch.Tensor  # [nseq + 1]
+
+
+def ssd_states_triton(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_starts, init_states, init_index,
+                      final_states, final_index, chunk_size) -> tuple[ChunkTable, torch.Tensor, torch.Tensor]:
+    """Launches 1 and 2: returns the chunk table, the ``[nchunks + nseq, h, p, n]`` fp32 states
+    (chunk ``c`` of sequence ``s`` enters with slot ``c + s`` and leaves with ``c + s + 1``) and the
+    ``[2, h, T]`` fp32 processed dt / chunk-local cumsum of ``dt A``; writes the final rows."""
+    num_tokens, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1], B.shape[2]
+    nseq = len(seq_starts) - 1
+    device = x.device
+    table = ChunkTable(*_chunk_table(seq_starts, chunk_size, device))
+    nchunks = table.chunk_seq.shape[0]
+    states = _alloc.empty((nchunks + nseq, nheads, headdim, dstate), torch.float32, device)
+    dtc = _alloc.empty((2, nheads, num_tokens), torch.float32, device)
+    lo, hi = dt_limit
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    init_strides = init_states.stride() if init_states is not None else (0, 0, 0, 0)
+    fin_strides = final_states.stride() if final_states is not None else (0, 0, 0, 0)
+    cfg = _CONFIGS[x.dtype == torch.float32]
+    block_p, block_n = _pow2(headdim, 16, 64), _pow2(dstate, 16, cfg.state_block_n)
+    n_pn = triton.cdiv(headdim, block_p) * triton.cdiv(dstate, block_n)
+    pass_p, pass_n = _pow2(headdim, 16, 32), _pow2(dstate, 16, 128)
+    n_pass = triton.cdiv(headdim, pass_p) * triton.cdiv(dstate, pass_n)
+    with on_device(device):
+        _ssd_chunk_state_kernel[(nchunks, nheads, n_pn)](
+            x, dt, A, B, x if dt_bias is None else dt_bias, x if init_states is None else init_states,
+            init_index, *table, states, dtc,
+            num_tokens, headdim, dstate, nheads // ngroups, float(lo), float(hi),
+            *x.stride(), *dt.stride(), *B.stride(), *init_strides, *states.stride(),
+            HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus), DT_CLAMP=clamps(dt_limit),
+            HAS_INIT=init_states is not None, DOT_PRECISION=precision,
+            BLOCK_K=_pow2(chunk_size, 16, cfg.state_block_k), BLOCK_P=block_p, BLOCK_N=block_n,
+            num_warps=cfg.state_warps,
+        )
+        _ssd_state_passing_kernel[(nseq, nheads, n_pass)](
+            states, dtc, table.chunk_start, table.chunk_len, table.seq_chunk,
+            x if final_states is None else final_states,
+            final_index, num_tokens, headdim, dstate, *states.stride(), *fin_strides,
+            HAS_FINAL=final_states is not None, BLOCK_P=pass_p, BLOCK_N=pass_n, num_warps=4,
+        )
+    return table, states, dtc
+
+
+def clamps(dt_limit: tuple[float, float]) -> bool:
+    """Whether ``dt_limit`` clamps at all (the default ``(0, inf)`` does not)."""
+    lo, hi = dt_limit
+    return not (lo == 0.0 and math.isinf(hi) and hi > 0)
+
+
+def ssd_scan_triton(out, x, B, C, D, z, table: ChunkTable, states, dtc, chunk_size) -> None:
+    """Launch 3: ``out`` ``[T, h, p]`` from the states entering each chunk (``z``/``D`` optional)."""
+    num_tokens, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1], B.shape[2]
+    nchunks = table.chunk_seq.shape[0]
+    cfg = _CONFIGS[x.dtype == torch.float32]
+    block_m, block_pc = _pow2(chunk_size, 16, cfg.scan_block_m), _pow2(headdim, 16, 64)
+    block_nc = max(16, triton.next_power_of_2(dstate))  # launch 3 holds all of n (sm_90 checked up to 256)
+    n_mp = triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_pc)
+    d_strides = (0, 0) if D is None else (D.stride(0), D.stride(1) if D.dim() == 2 else 0)
+    with on_device(x.device):
+        _ssd_chunk_scan_kernel[(nchunks, nheads, n_mp)](
+            out, x, B, C, x if D is None else D, x if z is None else z,
+            table.chunk_seq, table.chunk_start, table.chunk_len, states, dtc,
+            num_tokens, headdim, dstate, nheads // ngroups,
+            *out.stride(), *x.stride(), *B.stride(), *C.stride(), *d_strides,
+            *(z.stride() if z is not None else (0, 0, 0)), *states.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_K=_pow2(chunk_size, 16, cfg.scan_block_k), BLOCK_P=block_pc, BLOCK_N=block_nc,
+            num_warps=4 if block_nc <= 128 else 8,
+        )
+
+
 def ssd_core_triton(
     out: torch.Tensor,  # [T, h, p] (written)
     x: torch.Tensor,  # [T, h, p]
@@ -360,55 +439,9 @@ def ssd_core_triton(
     sequence ``s`` with ``final_index[s] >= 0``; reads ``init_states[init_index[s]]`` where
     ``init_index[s] >= 0``. Arithmetic in fp32 with ``tl.dot`` in x's dtype (fp32: IEEE, no tf32).
     """
-    num_tokens, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[1], B.shape[2]
-    nseq = len(seq_starts) - 1
-    if nseq == 0 or nheads == 0 or headdim == 0:
+    nheads, headdim = x.shape[1:]
+    if len(seq_starts) == 1 or nheads == 0 or headdim == 0:
         return
-    device = x.device
-    chunk_seq, chunk_start, chunk_len, seq_chunk = _chunk_table(seq_starts, chunk_size, device)
-    nchunks = chunk_seq.shape[0]
-    states = _alloc.empty((nchunks + nseq, nheads, headdim, dstate), torch.float32, device)
-    dtc = _alloc.empty((2, nheads, num_tokens), torch.float32, device)
-    lo, hi = dt_limit
-    clamp = not (lo == 0.0 and math.isinf(hi) and hi > 0)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    heads_per_group = nheads // ngroups
-    init_strides = init_states.stride() if init_states is not None else (0, 0, 0, 0)
-    fin_strides = final_states.stride() if final_states is not None else (0, 0, 0, 0)
-
-    cfg = _CONFIGS[x.dtype == torch.float32]
-    block_p, block_n = _pow2(headdim, 16, 64), _pow2(dstate, 16, cfg.state_block_n)
-    n_pn = triton.cdiv(headdim, block_p) * triton.cdiv(dstate, block_n)
-    pass_p, pass_n = _pow2(headdim, 16, 32), _pow2(dstate, 16, 128)
-    n_pass = triton.cdiv(headdim, pass_p) * triton.cdiv(dstate, pass_n)
-    block_m, block_pc = _pow2(chunk_size, 16, cfg.scan_block_m), _pow2(headdim, 16, 64)
-    block_nc = max(16, triton.next_power_of_2(dstate))  # launch 3 holds all of n (sm_90 checked up to 256)
-    n_mp = triton.cdiv(chunk_size, block_m) * triton.cdiv(headdim, block_pc)
-    with on_device(device):
-        _ssd_chunk_state_kernel[(nchunks, nheads, n_pn)](
-            x, dt, A, B, x if dt_bias is None else dt_bias, x if init_states is None else init_states,
-            init_index, chunk_seq, chunk_start, chunk_len, seq_chunk, states, dtc,
-            num_tokens, headdim, dstate, heads_per_group, float(lo), float(hi),
-            *x.stride(), *dt.stride(), *B.stride(), *init_strides, *states.stride(),
-            HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus), DT_CLAMP=clamp,
-            HAS_INIT=init_states is not None, DOT_PRECISION=precision,
-            BLOCK_K=_pow2(chunk_size, 16, cfg.state_block_k), BLOCK_P=block_p, BLOCK_N=block_n,
-            num_warps=cfg.state_warps,
-        )
-        _ssd_state_passing_kernel[(nseq, nheads, n_pass)](
-            states, dtc, chunk_start, chunk_len, seq_chunk, x if final_states is None else final_states,
-            final_index, num_tokens, headdim, dstate, *states.stride(), *fin_strides,
-            HAS_FINAL=final_states is not None, BLOCK_P=pass_p, BLOCK_N=pass_n, num_warps=4,
-        )
-        d_strides = (0, 0) if D is None else (D.stride(0), D.stride(1) if D.dim() == 2 else 0)
-        _ssd_chunk_scan_kernel[(nchunks, nheads, n_mp)](
-            out, x, B, C, x if D is None else D, x if z is None else z,
-            chunk_seq, chunk_start, chunk_len, states, dtc,
-            num_tokens, headdim, dstate, heads_per_group,
-            *out.stride(), *x.stride(), *B.stride(), *C.stride(), *d_strides,
-            *(z.stride() if z is not None else (0, 0, 0)), *states.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, DOT_PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_K=_pow2(chunk_size, 16, cfg.scan_block_k), BLOCK_P=block_pc, BLOCK_N=block_nc,
-            num_warps=4 if block_nc <= 128 else 8,
-        )
+    table, states, dtc = ssd_states_triton(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_starts, init_states,
+                                           init_index, final_states, final_index, chunk_size)
+    ssd_scan_triton(out, x, B, C, D, z, table, states, dtc, chunk_size)

@@ -167,14 +167,6 @@ def test_combined_empty_length_returns_initial_state(backend):
     assert_equal(final, states)
 
 
-def test_backward_raises_not_implemented():
-    args = batched(make(20, 2, 16, 1, 16), 1)
-    args["x"].requires_grad_(True)
-    out = mamba_chunk_scan_combined(**args, chunk_size=64)
-    with pytest.raises(NotImplementedError, match="no backward"):
-        out.sum().backward()
-
-
 # ---- packed sequences with a state cache --------------------------------------------------------
 
 
