@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.sm90 import assert_no_spills, case_params, needs_ptxas, results_fixture
-from triton_kernels import rms_norm_gated, selective_state_update
+from triton_kernels import mamba_chunk_scan_combined, rms_norm_gated, selective_state_update
 from triton_kernels.mamba2.ssd_triton import ssd_core_triton
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -28,6 +28,22 @@ def _ssd(dtype: torch.dtype, p: int, n: int, chunk: int, *, full: bool) -> Calla
         index = torch.tensor([0, -1, 2])
         ssd_core_triton(torch.empty_like(x), x, dt, -torch.rand(h), B, C, *extras, seq_starts,
                         torch.tensor(seq_starts), states if full else None, index, states, index, chunk)
+    return call
+
+
+def _ssd_train(dtype: torch.dtype, p: int, n: int, chunk: int) -> Callable:
+    """Forward + backward of the public op at model head sizes, with every optional input."""
+    def call() -> None:
+        b, l, h, g = 1, 300, 4, 2
+        with torch.enable_grad():  # the recorder runs cases under no_grad
+            x, z = (torch.randn(b, l, h, p).to(dtype).requires_grad_() for _ in range(2))
+            dt = torch.randn(b, l, h).to(dtype).requires_grad_()
+            B, C = (torch.randn(b, l, g, n).to(dtype).requires_grad_() for _ in range(2))
+            out, final = mamba_chunk_scan_combined(
+                x, dt, -torch.rand(h).requires_grad_(), B, C, chunk, D=torch.randn(h).requires_grad_(), z=z,
+                dt_bias=torch.randn(h).requires_grad_(), initial_states=torch.randn(b, h, p, n).requires_grad_(),
+                dt_softplus=True, return_final_states=True)
+            (out.float().sum() + final.sum()).backward()
     return call
 
 
@@ -63,6 +79,9 @@ CASES: dict[str, Callable] = {
     "ssd_bf16_p64_n256_c256_full": _ssd(BF16, 64, 256, 256, full=True),
     "ssd_fp16_p64_n128_c64_full": _ssd(F16, 64, 128, 64, full=True),
     "ssd_fp32_p64_n128_c256_full": _ssd(F32, 64, 128, 256, full=True),
+    "ssd_train_bf16_p64_n128_c256": _ssd_train(BF16, 64, 128, 256),
+    "ssd_train_fp16_p64_n64_c64": _ssd_train(F16, 64, 64, 64),
+    "ssd_train_fp32_p64_n128_c128": _ssd_train(F32, 64, 128, 128),
     "norm_H4096": _norm(4096, None),
     "norm_H8192_groups8": _norm(8192, 1024),
     "norm_H16384_two_pass": _norm(16384, None),
@@ -73,10 +92,16 @@ CASES: dict[str, Callable] = {
     "decode_tied_H128_P64_N128_G1_bf16state": _decode(128, 64, 128, 1, BF16),
 }
 
+# Known spills, strict xfails until fixed: a fixed kernel turns its case red here so the entry goes.
+SPILLS = {
+    "ssd_train_fp32_p64_n128_c128": "fp32 SSD backward: _ssd_bwd_dx_kernel and _ssd_bwd_dc_kernel tiles are sized for "
+                                    "16-bit inputs and spill with fp32 (1560 / 5856 stack bytes)",
+}
+
 sm90_results = results_fixture(CASES)
 
 
 @needs_ptxas
-@pytest.mark.parametrize("case", case_params(CASES))
+@pytest.mark.parametrize("case", case_params(CASES, SPILLS))
 def test_compiles_for_sm90_without_spills(sm90_results, case):
     assert_no_spills(sm90_results, case)
