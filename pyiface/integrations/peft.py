@@ -42,6 +42,8 @@ class _Adapters:
         return self.slots.get(name, -1)
 
     def meta(self, adapter_names: list[str], tokens_per_row: int, device: torch.device) -> LoRAKernelMeta:
+        for name in self.peft_config:  # give adapters added since the last batch their slots first
+            self.slot(name)
         key = (tuple(adapter_names), tokens_per_row, device, len(self.slots))
         if key != self._key:
             rows = torch.tensor([self.slot(n) for n in adapter_names], dtype=torch.int32)
@@ -98,8 +100,8 @@ class _LayerKernels:
             return result
         layer = self.layer
         xs = x.reshape(-1, layer.in_features)
-        slots = self.stacked(result.dtype, result.device)
         meta = self.adapters.meta(adapter_names, xs.shape[0] // x.shape[0], x.device)
+        slots = self.stacked(result.dtype, result.device)
         in_place = result.is_contiguous()
         y = result.view(-1, layer.out_features) if in_place else torch.zeros(
             xs.shape[0], layer.out_features, dtype=result.dtype, device=result.device)
