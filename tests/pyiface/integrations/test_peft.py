@@ -52,8 +52,8 @@ def peft_model(dtype=torch.float32, adapters=ADAPTERS):
     return model.eval()
 
 
-def ids(rows=len(ROWS), length=5):
-    return torch.randint(1, VOCAB, (rows, length), generator=torch.Generator().manual_seed(3))
+def ids(length=5):
+    return torch.randint(1, VOCAB, (len(ROWS), length), generator=torch.Generator().manual_seed(3))
 
 
 def logits(model, x, rows=ROWS):
@@ -143,5 +143,5 @@ def test_dora_and_other_methods_refused_nothing_patched():
                                                            feedforward_modules=["down_proj"]))
     with pytest.raises(ValueError, match="adapter 'default' is IA3, not LoRA"):
         apply_kernels(ia3)
-    with pytest.raises(TypeError, match="peft_model must be a peft.PeftModel, got LlamaForCausalLM"):
+    with pytest.raises(TypeError, match=r"peft_model must be a peft\.PeftModel, got LlamaForCausalLM"):
         apply_kernels(base_model())
