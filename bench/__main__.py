@@ -25,7 +25,7 @@ from bench.harness import (
     write_results,
 )
 
-FAMILIES = ("multimodal", "lora", "mamba")
+FAMILIES = ("multimodal", "lora", "mamba", "hf")
 
 
 def main(argv: list[str] | None = None) -> int:
