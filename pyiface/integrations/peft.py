@@ -96,7 +96,7 @@ class _LayerKernels:
             return self.original(x, *args, adapter_names=adapter_names, **kwargs)
         kwargs.pop("alora_offsets", None)
         result = self.layer.base_layer(x, *args, **kwargs)
-        if x.shape[0] == 0 or x.numel() == 0:
+        if x.numel() == 0:
             return result
         layer = self.layer
         xs = x.reshape(-1, layer.in_features)
