@@ -10,7 +10,8 @@ Cases (full / ``--quick``):
   count generated tokens (the 8-token prefill is included in the time, a few percent).
 - ``peft-8adapters-b16``: one forward of a small random Llama (hidden 512, 4 layers, q/k/v/o and
   MLP targets) with 8 LoRA adapters of ranks 8..64 over a batch of 16 rows of 32 tokens, every
-  row naming an adapter (two ``"__base__"``); and the same for one ``lora.Linear`` layer alone.
+  row naming an adapter (two ``"__base__"``), and the same with one token a row (decode-shaped);
+  each also for one ``lora.Linear`` layer alone, beside that layer's base matmul (the floor).
 - ``--quick``: the same cases on a d_model 128 x 2 layer Mamba (prefill 64, 4 new tokens, batch 1)
   and a hidden 128 x 2 layer Llama with 8 tokens per row.
 
@@ -111,11 +112,10 @@ def _peft_model(ctx: Context):
     return model.eval().to(ctx.device)
 
 
-def peft_rows(ctx: Context) -> list[Row]:
-    from pyiface.integrations.peft import apply_kernels, revert_kernels
-
-    model = _peft_model(ctx)
-    rows, length = 16, 8 if ctx.quick else 32
+def _peft_cases(ctx: Context, model, length: int):
+    """(case, fn, bytes) of one mixed batch of 16 rows x ``length`` tokens: the whole model, one
+    ``lora.Linear`` (up_proj: base matmul + LoRA), and that layer's base matmul alone (the floor)."""
+    rows = 16
     names = [f"a{i % len(PEFT_RANKS)}" for i in range(rows - 2)] + ["__base__"] * 2
     ids = torch.randint(1, 1024, (rows, length), generator=torch.Generator().manual_seed(0)).to(ctx.device)
     layer = model.base_model.model.model.layers[0].mlp.up_proj
@@ -129,16 +129,34 @@ def peft_rows(ctx: Context) -> list[Row]:
         with torch.no_grad():
             return layer._mixed_batch_forward(x, adapter_names=names)
 
+    def base_only():
+        with torch.no_grad():
+            return layer.base_layer(x)
+
+    tag = f"8adapters-b{rows}-L{length}"
+    return [(f"peft-{tag}", forward, _param_bytes(model)), (f"peft-up_proj-{tag}", one_layer, _param_bytes(layer)),
+            (f"peft-up_proj-{tag}", base_only, _param_bytes(layer.base_layer))]
+
+
+def peft_rows(ctx: Context) -> list[Row]:
+    from pyiface.integrations.peft import apply_kernels, revert_kernels
+
+    model = _peft_model(ctx)
+    lengths = (1, 8) if ctx.quick else (1, 32)  # decode-shaped (one token a row) and prefill-shaped
     out = []
     for impl in ("peft loop", "ours[add_lora_linear]"):
         if impl.startswith("ours"):
             apply_kernels(model)
-        for case, fn, nbytes in ((f"peft-8adapters-b{rows}-L{length}", forward, _param_bytes(model)),
-                                 (f"peft-up_proj-8adapters-b{rows}-L{length}", one_layer, _param_bytes(layer))):
-            row = ctx.row(FAMILY, case, impl, fn, nbytes)
-            if impl.startswith("ours"):
-                row.extra["profile"] = _profile(fn)
-            out.append(row)
+        for length in lengths:
+            for case, fn, nbytes in _peft_cases(ctx, model, length):
+                if fn.__name__ == "base_only":
+                    if not impl.startswith("ours"):
+                        out.append(ctx.row(FAMILY, case, "base layer alone (no LoRA)", fn, nbytes))
+                    continue
+                row = ctx.row(FAMILY, case, impl, fn, nbytes)
+                if impl.startswith("ours"):
+                    row.extra["profile"] = _profile(fn)
+                out.append(row)
     revert_kernels(model)
     return out
 
