@@ -15,9 +15,11 @@ are reductions over batch and length: each program walks up to ``_TILES_PER_PROG
 sequence and writes its partial sums to one row of a fp32 workspace, which a fixed-order
 ``sum(0)`` finishes - no atomics, so the same inputs give bit-identical gradients.
 
-int64 offsets: the sequence ``i_b``, the channel base ``d0``, the in-tile ``o_d``, ``o_l`` (and
-every position derived from them) and the workspace row are int64: ``o_l * stride_l`` passes 2^31
-for a transposed ``[B, L, D]`` input once ``L x D`` does. Weight offsets stay below ``D x W``.
+int64 offsets: the sequence ``i_b``, the channel base ``d0``, the in-tile ``o_d``, the workspace row
+and every position multiplied by a stride (``o_l64``, a tap's shift: :func:`_off`) are int64:
+``o_l * stride_l`` passes 2^31 for a transposed ``[B, L, D]`` input once ``L x D`` does. Positions
+compared in masks stay int32 (L < 2^31; int64 there cost registers and spilled on sm_90). Weight
+offsets stay below ``D x W``.
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ from triton_kernels._tl_math import silu_grad
 from triton_kernels.mamba.reference import causal_conv1d_bwd_ref
 from triton_kernels.registry import CAUSAL_CONV1D
 
-# d_x tile: BLOCK_D * BLOCK_L = _TILE elements, as in the forward (8 fp32 values per thread of 4 warps).
+# d_x tile: at most _TILE elements (16 x 64 for long sequences), 8 fp32 values per thread of 4 warps,
+# and at most _MAX_BLOCK_D channels: a 128 x 8 tile (short sequences) took 255 registers and spilled
+# on sm_90 (every per-channel vector - weights, bias, row pointers - is 8 registers per thread there);
+# 32 x 8 takes 111.
 _TILE = 1024
 _MAX_BLOCK_L = 64
+_MAX_BLOCK_D = 32
 # L-tiles one program walks (one workspace row of d_weight/d_bias partials each program): 512
 # positions keep the partials a few % of the traffic and still give B * L/512 * D/16 programs
 # (2048 at B 2, D 4096, L 2048). A fixed number: the reduction order depends on the shape only.
@@ -43,39 +49,48 @@ _TILES_PER_PROGRAM = 8
 
 
 @triton.jit
-def _tap(p_x, p_init, p_seq, src, b_seq, m_d, m_t, n_init, stride_x_l, stride_init_k, stride_seq_l,
-         WIDTH: tl.constexpr, HAS_SEQ_IDX: tl.constexpr):
-    """``xs`` at input positions ``src`` (``[n]`` int64) as a ``[BLOCK_D, n]`` fp32 tile: x where
-    ``src >= 0``, the initial state's column ``W-1 + src`` where ``-n_init <= src < 0``, else 0; and
-    0 where the output position does not count (``m_t``) or, with ``HAS_SEQ_IDX``, where
-    ``seq_idx[src]`` differs from the output position's ``b_seq``."""
+def _off(c: tl.constexpr, stride):
+    """``c * stride`` as int64 (a tap's shift times a stride may pass 2^31 for a huge stride)."""
+    return tl.full((), c, tl.int64) * stride
+
+
+@triton.jit
+def _tap(p_xt, p_it, p_st, pos, b_seq, m_d, m_t, n_init, stride_x_l, stride_init_k, stride_seq_l,
+         C: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr):
+    """``xs`` at input positions ``src = pos + C`` as a ``[BLOCK_D, n]`` fp32 tile: x where ``src >= 0``,
+    the initial state's column ``W-1 + src`` where ``-n_init <= src < 0``, else 0; and 0 where the
+    output position does not count (``m_t``) or, with ``HAS_SEQ_IDX``, where ``seq_idx[src]`` differs
+    from the output position's ``b_seq``. ``p_xt``, ``p_it``, ``p_st``: the x, initial-state and
+    seq_idx pointers at ``pos`` (one pointer tile per program tile; a tap adds a scalar)."""
+    src = pos + C
     m_x = (src >= 0) & m_t
     if HAS_SEQ_IDX:
-        m_x &= tl.load(p_seq + src * stride_seq_l, mask=m_x, other=-1) == b_seq
-    b_x = tl.load(p_x + src[None, :] * stride_x_l, mask=m_d[:, None] & m_x[None, :], other=0.0).to(tl.float32)
-    if n_init > 0:  # only tiles that reach before the sequence start read the initial state
+        m_x &= tl.load(p_st + _off(C, stride_seq_l), mask=m_x, other=-1) == b_seq
+    b_x = tl.load(p_xt + _off(C, stride_x_l), mask=m_d[:, None] & m_x[None, :], other=0.0).to(tl.float32)
+    if HAS_INIT:  # n_init = 0 in tiles that do not reach before the sequence start
         m_s = (src < 0) & (src >= -n_init) & m_t
-        b_x += tl.load(p_init + (WIDTH - 1 + src)[None, :] * stride_init_k, mask=m_d[:, None] & m_s[None, :],
-                       other=0.0).to(tl.float32)
+        b_x += tl.load(p_it + _off(C, stride_init_k), mask=m_d[:, None] & m_s[None, :], other=0.0).to(tl.float32)
     return b_x
 
 
 @triton.jit
-def _grad_pre(p_x, p_init, p_seq, p_do, p_w, b_bias, pos, m_d, seqlen, n_init,
+def _grad_pre(p_xt, p_it, p_st, p_dot, p_w, b_bias, pos, m_d, seqlen, n_init,
               stride_x_l, stride_init_k, stride_seq_l, stride_do_l, stride_w_k,
-              WIDTH: tl.constexpr, SILU: tl.constexpr, HAS_SEQ_IDX: tl.constexpr):
-    """``g``, the gradient reaching the pre-activation at output positions ``pos`` (``[n]`` int64),
-    as a ``[BLOCK_D, n]`` fp32 tile: ``d_out``, times ``silu'(pre)`` with ``pre`` recomputed; 0
-    outside ``[0, seqlen)``."""
-    m_t = (pos >= 0) & (pos < seqlen)
-    b_g = tl.load(p_do + pos[None, :] * stride_do_l, mask=m_d[:, None] & m_t[None, :], other=0.0).to(tl.float32)
+              SHIFT: tl.constexpr, WIDTH: tl.constexpr, SILU: tl.constexpr, HAS_INIT: tl.constexpr,
+              HAS_SEQ_IDX: tl.constexpr):
+    """``g``, the gradient reaching the pre-activation at output positions ``t = pos + SHIFT``, as a
+    ``[BLOCK_D, n]`` fp32 tile: ``d_out``, times ``silu'(pre)`` with ``pre`` recomputed; 0 outside
+    ``[0, seqlen)``. Pointers at ``pos`` as in :func:`_tap`, ``p_dot`` into d_out."""
+    t = pos + SHIFT
+    m_t = (t >= 0) & (t < seqlen)
+    b_g = tl.load(p_dot + _off(SHIFT, stride_do_l), mask=m_d[:, None] & m_t[None, :], other=0.0).to(tl.float32)
     if SILU:
-        b_seq = tl.load(p_seq + pos * stride_seq_l, mask=m_t, other=-1) if HAS_SEQ_IDX else 0
+        b_seq = tl.load(p_st + _off(SHIFT, stride_seq_l), mask=m_t, other=-1) if HAS_SEQ_IDX else 0
         b_pre = tl.zeros_like(b_g) + b_bias[:, None]
         for k in tl.static_range(WIDTH):
             b_w = tl.load(p_w + k * stride_w_k, mask=m_d).to(tl.float32)
-            b_pre += b_w[:, None] * _tap(p_x, p_init, p_seq, pos + (k - (WIDTH - 1)), b_seq, m_d, m_t, n_init,
-                                         stride_x_l, stride_init_k, stride_seq_l, WIDTH, HAS_SEQ_IDX)
+            b_pre += b_w[:, None] * _tap(p_xt, p_it, p_st, pos, b_seq, m_d, m_t, n_init, stride_x_l, stride_init_k,
+                                         stride_seq_l, SHIFT + k - (WIDTH - 1), HAS_INIT, HAS_SEQ_IDX)
         b_g *= silu_grad(b_pre)
     return b_g
 
@@ -123,7 +138,7 @@ def _causal_conv1d_bwd_kernel(
     i_c = tl.program_id(0).to(tl.int64)  # sequence * n_chunks + chunk: the workspace row
     i_d = tl.program_id(1)
     i_b = i_c // n_chunks
-    i_chunk = i_c % n_chunks
+    i_chunk = tl.program_id(0) % n_chunks
     d0 = (i_d * BLOCK_D).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m_d = o_d < dim - d0
@@ -142,45 +157,54 @@ def _causal_conv1d_bwd_kernel(
     acc_db = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(tiles_per_program):
         l0 = (i_chunk * tiles_per_program + i) * BLOCK_L
-        o_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        o_l = l0 + tl.arange(0, BLOCK_L)  # positions in int32 (masks); offsets below in int64
+        o_l64 = o_l.to(tl.int64)
         m_l = o_l < seqlen
         n_init = tl.where(l0 < WIDTH - 1, WIDTH - 1, 0) if HAS_INIT else 0  # initial-state columns in reach
-        b_seq = tl.load(p_seq + o_l * stride_seq_l, mask=m_l, other=-1) if HAS_SEQ_IDX else 0
+        p_xt = p_x + o_l64[None, :] * stride_x_l
+        p_it = p_init + (WIDTH - 1 + o_l64)[None, :] * stride_init_k
+        p_st = p_seq + o_l64 * stride_seq_l
+        p_dot = p_do + o_l64[None, :] * stride_do_l
+        b_seq = tl.load(p_st, mask=m_l, other=-1) if HAS_SEQ_IDX else 0
         # s = 0: g at the tile's own positions, also the d_weight / d_bias terms
-        b_g = _grad_pre(p_x, p_init, p_seq, p_do, p_w, b_bias, o_l, m_d, seqlen, n_init,
-                        stride_x_l, stride_init_k, stride_seq_l, stride_do_l, stride_w_k, WIDTH, SILU, HAS_SEQ_IDX)
+        b_g = _grad_pre(p_xt, p_it, p_st, p_dot, p_w, b_bias, o_l, m_d, seqlen, n_init, stride_x_l, stride_init_k,
+                        stride_seq_l, stride_do_l, stride_w_k, 0, WIDTH, SILU, HAS_INIT, HAS_SEQ_IDX)
         acc_db += tl.sum(b_g, axis=1)
         for k in tl.static_range(WIDTH):
-            b_xk = _tap(p_x, p_init, p_seq, o_l + (k - (WIDTH - 1)), b_seq, m_d, m_l, n_init,
-                        stride_x_l, stride_init_k, stride_seq_l, WIDTH, HAS_SEQ_IDX)
+            b_xk = _tap(p_xt, p_it, p_st, o_l, b_seq, m_d, m_l, n_init, stride_x_l, stride_init_k, stride_seq_l,
+                        k - (WIDTH - 1), HAS_INIT, HAS_SEQ_IDX)
             acc_dw += tl.where(o_k[None, :] == k, tl.sum(b_g * b_xk, axis=1)[:, None], 0.0)
         b_dx = tl.load(p_w + (WIDTH - 1) * stride_w_k, mask=m_d).to(tl.float32)[:, None] * b_g
         for s in tl.static_range(1, WIDTH):  # output p + s reads input p through tap W-1-s
-            b_g = _grad_pre(p_x, p_init, p_seq, p_do, p_w, b_bias, o_l + s, m_d, seqlen, n_init,
-                            stride_x_l, stride_init_k, stride_seq_l, stride_do_l, stride_w_k, WIDTH, SILU,
+            b_g = _grad_pre(p_xt, p_it, p_st, p_dot, p_w, b_bias, o_l, m_d, seqlen, n_init, stride_x_l,
+                            stride_init_k, stride_seq_l, stride_do_l, stride_w_k, s, WIDTH, SILU, HAS_INIT,
                             HAS_SEQ_IDX)
             if HAS_SEQ_IDX:
-                m_same = tl.load(p_seq + (o_l + s) * stride_seq_l, mask=(o_l + s) < seqlen, other=-2) == b_seq
+                m_same = tl.load(p_st + _off(s, stride_seq_l), mask=(o_l + s) < seqlen, other=-2) == b_seq
                 b_g = tl.where(m_same[None, :], b_g, 0.0)
             b_dx += tl.load(p_w + (WIDTH - 1 - s) * stride_w_k, mask=m_d).to(tl.float32)[:, None] * b_g
         if HAS_DFINAL:  # the final states are the last W-1 inputs
             o_f = o_l - (seqlen - (WIDTH - 1))
             m_f = m_d[:, None] & ((o_f >= 0) & m_l)[None, :]
-            b_dx += tl.load(p_df + o_f[None, :] * stride_df_k, mask=m_f, other=0.0).to(tl.float32)
-        p_dx = dx_ptr + i_b * stride_dx_b + (d0 + o_d)[:, None] * stride_dx_d + o_l[None, :] * stride_dx_l
+            b_dx += tl.load(p_df + o_f.to(tl.int64)[None, :] * stride_df_k, mask=m_f, other=0.0).to(tl.float32)
+        p_dx = dx_ptr + i_b * stride_dx_b + (d0 + o_d)[:, None] * stride_dx_d + o_l64[None, :] * stride_dx_l
         tl.store(p_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=m_d[:, None] & m_l[None, :])
     p_dw = dw_ptr + (i_c * dim + d0 + o_d)[:, None] * WIDTH + o_k[None, :]
     tl.store(p_dw, acc_dw, mask=m_d[:, None] & (o_k < WIDTH)[None, :])
     if HAS_BIAS:
         tl.store(db_ptr + i_c * dim + d0 + o_d, acc_db, mask=m_d)
     if HAS_INIT and i_chunk == 0:  # d_initial_states (the W-1 positions before the start): chunk 0
-        o_s = tl.arange(0, BLOCK_S).to(tl.int64)
+        o_s = tl.arange(0, BLOCK_S)
         m_s = o_s < WIDTH - 1
         pos = o_s - (WIDTH - 1)
+        p_xt = p_x + pos.to(tl.int64)[None, :] * stride_x_l  # only read at positions >= 0
+        p_it = p_init + o_s[None, :] * stride_init_k
+        p_st = p_seq + pos.to(tl.int64) * stride_seq_l
+        p_dot = p_do + pos.to(tl.int64)[None, :] * stride_do_l
         b_di = tl.zeros((BLOCK_D, BLOCK_S), dtype=tl.float32)
         for s in tl.static_range(1, WIDTH):
-            b_g = _grad_pre(p_x, p_init, p_seq, p_do, p_w, b_bias, pos + s, m_d, seqlen, WIDTH - 1,
-                            stride_x_l, stride_init_k, stride_seq_l, stride_do_l, stride_w_k, WIDTH, SILU,
+            b_g = _grad_pre(p_xt, p_it, p_st, p_dot, p_w, b_bias, pos, m_d, seqlen, WIDTH - 1, stride_x_l,
+                            stride_init_k, stride_seq_l, stride_do_l, stride_w_k, s, WIDTH, SILU, HAS_INIT,
                             HAS_SEQ_IDX)
             b_di += tl.load(p_w + (WIDTH - 1 - s) * stride_w_k, mask=m_d).to(tl.float32)[:, None] * b_g
         if HAS_DFINAL:  # a sequence shorter than W-1 passes state columns on to the final states
@@ -213,7 +237,7 @@ def _launch_triton_bwd(
             d_bias.zero_()
         return
     block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(max(length, 1)))
-    block_d = min(triton.next_power_of_2(dim), max(16, _TILE // block_l))
+    block_d = min(triton.next_power_of_2(dim), max(16, _TILE // block_l), _MAX_BLOCK_D)
     n_tiles = max(1, triton.cdiv(length, block_l))  # an empty sequence still writes its partials
     tiles_per_program = min(_TILES_PER_PROGRAM, n_tiles)
     n_chunks = triton.cdiv(n_tiles, tiles_per_program)
