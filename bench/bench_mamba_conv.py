@@ -7,13 +7,22 @@ Bytes by formula (what the op must move at least):
 Baselines: transformers' Mamba torch paths (what a user without kernels runs) and, on a GPU,
 ``torch.compile`` of our reference; on a GPU the update rows are also timed as CUDA-graph replays
 (how vLLM runs decode).
+
+Forward + backward (``fwdbwd-`` cases): ``torch.autograd.grad`` of ``silu(conv(x))`` against a
+random ``dout`` for x, weight and bias. Bytes: the forward's x read and out written, then dout and x
+read (the backward recomputes the pre-activation) and dx written: ``5 B D L`` elements + weight and
+bias. Baselines: autograd through HF's ``nn.Conv1d(padding=W-1)`` + silu and, on a GPU, through
+``torch.compile`` of our reference. On CUDA each row reports the peak memory one call allocates
+above its inputs (``extra["peak_mib"]``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from bench.bench_mamba2_norm import _peak_mib as peak_mib
 from bench.harness import Context, Row
+from triton_kernels import use_backend
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from triton_kernels.mamba.reference import causal_conv1d_fn_ref
 from triton_kernels.registry import CAUSAL_CONV1D, CAUSAL_CONV1D_UPDATE
@@ -45,6 +54,46 @@ def _conv_fn_rows(ctx: Context, batch: int, dim: int, length: int, dtype: torch.
         compiled = torch.compile(causal_conv1d_fn_ref)
         rows.append(ctx.row(FAMILY, case, "torch.compile(reference)",
                             lambda s: compiled(s["x"], s["weight"], s["bias"], True), sets, nbytes))
+    return rows
+
+
+def _train_rows(ctx: Context, batch: int, dim: int, length: int, dtype: torch.dtype) -> list[Row]:
+    dev = ctx.device
+
+    def make() -> dict:
+        conv = torch.nn.Conv1d(dim, dim, 4, groups=dim, padding=3, device=dev, dtype=dtype)
+        return dict(x=torch.randn(batch, dim, length, device=dev).to(dtype).requires_grad_(), conv=conv,
+                    weight=conv.weight.detach().squeeze(1).requires_grad_(), bias=conv.bias.detach().requires_grad_(),
+                    dout=torch.randn(batch, dim, length, device=dev).to(dtype))
+
+    def train(conv_silu, params):
+        return lambda s: torch.autograd.grad(conv_silu(s), [s["x"], *params(s)], s["dout"])
+
+    def ours(backend):
+        def conv_silu(s):
+            with use_backend(backend):
+                return causal_conv1d_fn(s["x"], s["weight"], s["bias"], "silu")
+        return conv_silu
+
+    sets = ctx.input_sets(make)
+    elt = sets[0]["x"].element_size()
+    nbytes = 5 * batch * dim * length * elt + 10 * dim * elt
+    case = f"fwdbwd-conv-fn-B{batch}-D{dim}-L{length}-W4-{_name(dtype)}"
+    impls = [(f"ours[{backend}]", train(ours(backend), lambda s: [s["weight"], s["bias"]]))
+             for backend in ctx.our_backends(CAUSAL_CONV1D, [dtype])]
+    impls.append(("HF nn.Conv1d(padding=W-1)+silu", train(
+        lambda s: torch.nn.functional.silu(s["conv"](s["x"])[..., :length]), lambda s: [s["conv"].weight,
+                                                                                        s["conv"].bias])))
+    if ctx.device.type == "cuda":
+        compiled = torch.compile(causal_conv1d_fn_ref)
+        impls.append(("torch.compile(reference)", train(lambda s: compiled(s["x"], s["weight"], s["bias"], True)[0],
+                                                        lambda s: [s["weight"], s["bias"]])))
+    rows = []
+    for impl, fn in impls:
+        row = ctx.row(FAMILY, case, impl, fn, sets, nbytes)
+        if ctx.device.type == "cuda" and "error" not in row.extra:
+            row.extra["peak_mib"] = peak_mib(ctx.device, fn, sets[0])
+        rows.append(row)
     return rows
 
 
@@ -81,7 +130,9 @@ def run(ctx: Context) -> list[Row]:
     if gpu:
         for batch in (1, 4) if ctx.quick else (1, 2, 4):
             rows += _conv_fn_rows(ctx, batch, 4096, 2048, dtype)
+        rows += _train_rows(ctx, 2, 4096, 2048, dtype)
     else:
         rows += _conv_fn_rows(ctx, 1, 1024, 512, dtype)
+        rows += _train_rows(ctx, 1, 1024, 512, dtype)
     rows += _conv_update_rows(ctx, 64, 4096, dtype)
     return rows

@@ -23,3 +23,10 @@ def softplus(x):
 def silu(x):
     """``x * sigmoid(x)``."""
     return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def silu_grad(x):
+    """``d silu(x) / dx = s (1 + x (1 - s))`` with ``s = sigmoid(x)``."""
+    s = tl.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))

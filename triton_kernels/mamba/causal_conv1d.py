@@ -35,8 +35,8 @@ from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, check_query_start_loc
+from triton_kernels.mamba.causal_conv1d_bwd import causal_conv1d_bwd
 from triton_kernels.mamba.reference import (
-    causal_conv1d_bwd_ref,
     causal_conv1d_fn_ref,
     causal_conv1d_update_ref,
     causal_conv1d_varlen_ref,
@@ -317,8 +317,8 @@ def _causal_conv1d_update(
 
 
 class _CausalConv1dFn(torch.autograd.Function):
-    """Forward on the chosen backend; backward by the torch reference's closed form (fp32, the conv
-    recomputed), so every backend trains, and torch.compile traces the backward."""
+    """Forward and backward (``ifk::causal_conv1d_bwd``: the Triton kernel, or the torch reference's
+    closed form) on the chosen backend; both custom ops, so torch.compile traces the backward too."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, initial_states, seq_idx, silu, return_final_states):
@@ -331,10 +331,9 @@ class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_final):
         x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
-        grads = causal_conv1d_bwd_ref(x, weight, bias, ctx.silu, initial_states, d_out, d_final, seq_idx)
-        inputs = (x, weight, bias, initial_states)
-        cast = (None if g is None or t is None else g.to(t.dtype) for g, t in zip(grads, inputs))
-        return (*cast, None, None, None)
+        grads = [None if t is None else _alloc.empty_like(t) for t in (x, weight, bias, initial_states)]
+        causal_conv1d_bwd(*grads, [x, weight, bias, initial_states, seq_idx, d_out, d_final], ctx.silu)
+        return (*grads, None, None, None)
 
 
 def _new_final_states(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -403,7 +402,7 @@ def causal_conv1d_fn(
 
     Returns ``out [B, D, L]`` in x's dtype, ``out[b, d, t] = act(bias[d] + sum_k weight[d, k] *
     x[b, d, t - W + 1 + k])``, or ``(out, final_states)``. Differentiable in x, weight, bias and
-    initial_states; the backward runs the torch reference's closed form.
+    initial_states (``ifk::causal_conv1d_bwd``, deterministic), seq_idx and final states included.
 
     Example:
         >>> out, fin = causal_conv1d_fn(torch.randn(2, 8, 5), torch.randn(8, 4), activation="silu",

@@ -627,16 +627,7 @@ def test_gpu_update_graph_capture_compile_and_opcheck():
     idx = torch.arange(batch, device="cuda", dtype=torch.int32) + 16
     torch.library.opcheck(
         torch.ops.ifk.causal_conv1d_update,
-        (
-            torch.empty_like(x).unsqueeze(-1),
-            x.unsqueeze(-1),
-            state.clone(),
-            weight,
-            bias,
-            idx,
-            True,
-            PAD_SLOT_ID,
-        ),
+        (torch.empty_like(x).unsqueeze(-1), state.clone(), [x.unsqueeze(-1), weight, bias, idx], True, PAD_SLOT_ID),
     )
     out = causal_conv1d_update(x, state, weight, bias, "silu", idx)  # compile before capture
     graph = torch.cuda.CUDAGraph()

@@ -103,6 +103,24 @@ def _conv_fn(width: int, length: int, *, full: bool = True) -> Callable:
     return call
 
 
+def _conv_train(width: int, length: int, *, full: bool = True, seq_idx: bool = False) -> Callable:
+    """Forward + backward (the recorder runs cases under no_grad)."""
+    def call() -> None:
+        b = 2
+        x, w = _t(b, D_MODEL, length).requires_grad_(), _t(D_MODEL, width).requires_grad_()
+        with torch.enable_grad():
+            if full:
+                bias, init = _t(D_MODEL).requires_grad_(), _t(b, D_MODEL, width - 1).requires_grad_()
+                out, final = causal_conv1d_fn(x, w, bias, "silu", initial_states=init, return_final_states=True)
+                torch.autograd.grad([out, final], [x, w, bias, init], [torch.ones_like(out), torch.ones_like(final)])
+            else:
+                cuts = _idx([0] * (length // 2) + [1] * (length - length // 2), torch.int32)[None].expand(b, -1)
+                out = causal_conv1d_fn(x, w, activation="silu" if seq_idx else None,
+                                       seq_idx=cuts if seq_idx else None)
+                torch.autograd.grad([out], [x, w], [torch.ones_like(out)])
+    return call
+
+
 def _conv_varlen(width: int, bounds: list[int], *, full: bool = True, index: torch.dtype = torch.int32) -> Callable:
     def call() -> None:
         batch = len(bounds) - 1
@@ -151,6 +169,10 @@ for _w in (2, 3, 4):
         f"conv_varlen_W{_w}_short_plain_i64": _conv_varlen(_w, list(range(0, 65, 4)), full=False, index=torch.int64),
         f"conv_update_W{_w}_full": _conv_update(_w),
         f"conv_update_W{_w}_L2_plain": _conv_update(_w, full=False, length=2),
+        f"conv_train_W{_w}_L1024_full": _conv_train(_w, 1024),
+        f"conv_train_W{_w}_L1024_plain": _conv_train(_w, 1024, full=False),
+        f"conv_train_W{_w}_L1024_seq_idx": _conv_train(_w, 1024, full=False, seq_idx=True),
+        f"conv_train_W{_w}_L8_full": _conv_train(_w, 8),
     }
 
 # Cases that spill on sm_90 (none so far): id -> reason, run as strict xfail.
