@@ -34,11 +34,11 @@ def _ssd(dtype: torch.dtype, p: int, n: int, chunk: int, *, full: bool) -> Calla
 def _ssd_train(dtype: torch.dtype, p: int, n: int, chunk: int) -> Callable:
     """Forward + backward of the public op at model head sizes, with every optional input."""
     def call() -> None:
-        b, seqlen, h, g = 1, 300, 4, 2
+        b, length, h, g = 1, 300, 4, 2
         with torch.enable_grad():  # the recorder runs cases under no_grad
-            x, z = (torch.randn(b, seqlen, h, p).to(dtype).requires_grad_() for _ in range(2))
-            dt = torch.randn(b, seqlen, h).to(dtype).requires_grad_()
-            B, C = (torch.randn(b, seqlen, g, n).to(dtype).requires_grad_() for _ in range(2))
+            x, z = (torch.randn(b, length, h, p).to(dtype).requires_grad_() for _ in range(2))
+            dt = torch.randn(b, length, h).to(dtype).requires_grad_()
+            B, C = (torch.randn(b, length, g, n).to(dtype).requires_grad_() for _ in range(2))
             out, final = mamba_chunk_scan_combined(
                 x, dt, -torch.rand(h).requires_grad_(), B, C, chunk, D=torch.randn(h).requires_grad_(), z=z,
                 dt_bias=torch.randn(h).requires_grad_(), initial_states=torch.randn(b, h, p, n).requires_grad_(),
