@@ -10,7 +10,7 @@ Families (one module ``bench/bench_<family>.py`` each, mirroring ``triton_kernel
   mamba               selective scan, batched and packed varlen (mamba/selective_scan.py)
   mamba_state_update  the decode step selective_state_update (mamba/state_update.py)
   mamba_conv          causal_conv1d_fn and causal_conv1d_update (mamba/causal_conv1d.py)
-  mamba2              Mamba-2 SSD prefill, batched and packed varlen (mamba2/ssd.py)
+  mamba2              Mamba-2 SSD: prefill batched and packed varlen, forward+backward (mamba2/ssd.py)
   mamba2_decode       the decode step in its Mamba-2 form, with heads (mamba/state_update.py)
   mamba2_norm         the gated RMSNorm ending each Mamba-2 block (mamba2/rms_norm_gated.py)
 A new ``bench/bench_<name>.py`` with ``run(ctx)`` is picked up as family ``<name>``.

@@ -1,17 +1,22 @@
-"""Mamba-2 SSD prefill benchmarks (``triton_kernels/mamba2/ssd.py``): ``mamba_chunk_scan_combined``
-(batched) and ``mamba_chunk_scan_varlen`` (packed, random initial states in a permuted cache). The
-decode step is ``bench/bench_mamba2_decode.py``, the gated norm ``bench/bench_mamba2_norm.py``.
+"""Mamba-2 SSD benchmarks (``triton_kernels/mamba2/ssd.py``): ``mamba_chunk_scan_combined`` forward
+(batched), its training step (forward + backward: gradients of x, dt, A, B, C, D, dt_bias and a gradient
+flowing in through the final states), and ``mamba_chunk_scan_varlen`` (packed, random initial states in a
+permuted cache). The decode step is ``bench/bench_mamba2_decode.py``, the gated norm
+``bench/bench_mamba2_norm.py``.
 
-Baselines: HF transformers' torch chunked path (``modeling_mamba2.mamba2_chunk_scan``), and on a
-GPU torch.compile of our torch core, our Mamba-1 selective scan at the same state size (``h p``
-channels of state ``n``, B and C shared by the channels of a group as the heads share them), and
-mamba_ssm's Triton ``mamba_chunk_scan_combined`` when it is importable.
+Baselines: HF transformers' torch chunked path (``modeling_mamba2.mamba2_chunk_scan``, what a Mamba2Mixer
+runs and trains with without mamba_ssm; autograd through it for the training rows), and on a GPU
+torch.compile (of our torch core forward, of HF's path for training), our Mamba-1 selective scan at the
+same state size (forward: ``h p`` channels of state ``n``, B and C shared by the channels of a group as the
+heads share them), and mamba_ssm's Triton ``mamba_chunk_scan_combined`` when it is importable.
 
-Cost by formula: bytes = x, z and out (``3 T h p``), dt (``T h``), B and C (``2 T g n``) in the
+Cost by formula: forward bytes = x, z and out (``3 T h p``), dt (``T h``), B and C (``2 T g n``) in the
 input dtype, plus the fp32 states read and written; FLOPs of the chunked form with chunk ``L``:
-``2 T L (g n + h p)`` for the intra-chunk scores and their product with x, plus ``4 T h p n``
-for the state in and out. On CUDA each row also reports the peak memory it allocates above its
-inputs (``extra["peak_mib"]``).
+``2 T L (g n + h p)`` for the intra-chunk scores and their product with x, plus ``4 T h p n`` for the
+state in and out. Training bytes = the forward's (x, out, dt, B, C) plus the backward's reads (x, dt, B,
+C, dout) and writes (dx, ddt, dB, dC) in the input dtype, plus the fp32 final state and its gradient;
+FLOPs = 3x the forward's (the backward does about twice the forward's matmuls). On CUDA each row also
+reports the peak memory it allocates above its inputs (``extra["peak_mib"]``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ FAMILY = "mamba2"
 VARLEN_LENGTHS_GPU = (3000, 2048, 1500, 1024, 512, 100, 7, 1)  # 8192 tokens
 VARLEN_LENGTHS_CPU = (1000, 700, 300, 47, 1)  # 2048 tokens
 VARLEN_LENGTHS_CPU_QUICK = (500, 350, 150, 23, 1)  # 1024 tokens
+TRAIN_LEAVES = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -166,6 +172,53 @@ def _varlen_rows(ctx: Context, lengths: tuple[int, ...], h: int, p: int, g: int,
     return _ours_rows(ctx, case, dtype, lambda a: mamba_chunk_scan_varlen(chunk_size=chunk, **a), sets, *cost)
 
 
+def _train_inputs(b: int, seqlen: int, h: int, p: int, g: int, n: int, dtype: torch.dtype, device) -> dict:
+    """:func:`_inputs` (no z) with the leaves requiring grad, plus the incoming gradients: dout
+    ``[b, l, h, p]`` and dfinal ``[b, h, p, n]`` (fp32)."""
+    a = _inputs(b, seqlen, h, p, g, n, dtype, device)
+    del a["z"]
+    for k in TRAIN_LEAVES:
+        a[k].requires_grad_(True)
+    return dict(a, dout=torch.randn_like(a["x"]), dfinal=torch.randn(b, h, p, n, device=device))
+
+
+def _train_cost(tokens: int, h: int, p: int, g: int, n: int, chunk: int, elt: int, b: int) -> tuple[float, float]:
+    nbytes = elt * tokens * (5 * h * p + 4 * h + 8 * g * n) + 2 * 4 * b * h * p * n
+    return float(nbytes), 3 * _cost(tokens, h, p, g, n, chunk, elt, 0)[1]
+
+
+def _train_step(scan, chunk: int):
+    """One forward + backward through ``scan`` (mamba_ssm's signature) on a :func:`_train_inputs` set."""
+    def fn(a: dict):
+        out, final = scan(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk, D=a["D"], dt_bias=a["dt_bias"],
+                          dt_softplus=True, return_final_states=True)
+        return torch.autograd.grad((out, final), [a[k] for k in TRAIN_LEAVES], (a["dout"], a["dfinal"]))
+
+    return fn
+
+
+def _hf_scan(*args, **kwargs):
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    return mamba2_chunk_scan(*args, **kwargs)
+
+
+def _train_rows(ctx: Context, b: int, seqlen: int, h: int, p: int, g: int, n: int, chunk: int,
+                dtype: torch.dtype) -> list[Row]:
+    sets = ctx.input_sets(lambda: _train_inputs(b, seqlen, h, p, g, n, dtype, ctx.device))
+    case = f"ssd-fwd+bwd-b{b}-L{seqlen}-h{h}-p{p}-g{g}-n{n}-c{chunk}-{_name(dtype)}"
+    cost = _train_cost(b * seqlen, h, p, g, n, chunk, sets[0]["x"].element_size(), b)
+    rows = _ours_rows(ctx, case, dtype, _train_step(mamba_chunk_scan_combined, chunk), sets, *cost)
+    baselines = [("HF transformers torch chunked (autograd)", _train_step(_hf_scan, chunk))]
+    if ctx.device.type == "cuda":
+        baselines.append(("torch.compile(HF torch chunked)", _train_step(torch.compile(_hf_scan), chunk)))
+        if importlib.util.find_spec("mamba_ssm") is not None:
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as mamba_ssm_scan
+
+            baselines.append(("mamba_ssm triton", _train_step(mamba_ssm_scan, chunk)))
+    return rows + [_row(ctx, case, impl, fn, sets, *cost) for impl, fn in baselines]
+
+
 def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     if ctx.device.type == "cuda":
@@ -174,9 +227,13 @@ def run(ctx: Context) -> list[Row]:
                                                    for g in (1, 8)]
         for b, seqlen, g in shapes:
             rows += _batched_rows(ctx, b, seqlen, 64, 64, g, 128, 256, bf16)
+        for b, seqlen, g in shapes:
+            rows += _train_rows(ctx, b, seqlen, 64, 64, g, 128, 256, bf16)
         rows += _varlen_rows(ctx, VARLEN_LENGTHS_GPU, 64, 64, 8, 128, 256, bf16)
     else:
-        rows += _batched_rows(ctx, 1, 1024 if ctx.quick else 2048, 32, 64, 1, 64, 256, torch.float32)
+        seqlen = 1024 if ctx.quick else 2048
+        rows += _batched_rows(ctx, 1, seqlen, 32, 64, 1, 64, 256, torch.float32)
+        rows += _train_rows(ctx, 1, seqlen, 32, 64, 1, 64, 256, torch.float32)
         rows += _varlen_rows(ctx, VARLEN_LENGTHS_CPU_QUICK if ctx.quick else VARLEN_LENGTHS_CPU, 32, 64, 1, 64, 256,
                              torch.float32)
     return rows

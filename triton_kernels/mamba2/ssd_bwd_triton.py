@@ -228,13 +228,13 @@ def _ssd_bwd_dx_kernel(
             to_end = tl.exp(tl.load(cum_base + length - 1) - b_cum_m)
             x_base = x_ptr + start * stride_x_t + i_h * stride_x_h
             dy_base = dy_ptr + start * stride_dy_t + i_h * stride_dy_h
-            b_x = tl.load(x_base + o_m[:, None] * stride_x_t + o_p[None, :] * stride_x_p, mask=m_mp, other=0.0)
-            b_u = (b_x.to(tl.float32) * b_dt_m[:, None]).to(dot_ty)
+            p_x = x_base + o_m[:, None] * stride_x_t + o_p[None, :] * stride_x_p
+            b_u = (tl.load(p_x, mask=m_mp, other=0.0).to(tl.float32) * b_dt_m[:, None]).to(dot_ty)
             p_dh = (dstates_ptr + (i_c + seq + 1) * stride_st_s + i_h * stride_st_h + o_n[:, None] * stride_st_n
                     + o_p[None, :] * stride_st_p)
             b_dh = tl.load(p_dh, mask=m_n[:, None] & m_p[None, :], other=0.0).to(dot_ty)  # [BLOCK_N, BLOCK_P]
             acc_du = tl.dot(b_b, b_dh, input_precision=DOT_PRECISION) * to_end[:, None]
-            acc_db = tl.dot(b_u, tl.trans(b_dh), input_precision=DOT_PRECISION) * to_end[:, None]
+            acc_db_g += tl.dot(b_u, tl.trans(b_dh), input_precision=DOT_PRECISION) * to_end[:, None]
             for k0 in range(m0, length, BLOCK_K):  # t >= s
                 o_t = k0 + o_k
                 m_t = o_t < length
@@ -248,9 +248,9 @@ def _ssd_bwd_dx_kernel(
                 b_bc = tl.dot(b_b, tl.trans(b_ct), input_precision=DOT_PRECISION) * decay  # [BLOCK_M, BLOCK_K]
                 acc_du += tl.dot(b_bc.to(dot_ty), b_dyt, input_precision=DOT_PRECISION)
                 b_udy = tl.dot(b_u, tl.trans(b_dyt), input_precision=DOT_PRECISION) * decay
-                acc_db += tl.dot(b_udy.to(dot_ty), b_ct, input_precision=DOT_PRECISION)
-            tl.store(xdu_ptr + i_h * num_tokens + start + o_m, tl.sum(b_x.to(tl.float32) * acc_du, axis=1),
-                     mask=m_m)
+                acc_db_g = tl.dot(b_udy.to(dot_ty), b_ct, acc_db_g, input_precision=DOT_PRECISION)
+            b_x = tl.load(p_x, mask=m_mp, other=0.0).to(tl.float32)  # reloaded: shorter live range
+            tl.store(xdu_ptr + i_h * num_tokens + start + o_m, tl.sum(b_x * acc_du, axis=1), mask=m_m)
             b_dx = acc_du * b_dt_m[:, None]
             if HAS_D:
                 b_d = tl.load(d_ptr + i_h * stride_d_h + o_p * stride_d_p, mask=m_p, other=0.0).to(tl.float32)
@@ -260,7 +260,6 @@ def _ssd_bwd_dx_kernel(
             p_dx = (dx_ptr + start * stride_dx_t + i_h * stride_dx_h + o_m[:, None] * stride_dx_t
                     + o_p[None, :] * stride_dx_p)
             tl.store(p_dx, b_dx.to(dx_ptr.dtype.element_ty), mask=m_mp)
-            acc_db_g += acc_db
         groups = tl.num_programs(2) // n_split
         p_db = db_ptr + ((i_s * num_tokens + start + o_m[:, None]) * groups + i_g) * dstate + o_n[None, :]
         tl.store(p_db, acc_db_g, mask=m_mn)
@@ -315,8 +314,7 @@ def _ssd_bwd_dc_kernel(
         m_m, m_p, m_n = o_m < length, o_p < headdim, o_n < dstate
         m_mp, m_mn = m_m[:, None] & m_p[None, :], m_m[:, None] & m_n[None, :]
         b_base = b_ptr + start * stride_b_t + i_g * stride_b_g
-        b_c = tl.load(c_ptr + (start + o_m[:, None]) * stride_c_t + i_g * stride_c_g + o_n[None, :] * stride_c_n,
-                      mask=m_mn, other=0.0).to(tl.float32)
+        p_c = c_ptr + (start + o_m[:, None]) * stride_c_t + i_g * stride_c_g + o_n[None, :] * stride_c_n
         acc_dc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for hh in range(0, heads_per_split):
             i_h = i_g * heads_per_group + i_s * heads_per_split + hh
@@ -326,10 +324,17 @@ def _ssd_bwd_dc_kernel(
             x_base = x_ptr + start * stride_x_t + i_h * stride_x_h
             b_dy = tl.load(dy_ptr + (start + o_m[:, None]) * stride_dy_t + i_h * stride_dy_h
                            + o_p[None, :] * stride_dy_p, mask=m_mp, other=0.0).to(dot_ty)
-            p_h = (states_ptr + (i_c + seq) * stride_st_s + i_h * stride_st_h + o_p[:, None] * stride_st_p
-                   + o_n[None, :] * stride_st_n)
-            b_h = tl.load(p_h, mask=m_p[:, None] & m_n[None, :], other=0.0).to(dot_ty)  # [BLOCK_P, BLOCK_N]
-            acc_dc = tl.dot(b_dy, b_h, input_precision=DOT_PRECISION) * tl.exp(b_cum_m)[:, None]
+            h_base = states_ptr + (i_c + seq) * stride_st_s + i_h * stride_st_h
+            acc_dc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for p0 in range(0, headdim, BLOCK_K):  # the entering state in p slices, never all [p, n] in registers
+                o_pk = p0 + o_k
+                m_pk = o_pk < headdim
+                b_dyk = tl.load(dy_ptr + (start + o_m[:, None]) * stride_dy_t + i_h * stride_dy_h
+                                + o_pk[None, :] * stride_dy_p, mask=m_m[:, None] & m_pk[None, :], other=0.0)
+                b_hk = tl.load(h_base + o_pk[:, None] * stride_st_p + o_n[None, :] * stride_st_n,
+                               mask=m_pk[:, None] & m_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+                acc_dc += tl.dot(b_dyk.to(dot_ty), b_hk.to(dot_ty), input_precision=DOT_PRECISION)
+            acc_dc *= tl.exp(b_cum_m)[:, None]
             for k0 in range(0, tl.minimum(m0 + BLOCK_M, length), BLOCK_K):  # s <= t
                 o_s = k0 + o_k
                 m_s = o_s < length
@@ -344,6 +349,7 @@ def _ssd_bwd_dc_kernel(
                 decay = tl.exp(tl.where(causal, b_cum_m[:, None] - b_cum_s[None, :], float("-inf")))
                 b_dyu = tl.dot(b_dy, tl.trans(b_us), input_precision=DOT_PRECISION) * decay  # [BLOCK_M, BLOCK_K]
                 acc_dc += tl.dot(b_dyu.to(dot_ty), b_bs, input_precision=DOT_PRECISION)
+            b_c = tl.load(p_c, mask=m_mn, other=0.0).to(tl.float32)  # reloaded per head: shorter live range
             tl.store(dsy_ptr + i_h * num_tokens + start + o_m, tl.sum(b_c * acc_dc, axis=1), mask=m_m)
             acc_dc_g += acc_dc
         groups = tl.num_programs(2) // n_split
@@ -413,12 +419,12 @@ class _BwdConfig(NamedTuple):
     warps: int
 
 
-# Keyed by "x is fp32". Not yet tuned on a GPU: 16-bit at [64, 32] blocks with 8 warps (the
-# [64, p] + 2 x [64, n] fp32 accumulators), fp32 on FMA units at [32, 32].
-_BWD_CONFIGS = {
-    False: _BwdConfig(block_m=64, block_k=32, warps=8),
-    True: _BwdConfig(block_m=32, block_k=32, warps=4),
-}
+# Launches C and D compile for sm_90 with no stack at p 64, n 64 / 128 / 256 in every dtype
+# (tests/triton_kernels/mamba2/test_sm90_compile.py); not yet timed on a GPU. 16-bit inputs with n <= 128
+# take [64, 32] blocks, 8 warps. Wider states ([64, 256] fp32 accumulators beside the wgmma operands) and
+# fp32 (FMA dots, whose operands are replicated across threads) spill there: [16, 16] blocks.
+_BWD_CONFIG_16BIT = _BwdConfig(block_m=64, block_k=32, warps=8)
+_BWD_CONFIG_SMALL = _BwdConfig(block_m=16, block_k=16, warps=8)
 # Launches C and D split a group's heads over programs until about this many programs run.
 _TARGET_PROGRAMS = 512
 
@@ -485,7 +491,7 @@ def ssd_core_bwd_triton(
     n_pn = triton.cdiv(headdim, block_p) * triton.cdiv(dstate, block_n)
     pass_p, pass_n = _pow2(headdim, 16, 32), _pow2(dstate, 16, 128)
     n_pass = triton.cdiv(headdim, pass_p) * triton.cdiv(dstate, pass_n)
-    cfg = _BWD_CONFIGS[fp32]
+    cfg = _BWD_CONFIG_16BIT if not fp32 and dstate <= 128 else _BWD_CONFIG_SMALL
     block_m = _pow2(chunk_size, 16, cfg.block_m)
     n_mb = triton.cdiv(chunk_size, block_m)
     heads_per_group = nheads // ngroups
