@@ -359,7 +359,7 @@ void selective_scan_bwd_cpu(const at::Tensor& du, const at::Tensor& ddelta, cons
                          {&u, "u"}, {dz ? &*dz : &u, "dz"}, {z ? &*z : &u, "z"}}) {
     check_f32(*t, name);
     check_sizes(*t, {bsz, dim, seqlen}, name);
-    TORCH_CHECK(seqlen <= 1 || t->stride(2) == 1, "selective_scan_bwd_cpu: ", name, " needs unit stride along L");
+    TORCH_CHECK(t->numel() == 0 || seqlen <= 1 || t->stride(2) == 1, "selective_scan_bwd_cpu: ", name, " needs unit stride along L");
   }
   for (auto [t, name] : {std::pair{D ? &*D : nullptr, "D"}, {dD ? &*dD : nullptr, "dD"},
                          {delta_bias ? &*delta_bias : nullptr, "delta_bias"},
@@ -373,6 +373,7 @@ void selective_scan_bwd_cpu(const at::Tensor& du, const at::Tensor& ddelta, cons
     check_sizes(*dlast, {bsz, dim, dstate}, "dlast");
   }
   // B/C and dB/dC: [D, N] per channel, or [Bt, G, L, N] grouped with G dividing D; unit stride along N
+  // (an empty tensor keeps any strides through .contiguous(), and is never read)
   int64_t groups = 1;
   for (auto [M, dM, name] : {std::tuple{&B, &dB, "B"}, {&C, &dC, "C"}}) {
     if (M->dim() == 2) {
@@ -386,7 +387,7 @@ void selective_scan_bwd_cpu(const at::Tensor& du, const at::Tensor& ddelta, cons
     }
     check_sizes(*dM, M->sizes(), name[0] == 'B' ? "dB" : "dC");
     for (const at::Tensor* t : {M, dM})
-      TORCH_CHECK(dstate <= 1 || t->stride(-1) == 1, "selective_scan_bwd_cpu: ", name, " and its grad need unit "
+      TORCH_CHECK(t->numel() == 0 || dstate <= 1 || t->stride(-1) == 1, "selective_scan_bwd_cpu: ", name, " and its grad need unit "
                   "stride along N");
   }
   const bool b_grouped = B.dim() == 4, c_grouped = C.dim() == 4;
