@@ -46,10 +46,11 @@ def add_lora_linear_batched(
     of ``x`` to ``[n, M, H_in]`` (a view of the sorted indices when the groups are all of one
     length), per slice two batched matmuls over views of the weights' slot range, one scatter of
     the valid rows into ``y``; when one slot owns every token, plain matmuls into ``y``. Falls
-    back to the per-group loop when a slot has two groups, when padding would more than double
-    the rows, or when the slots of the range differ in rank (a rank here slices the weights, so
-    rows and columns past it are never read). Reads the group table and the ranks on the host in
-    one copy (one sync on a GPU; the loop takes several).
+    back to the per-group loop when a slot has two groups or when padding would more than double
+    the rows. Slots of one rank use views of their rows and columns; slots of mixed ranks run at
+    the largest rank in use, with the shrink output and a copy of B zeroed past each slot's rank
+    (so whatever A and B hold there, NaN included, never reaches ``y``). Reads the group table
+    and the ranks on the host in one copy (one sync on a GPU; the loop takes several).
     """
     table = group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids, lora_ranks)
     counts, starts, ids, ranks = table
@@ -64,17 +65,16 @@ def add_lora_linear_batched(
         segments = slot_segments(sorted_indices, num_tokens_per_lora, lora_token_start_loc, lora_ids)
         add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
         return
-    rank = lora_a[0].shape[1]
+    rank, n, dev, dt = lora_a[0].shape[1], hi - lo, x.device, compute_dtype(x)
+    cut = None  # [n, 1, rank] bool, True past each slot's rank: only when the ranks differ
     if ranks is not None:
-        in_use = set(ranks[lo:hi])  # every slot of the range at one rank: weight views
-        if len(in_use) != 1:
-            segments = slot_segments(sorted_indices, num_tokens_per_lora, lora_token_start_loc, lora_ids)
-            add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
-            return
-        rank = in_use.pop()
+        rank = max(ranks[slot] for slot in live)
         if rank == 0:
             return
-    n, dev, dt = hi - lo, x.device, compute_dtype(x)
+        span_ranks = [min(ranks[slot], rank) if slot in live else rank for slot in range(lo, hi)]
+        if min(span_ranks) < rank:
+            cut = torch.tensor(span_ranks, dtype=torch.int64).to(dev, non_blocking=True)
+            cut = (torch.arange(rank, device=dev) >= cut[:, None]).unsqueeze(1)
     if n == 1 and total == x.shape[0]:  # one slot owns every token: no gather, no scatter
         _add_one_slot(y, x, lora_a, lora_b, scale, lo, rank, dt)
         return
@@ -102,6 +102,9 @@ def add_lora_linear_batched(
         if cast:
             a, b = a.to(dt), b.to(dt)
         h = torch.bmm(xg, a.mT)  # [n, M, r]
+        if cut is not None:  # past a slot's rank: zeros, whatever A and B hold there (NaN too)
+            h.masked_fill_(cut, 0)
+            b = b.masked_fill_(cut, 0) if cast else b.masked_fill(cut, 0)
         rows.narrow(2, col, b.shape[1]).baddbmm_(h, b.mT, beta=0, alpha=scale)
         col += b.shape[1]
     rows, tok = rows.view(n * longest, -1), tok.flatten()

@@ -113,12 +113,12 @@ def test_rank_costs_only_its_rows():
         pytest.param(6, None, (8, 8, 5, 8), (2, 2, 2, 2, 2, 2), id="one-slot-all-tokens-rank5"),
         pytest.param(6, None, (4, 4, 4, 4), (2, -1, 2, 2, -1, 2), id="one-slot-view"),
         pytest.param(200, "skewed", None, None, id="skewed-T200-loop-fallback"),
-        pytest.param(12, "interleaved", (8, 2, 8, 8), None, id="mixed-ranks-loop-fallback"),
+        pytest.param(12, "interleaved", (8, 2, 8, 8), None, id="mixed-ranks-masked"),
     ],
 )
 def test_torch_backend_batched_paths(num_tokens, kind, ranks, mapping, dtype):
     """The torch backend's batched form (padded groups, views of the sorted indices, one rank per
-    range) and its loop fallbacks, with NaN in every weight row and column past a slot's rank."""
+    range, mixed ranks masked) and its loop fallback, with NaN in every weight row and column past a slot's rank."""
     rank, widths = 8, (20, 9, 9)
     if mapping is None:
         mapping = token_mapping(kind, num_tokens, NUM_SLOTS)
