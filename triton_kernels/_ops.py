@@ -36,13 +36,17 @@ class EagerOp:
         return self.fn(*args)
 
 
-def destination_op(name: str, mutates_args: Sequence[str]) -> Callable[[Callable[..., None]], EagerOp]:
+def destination_op(
+    name: str, mutates_args: Sequence[str], fake: Callable[..., None] | None = None
+) -> Callable[[Callable[..., None]], EagerOp]:
     """Decorator: register ``fn`` as ``torch.ops.ifk.<name>`` (schema from its annotations; it must
-    return ``None`` and write only into ``mutates_args``) and return its :class:`EagerOp`."""
+    return ``None`` and write only into ``mutates_args``) and return its :class:`EagerOp`. ``fake``,
+    when given, is the fake implementation instead of the trivial one (e.g. one that checks the
+    shapes, so a bad call fails while ``torch.compile`` traces); it too returns ``None``."""
 
     def register(fn: Callable[..., None]) -> EagerOp:
         op = torch.library.custom_op(f"ifk::{name}", mutates_args=tuple(mutates_args))(fn)
-        op.register_fake(_no_output)
+        op.register_fake(fake or _no_output)
         return EagerOp(name, fn)
 
     return register

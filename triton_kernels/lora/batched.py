@@ -10,9 +10,36 @@ from __future__ import annotations
 import torch
 
 from triton_kernels._alloc import empty
+from triton_kernels._data_checks import check_once
 from triton_kernels.lora.reference import add_lora_linear_ref, compute_dtype, group_table, slot_segments
 
-BATCHED_MAX_PADDING = 2  # padded rows (slots x longest group) at most 2x the LoRA tokens, else loop
+# The batched form pads every slot of the range to the longest group and the largest rank; the
+# per-slot loop pays, per slot, ~50 us of Python and op overhead on a CPU core (about 2^19
+# multiply-adds). Batched while the padded work costs less than the loop's overhead, else the loop.
+BATCHED_SLOT_MACS = 2**19
+
+
+class _NonZeroPaddingError(Exception):
+    """Raised by :func:`_zero_past_ranks`' check: not cached, so the weights are read again next time."""
+
+
+def _zero_past_ranks(lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], lora_ranks: torch.Tensor) -> bool:
+    """True when every A row and B column past its slot's rank is exactly zero (as
+    ``pyiface.LoRASlots`` keeps them): the slots can then run at one larger rank unmasked, since
+    the padding adds exact zeros. Read once per version of the weights and ranks (one host read;
+    cached like a passed value check), every call while it fails (e.g. NaN padding)."""
+
+    def check() -> None:
+        past = torch.arange(lora_a[0].shape[1], device=lora_ranks.device) >= lora_ranks[:, None]  # [L, R]
+        counts = [t.count_nonzero() for a, b in zip(lora_a, lora_b) for t in (a[past], b.mT[past])]
+        if int(torch.stack(counts).sum()):
+            raise _NonZeroPaddingError
+
+    try:
+        check_once(check, (lora_ranks, *lora_a, *lora_b))
+    except _NonZeroPaddingError:
+        return False
+    return True
 
 
 def _add_one_slot(y, x, lora_a, lora_b, scale, slot, rank, dt) -> None:
@@ -46,10 +73,14 @@ def add_lora_linear_batched(
     of ``x`` to ``[n, M, H_in]`` (a view of the sorted indices when the groups are all of one
     length), per slice two batched matmuls over views of the weights' slot range, one scatter of
     the valid rows into ``y``; when one slot owns every token, plain matmuls into ``y``. Falls
-    back to the per-group loop when a slot has two groups, when padding would more than double
-    the rows, or when the slots of the range differ in rank (a rank here slices the weights, so
-    rows and columns past it are never read). Reads the group table and the ranks on the host in
-    one copy (one sync on a GPU; the loop takes several).
+    back to the per-group loop when a slot has two groups, or when the multiply-adds spent on
+    padding (rows to the longest group, ranks to the largest) cost more than the loop's per-slot
+    overhead (:data:`BATCHED_SLOT_MACS` per slot): decode batches run batched, long prefill groups
+    of mixed ranks in the loop, each slot at its rank. Slots of one rank use views of their rows
+    and columns; slots of mixed ranks run at the largest rank in use: as they are where the
+    weights are zero past each slot's rank, else with the shrink output and a copy of B zeroed
+    there (so whatever A and B hold past a rank, NaN included, never reaches ``y``). Reads the
+    group table and the ranks on the host in one copy (one sync on a GPU; the loop takes several).
     """
     table = group_table(num_tokens_per_lora, lora_token_start_loc, lora_ids, lora_ranks)
     counts, starts, ids, ranks = table
@@ -59,22 +90,22 @@ def add_lora_linear_batched(
     lo, hi = min(live), max(live) + 1
     longest = max(count for _, count in live.values())
     total = sum(count for _, count in live.values())
+    capacity = lora_a[0].shape[1]
+    slot_rank = {slot: capacity if ranks is None else min(ranks[slot], capacity) for slot in live}
+    rank, n, dev, dt = max(slot_rank.values()), hi - lo, x.device, compute_dtype(x)
+    if rank == 0:
+        return
+    padded = n * longest * rank - sum(count * slot_rank[slot] for slot, (_, count) in live.items())
     duplicated = sum(1 for slot, count in zip(ids, counts) if slot >= 0 and count > 0) != len(live)
-    if duplicated or (hi - lo) * longest > BATCHED_MAX_PADDING * total + 64:
+    if duplicated or padded * (x.shape[1] + y.shape[1]) > BATCHED_SLOT_MACS * len(live):
         segments = slot_segments(sorted_indices, num_tokens_per_lora, lora_token_start_loc, lora_ids)
         add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
         return
-    rank = lora_a[0].shape[1]
-    if ranks is not None:
-        in_use = set(ranks[lo:hi])  # every slot of the range at one rank: weight views
-        if len(in_use) != 1:
-            segments = slot_segments(sorted_indices, num_tokens_per_lora, lora_token_start_loc, lora_ids)
-            add_lora_linear_ref(y, x, lora_a, lora_b, scale, segments, lora_ranks)
-            return
-        rank = in_use.pop()
-        if rank == 0:
-            return
-    n, dev, dt = hi - lo, x.device, compute_dtype(x)
+    cut = None  # [n, 1, rank] bool, True past each slot's rank: only when the ranks differ
+    span_ranks = [slot_rank.get(slot, rank) for slot in range(lo, hi)]
+    if min(span_ranks) < rank and not _zero_past_ranks(lora_a, lora_b, lora_ranks):
+        cut = torch.tensor(span_ranks, dtype=torch.int64).to(dev, non_blocking=True)
+        cut = (torch.arange(rank, device=dev) >= cut[:, None]).unsqueeze(1)
     if n == 1 and total == x.shape[0]:  # one slot owns every token: no gather, no scatter
         _add_one_slot(y, x, lora_a, lora_b, scale, lo, rank, dt)
         return
@@ -102,6 +133,9 @@ def add_lora_linear_batched(
         if cast:
             a, b = a.to(dt), b.to(dt)
         h = torch.bmm(xg, a.mT)  # [n, M, r]
+        if cut is not None:  # past a slot's rank: zeros, whatever A and B hold there (NaN too)
+            h.masked_fill_(cut, 0)
+            b = b.masked_fill_(cut, 0) if cast else b.masked_fill(cut, 0)
         rows.narrow(2, col, b.shape[1]).baddbmm_(h, b.mT, beta=0, alpha=scale)
         col += b.shape[1]
     rows, tok = rows.view(n * longest, -1), tok.flatten()

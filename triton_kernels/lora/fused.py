@@ -36,6 +36,7 @@ import triton.language as tl
 from triton_kernels import _alloc
 from triton_kernels._checks import INDEX_DTYPES, check_shape, check_tensor, on_device
 from triton_kernels._data_checks import check_once
+from triton_kernels._ops import destination_op
 from triton_kernels.lora._args import (
     NUM_META,
     check_float,
@@ -323,7 +324,12 @@ FUSED_INPUTS = (("x", "lora_ranks"), ("lora_a_stacked", "lora_b_stacked"))
 BACKWARD_INPUTS = (("grad", "x", "lora_ranks"), ("lora_a_stacked", "lora_b_stacked"))
 
 
-@torch.library.custom_op("ifk::add_lora_linear", mutates_args=("y",))
+def _add_lora_linear_fake(y, inputs, scale) -> None:
+    (x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("add_lora_linear", inputs, *FUSED_INPUTS)
+    _check_fused(x, lora_a, lora_b, meta, lora_ranks, y)
+
+
+@destination_op("add_lora_linear", mutates_args=("y",), fake=_add_lora_linear_fake)
 def _add_lora_linear_op(y: torch.Tensor, inputs: list[torch.Tensor | None], scale: float) -> None:
     """Destination-passing core of :func:`add_lora_linear` and of :func:`lora_linear`'s forward:
     ``y`` ``[T, sum n_s]`` updated at the rows of LoRA tokens; ``inputs`` = ``[x [T, H_in],
@@ -337,12 +343,6 @@ def _add_lora_linear_op(y: torch.Tensor, inputs: list[torch.Tensor | None], scal
     _add_into(y, x, lora_a, lora_b, scale, meta, lora_ranks)
 
 
-@_add_lora_linear_op.register_fake
-def _(y, inputs, scale) -> None:
-    (x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("add_lora_linear", inputs, *FUSED_INPUTS)
-    _check_fused(x, lora_a, lora_b, meta, lora_ranks, y)
-
-
 def _check_grads(dx, da, db, x, lora_a, lora_b) -> None:
     """The destinations of :func:`_lora_linear_backward_op` (3-D weights, checked)."""
     num_slots, rank, hidden = lora_a[0].shape
@@ -353,7 +353,13 @@ def _check_grads(dx, da, db, x, lora_a, lora_b) -> None:
         check_shape(name, check_tensor(name, t, dtypes=(dtype,), device=x.device), shape)
 
 
-@torch.library.custom_op("ifk::lora_linear_backward", mutates_args=("dx", "da", "db"))
+def _lora_linear_backward_fake(dx, da, db, inputs, scale) -> None:
+    (grad, x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("lora_linear_backward", inputs, *BACKWARD_INPUTS)
+    lora_a, lora_b = _check_fused(x, lora_a, lora_b, meta, lora_ranks, grad)
+    _check_grads(dx, da, db, x, lora_a, lora_b)
+
+
+@destination_op("lora_linear_backward", mutates_args=("dx", "da", "db"), fake=_lora_linear_backward_fake)
 def _lora_linear_backward_op(
     dx: torch.Tensor, da: torch.Tensor, db: torch.Tensor, inputs: list[torch.Tensor | None], scale: float
 ) -> None:
@@ -371,13 +377,6 @@ def _lora_linear_backward_op(
         out.copy_(value)
 
 
-@_lora_linear_backward_op.register_fake
-def _(dx, da, db, inputs, scale) -> None:
-    (grad, x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("lora_linear_backward", inputs, *BACKWARD_INPUTS)
-    lora_a, lora_b = _check_fused(x, lora_a, lora_b, meta, lora_ranks, grad)
-    _check_grads(dx, da, db, x, lora_a, lora_b)
-
-
 class _LoRALinearFn(torch.autograd.Function):
     """Forward: ``ifk::add_lora_linear`` into a zeroed delta; backward: ``ifk::lora_linear_backward``.
     The tensors come one by one (``x, lora_ranks, *meta, *lora_a, *lora_b``), so autograd sees each
@@ -386,7 +385,7 @@ class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scale: float, num_slices: int, x, lora_ranks, *tensors):
         delta = x.new_zeros((x.shape[0], sum(b.shape[1] for b in tensors[NUM_META + num_slices :])))
-        torch.ops.ifk.add_lora_linear(delta, [x, lora_ranks, *tensors], scale)
+        _add_lora_linear_op(delta, [x, lora_ranks, *tensors], scale)
         ctx.save_for_backward(x, lora_ranks, *tensors)
         ctx.scale, ctx.num_slices = scale, num_slices
         return delta
@@ -399,7 +398,7 @@ class _LoRALinearFn(torch.autograd.Function):
         dx = _alloc.empty_like(x)
         da = _alloc.empty((ctx.num_slices, num_slots, rank, hidden), lora_a[0].dtype, x.device)
         db = _alloc.empty((num_slots, grad.shape[1], rank), lora_b[0].dtype, x.device)
-        torch.ops.ifk.lora_linear_backward(dx, da, db, [grad.contiguous(), x, lora_ranks, *tensors], ctx.scale)
+        _lora_linear_backward_op(dx, da, db, [grad.contiguous(), x, lora_ranks, *tensors], ctx.scale)
         widths = [b.shape[1] for b in lora_b]
         return None, None, dx, None, *(None,) * NUM_META, *da.unbind(0), *db.split(widths, dim=1)
 
@@ -466,7 +465,7 @@ def add_lora_linear(
     widths = tuple(b.shape[1] for b in lora_b)
     if tuple(output_slices) != widths:
         raise ValueError(f"output_slices {tuple(output_slices)} differ from the widths of lora_b_stacked {widths}")
-    torch.ops.ifk.add_lora_linear(y, [x, lora_ranks, *meta_args, *lora_a, *lora_b], float(scale))
+    _add_lora_linear_op(y, [x, lora_ranks, *meta_args, *lora_a, *lora_b], float(scale))
     return y
 
 

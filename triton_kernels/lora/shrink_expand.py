@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels._checks import check_tensor, on_device
+from triton_kernels._ops import destination_op
 from triton_kernels.lora._args import (
     check_float,
     check_meta_args,
@@ -336,7 +337,12 @@ SHRINK_INPUTS = (("inputs",), ("lora_a_weights",))
 EXPAND_INPUTS = (("inputs",), ("lora_b_weights",))
 
 
-@torch.library.custom_op("ifk::lora_shrink", mutates_args=("output_tensor",))
+def _lora_shrink_fake(output_tensor, inputs, scaling) -> None:
+    (x,), meta_args, (lora_a_weights,) = split_inputs("lora_shrink", inputs, *SHRINK_INPUTS)
+    _check_shrink(x, lora_a_weights, output_tensor, meta_args)
+
+
+@destination_op("lora_shrink", mutates_args=("output_tensor",), fake=_lora_shrink_fake)
 def _lora_shrink_op(output_tensor: torch.Tensor, inputs: list[torch.Tensor | None], scaling: float) -> None:
     """Destination-passing core of :func:`lora_shrink`: ``output_tensor`` ``[S, T, R]`` written;
     ``inputs`` = ``[inputs [T, H_in], *meta_args (the six of LoRAKernelMeta.meta_args), *lora_a_weights
@@ -355,13 +361,12 @@ def _lora_shrink_op(output_tensor: torch.Tensor, inputs: list[torch.Tensor | Non
         _launch_shrink(x, weights, output_tensor, *meta, scaling)
 
 
-@_lora_shrink_op.register_fake
-def _(output_tensor, inputs, scaling) -> None:
-    (x,), meta_args, (lora_a_weights,) = split_inputs("lora_shrink", inputs, *SHRINK_INPUTS)
-    _check_shrink(x, lora_a_weights, output_tensor, meta_args)
+def _lora_expand_fake(output_tensor, inputs, offset_start, add_inputs) -> None:
+    (x,), meta_args, (lora_b_weights,) = split_inputs("lora_expand", inputs, *EXPAND_INPUTS)
+    _check_expand(x, lora_b_weights, output_tensor, meta_args, offset_start)
 
 
-@torch.library.custom_op("ifk::lora_expand", mutates_args=("output_tensor",))
+@destination_op("lora_expand", mutates_args=("output_tensor",), fake=_lora_expand_fake)
 def _lora_expand_op(
     output_tensor: torch.Tensor, inputs: list[torch.Tensor | None], offset_start: int, add_inputs: bool
 ) -> None:
@@ -380,12 +385,6 @@ def _lora_expand_op(
         return
     with on_device(x.device):
         _launch_expand(x, weights, output_tensor, *meta, offset_start, add_inputs)
-
-
-@_lora_expand_op.register_fake
-def _(output_tensor, inputs, offset_start, add_inputs) -> None:
-    (x,), meta_args, (lora_b_weights,) = split_inputs("lora_expand", inputs, *EXPAND_INPUTS)
-    _check_expand(x, lora_b_weights, output_tensor, meta_args, offset_start)
 
 
 def lora_shrink(
@@ -424,7 +423,7 @@ def lora_shrink(
     weights = check_weights("lora_a_weights", lora_a_weights, x.dtype, x.device)
     meta = [token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
             lora_ids, no_lora_flag_cpu]  # fmt: skip
-    torch.ops.ifk.lora_shrink(output_tensor, [x, *meta, *weights], float(scaling))
+    _lora_shrink_op(output_tensor, [x, *meta, *weights], float(scaling))
 
 
 def lora_expand(
@@ -461,4 +460,4 @@ def lora_expand(
     weights = check_weights("lora_b_weights", lora_b_weights, None, x.device)
     meta = [token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
             lora_ids, no_lora_flag_cpu]  # fmt: skip
-    torch.ops.ifk.lora_expand(output_tensor, [x, *meta, *weights], offset_start, bool(add_inputs))
+    _lora_expand_op(output_tensor, [x, *meta, *weights], offset_start, bool(add_inputs))

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import triton_kernels._data_checks
+import triton_kernels.lora.batched
 from tests.triton_kernels.lora.helpers import lora_weights, oracle_delta, prepared_meta, token_mapping
 from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal
 from triton_kernels import LoRAKernelMeta, add_lora_linear, lora_linear, use_backend
@@ -113,12 +114,12 @@ def test_rank_costs_only_its_rows():
         pytest.param(6, None, (8, 8, 5, 8), (2, 2, 2, 2, 2, 2), id="one-slot-all-tokens-rank5"),
         pytest.param(6, None, (4, 4, 4, 4), (2, -1, 2, 2, -1, 2), id="one-slot-view"),
         pytest.param(200, "skewed", None, None, id="skewed-T200-loop-fallback"),
-        pytest.param(12, "interleaved", (8, 2, 8, 8), None, id="mixed-ranks-loop-fallback"),
+        pytest.param(12, "interleaved", (8, 2, 8, 8), None, id="mixed-ranks-masked"),
     ],
 )
 def test_torch_backend_batched_paths(num_tokens, kind, ranks, mapping, dtype):
     """The torch backend's batched form (padded groups, views of the sorted indices, one rank per
-    range) and its loop fallbacks, with NaN in every weight row and column past a slot's rank."""
+    range, mixed ranks masked) and its loop fallback, with NaN in every weight row and column past a slot's rank."""
     rank, widths = 8, (20, 9, 9)
     if mapping is None:
         mapping = token_mapping(kind, num_tokens, NUM_SLOTS)
@@ -142,6 +143,30 @@ def test_torch_backend_batched_paths(num_tokens, kind, ranks, mapping, dtype):
         add_lora_linear(y, x, a, b, 0.75, widths, prepared_meta(mapping, NUM_SLOTS), lora_ranks=ranks)
     assert_close(y, expected, REL_TOL[dtype])
     assert_equal(y[untouched], keep, "rows of slot -1 tokens")
+
+
+@pytest.mark.parametrize("slot_macs", [0, 2**40], ids=["loop", "batched"])
+def test_torch_backend_mixed_ranks_zero_or_poisoned_padding(monkeypatch, slot_macs):
+    """Mixed ranks on the torch backend, forced into the per-slot loop and into the batched form:
+    zero-padded weights (as LoRASlots keeps them: run unmasked at the largest rank, the padding
+    check cached), then the same weights poisoned with NaN past the ranks in place (the cached
+    check must see the new version and mask), then fixed again."""
+    monkeypatch.setattr(triton_kernels.lora.batched, "BATCHED_SLOT_MACS", slot_macs)
+    mapping, x, a, b, ranks, meta = _case(13, 33, 8, (20, 9), (8, 2, 0, 5), "interleaved", torch.float32)
+    for slot, r in enumerate(ranks.tolist()):
+        for w in a:
+            w[slot, r:] = 0
+        for w in b:
+            w[slot, :, r:] = 0
+    y0 = torch.randn(13, 29)
+    expected = y0.double() + oracle_delta(x, a, b, mapping, 0.75, ranks)
+    for poison in (0.0, float("nan"), 0.0):
+        a[1][1, 2:] = poison
+        b[0][3, :, 5:] = poison
+        y = y0.clone()
+        with use_backend("torch"):
+            add_lora_linear(y, x, a, b, 0.75, (20, 9), meta, lora_ranks=ranks)
+        assert_close(y, expected, name=f"padding {poison}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
