@@ -25,13 +25,26 @@ import torch.nn.functional as F  # noqa: N812 (the universal alias)
 CHUNK_TOKENS = 16
 
 
-def _per_channel(M: torch.Tensor, bsz: int, dim: int, s: int, e: int) -> torch.Tensor:
+def per_channel(M: torch.Tensor, bsz: int, dim: int, s: int, e: int) -> torch.Tensor:
     """B or C (``[D, N]``, ``[B, N, L]`` or ``[B, G, N, L]``) as ``[B|1, D|1, e - s, N]``."""
     if M.dim() == 2:
         return M[None, :, None, :]
     if M.dim() == 3:
         return M[:, None, :, s:e].transpose(-1, -2)
     return M[..., s:e].repeat_interleave(dim // M.shape[1], dim=1).transpose(-1, -2)
+
+
+def scan_chunk(dA: torch.Tensor, dBu: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The states ``h_t = dA_t h_{t-1} + dBu_t`` of one chunk from ``h_{-1} = h``: ``dA``, ``dBu``
+    ``[B, D, l, N]``, ``h`` ``[B, D, N]`` -> ``[B, D, l, N]``, by a log-depth doubling (Hillis-Steele)
+    along l (new tensors: the arguments are not modified). The backward pass runs it on the flipped
+    adjoint too."""
+    off, length = 1, dA.shape[2]
+    while off < length:
+        dBu = torch.cat([dBu[:, :, :off], dBu[:, :, off:] + dA[:, :, off:] * dBu[:, :, :-off]], 2)
+        dA = torch.cat([dA[:, :, :off], dA[:, :, off:] * dA[:, :, :-off]], 2)
+        off *= 2
+    return dBu + dA * h[:, :, None, :]
 
 
 def selective_scan_ref(
@@ -65,14 +78,9 @@ def selective_scan_ref(
             dt = F.softplus(dt)  # threshold 20: x itself above it, like mamba_ssm
         uc = u[..., s:e].to(cdt)
         dA = torch.exp(dt[..., None] * A[:, None, :])  # [B, D, l, N]
-        dBu = (dt * uc)[..., None] * _per_channel(B, bsz, dim, s, e).to(cdt)
-        off = 1
-        while off < e - s:  # inclusive scan of h_t = dA_t h_{t-1} + dBu_t along l
-            dBu = torch.cat([dBu[:, :, :off], dBu[:, :, off:] + dA[:, :, off:] * dBu[:, :, :-off]], 2)
-            dA = torch.cat([dA[:, :, :off], dA[:, :, off:] * dA[:, :, :-off]], 2)
-            off *= 2
-        hs = dBu + dA * h[:, :, None, :]
-        y = (hs * _per_channel(C, bsz, dim, s, e).to(cdt)).sum(-1)  # [B, D, l]
+        dBu = (dt * uc)[..., None] * per_channel(B, bsz, dim, s, e).to(cdt)
+        hs = scan_chunk(dA, dBu, h)
+        y = (hs * per_channel(C, bsz, dim, s, e).to(cdt)).sum(-1)  # [B, D, l]
         h = hs[:, :, -1]
         if D is not None:
             y = y + uc * D.to(cdt)[:, None]
