@@ -31,6 +31,7 @@ from triton_kernels import _alloc
 from triton_kernels._checks import check_shape
 from triton_kernels._ops import destination_op
 from triton_kernels.mamba.reference import CHUNK_TOKENS, per_channel, scan_chunk
+from triton_kernels.mamba.tiles import check_tile_states
 from triton_kernels.registry import SELECTIVE_SCAN
 
 Grads = tuple[torch.Tensor | None, ...]
@@ -145,7 +146,7 @@ def _check_bwd(grads: dict, dout, dlast, u, A, B, C, D, z, delta_bias, tile_stat
         if grad is not None:
             check_shape(name, grad, tuple(like[name].shape))
     if tile_states is not None:
-        check_shape("tile_states", tile_states, (bsz, dim, None, A.shape[1]))
+        check_tile_states(tile_states, u, A)
 
 
 @destination_op("selective_scan_bwd",
@@ -163,7 +164,7 @@ def _selective_scan_bwd(
     delta_softplus: bool,
 ) -> None:
     """Destination-passing backward: ``inputs`` is ``[dout, dlast, u, delta, A, B, C, D, z,
-    delta_bias, tile_states]`` (the contract's shapes; ``tile_states [Bt, D, n_tiles, N]`` fp32 are
+    delta_bias, tile_states]`` (the contract's shapes; ``tile_states [Bt, n_tiles, D, N]`` fp32 are
     the states the Triton forward saved at the start of each tile, or None); every gradient is
     written (None exactly where its input is None), in its buffer's dtype."""
     dout, dlast, u, delta, A, B, C, D, z, delta_bias, tile_states = inputs

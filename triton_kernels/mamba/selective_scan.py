@@ -40,6 +40,7 @@ from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, check_query_start_loc
 from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
 from triton_kernels.mamba.scan_backward import selective_scan_bwd
+from triton_kernels.mamba.tiles import check_tile_states, tile_length, tile_states_shape
 from triton_kernels.registry import SELECTIVE_SCAN
 
 # Hand-picked launch shape (no autotune: the kernel overwrites the state cache in place, so
@@ -83,7 +84,7 @@ def _selective_scan_kernel(
     bias_ptr,  # [D]
     out_ptr,  # like u
     state_ptr,  # [slots, D, N]
-    tile_ptr,  # [Bu, D, n_tiles, N] fp32, HAS_TILE_STATES: the state entering each BLOCK_L tile
+    tile_ptr,  # [Bu, n_tiles + 1, D, N] fp32 contiguous, HAS_TILE_STATES: the state entering each tile
     qsl_ptr,  # [n_seq + 1], IS_VARLEN
     cache_ptr,  # [n_seq], HAS_CACHE_IDX
     has_init_ptr,  # [n_seq] bool, HAS_INIT
@@ -103,7 +104,7 @@ def _selective_scan_kernel(
     stride_B_b, stride_B_g, stride_B_n,
     stride_C_b, stride_C_g, stride_C_n,
     stride_s_slot, stride_s_d, stride_s_n,
-    stride_ts_b, stride_ts_d, stride_ts_tile, stride_ts_n,
+    stride_ts_b, stride_ts_tile,
     # meta
     IS_VARLEN: tl.constexpr,
     HAS_CACHE_IDX: tl.constexpr,
@@ -163,11 +164,12 @@ def _selective_scan_kernel(
         b_Dskip = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
     is_last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, None, :]
     if HAS_TILE_STATES:  # the batched form only (training): saved for the backward pass
-        p_tile = tile_ptr + i_b * stride_ts_b + o_d[:, None] * stride_ts_d + o_n[None, :] * stride_ts_n
+        # a scalar int64 base and int32 offsets inside one tile's [D, N] (fewer live registers)
+        p_tile = tile_ptr + i_b * stride_ts_b + (i_g * dim_per_group).to(tl.int64) * dstate
+        o_tile = o_dg[:, None] * dstate + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(p_tile + o_tile, b_h, mask=m_dn)
 
     for t in range(t0, t1, BLOCK_L):
-        if HAS_TILE_STATES:
-            tl.store(p_tile + ((t - t0) // BLOCK_L) * stride_ts_tile, b_h, mask=m_dn)
         o_t = t + tl.arange(0, BLOCK_L)
         m_t = o_t < t1
         m_dt = m_d[:, None] & m_t[None, :]
@@ -198,14 +200,11 @@ def _selective_scan_kernel(
             b_y *= silu(b_z)
         p_out = out_ptr + i_b * stride_o_b + o_d[:, None] * stride_o_d + o_t[None, :]
         tl.store(p_out, b_y.to(out_ptr.dtype.element_ty), mask=m_dt)
+        if HAS_TILE_STATES:  # the state leaving the tile enters the next one (slot n_tiles: the last state)
+            tl.store(p_tile + ((t - t0) // BLOCK_L + 1) * stride_ts_tile + o_tile, b_h, mask=m_dn)
 
     if HAS_STATE:
         tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_dn_state)
-
-
-def tile_length(dstate: int) -> int:
-    """``BLOCK_L``, the tokens of one tile (the backward pass reuses the forward's tiles)."""
-    return 32 if dstate <= 16 else 16
 
 
 def _block_sizes(dstate: int, dim_per_group: int) -> tuple[int, int, int]:
@@ -217,7 +216,8 @@ def _block_sizes(dstate: int, dim_per_group: int) -> tuple[int, int, int]:
 def _launch_triton(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, qsl, cache_indices,
                    has_initial_state, pad_slot_id, n_seq, groups, tile_states=None) -> None:
     """Launch on the common layout: u/delta/z/out ``[Bu, D, L]``, B/C ``[Bb, G, N, L]`` or ``[D, N]``;
-    ``tile_states [Bu, D, n_tiles, N]`` fp32 (batched form) receives the state entering each tile."""
+    ``tile_states [Bu, n_tiles + 1, D, N]`` fp32 contiguous (batched form) receives the state entering
+    each tile, then the last state."""
     dim, dstate = A.shape
     dim_per_group = dim // groups
     block_d, block_n, block_l = _block_sizes(dstate, dim_per_group)
@@ -242,7 +242,7 @@ def _launch_triton(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softpl
             u.shape[2], 0 if state is None else state.shape[0], dstate, dim_per_group, blocks_per_group, pad_slot_id,
             *strides(u, (0, 1)), *strides(delta, (0, 1)), *strides(z, (0, 1)), *strides(out, (0, 1)),
             *strides(A, (0, 1)), *b_strides, *c_strides, *strides(state, (0, 1, 2)),
-            *strides(tile_states, (0, 1, 2, 3)),
+            *strides(tile_states, (0, 1)),
             IS_VARLEN=qsl is not None,
             HAS_CACHE_IDX=cache_indices is not None,
             HAS_INIT=has_initial_state is not None,
@@ -305,8 +305,9 @@ def _selective_scan(
     ``[u, delta, A, B, C, D, z, delta_bias, query_start_loc, cache_indices, has_initial_state]``.
 
     Batched: u ``[B, D, L]``, state the ``[B, D, N]`` last state or None, no query_start_loc;
-    ``tile_states`` (training, or None) ``[B, D, cdiv(L, tile_length(N)), N]`` fp32, written by the
-    Triton backend only (the state entering each tile, for its backward; other backends leave it).
+    ``tile_states`` (training, or None) ``[B, n_tiles + 1, D, N]`` fp32 contiguous, written by the
+    Triton backend only (the state entering each tile of ``tile_length(N)`` tokens, then the last
+    state, for its backward; other backends leave it).
     Packed: u ``[D, T]``, state the ``[slots, D, N]`` cache, query_start_loc ``[batch + 1]``, no tile_states.
     """
     u, delta, A, B, C, D, z, delta_bias, query_start_loc, cache_indices, has_initial_state = inputs
@@ -314,8 +315,7 @@ def _selective_scan(
     if tile_states is not None:  # checked here too: a traced call skips the wrapper
         if varlen:
             raise ValueError("tile_states is for the batched form only, got query_start_loc too")
-        check_shape("tile_states", tile_states, (u.shape[0], u.shape[1], triton.cdiv(u.shape[2],
-                                                 tile_length(A.shape[1])), A.shape[1]))
+        check_tile_states(tile_states, u, A)
     if varlen:  # here too, not only in the wrapper: a traced call skips the wrapper's eager checks
         if cache_indices is None:
             check_default_slots("ssm_states", state.shape[0], query_start_loc.shape[0] - 1, "cache_indices",
@@ -409,15 +409,14 @@ def _as_groups(M: torch.Tensor) -> torch.Tensor:
 
 class _SelectiveScanFn(torch.autograd.Function):
     """Saves the inputs (and, on the Triton backend, the fp32 state entering each tile,
-    ``[B, D, cdiv(L, tile_length(N)), N]``: the backward recomputes the states inside a tile from it);
+    ``[B, n_tiles + 1, D, N]``: the backward recomputes the states inside a tile from it);
     the backward is ``ifk::selective_scan_bwd`` (:mod:`.scan_backward`)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         tile_states = None
         if SELECTIVE_SCAN.resolve(u.device) == "triton":
-            n_tiles = triton.cdiv(u.shape[2], tile_length(A.shape[1]))
-            tile_states = _alloc.empty((u.shape[0], u.shape[1], n_tiles, A.shape[1]), torch.float32, u.device)
+            tile_states = _alloc.empty(tile_states_shape(u, A), torch.float32, u.device)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, tile_states)
         ctx.delta_softplus = bool(delta_softplus)
         return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, tile_states)
