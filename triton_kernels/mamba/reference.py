@@ -59,9 +59,12 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     initial_state: torch.Tensor | None = None,  # [B, D, N]
     chunk_size: int | None = None,
+    chunk_states: torch.Tensor | None = None,  # [B, n_chunks + 1, D, N], written when given
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mamba_ssm's selective scan. Returns ``(out [B, D, L] in u.dtype, last_state [B, D, N])``,
-    the state in the compute dtype (fp32, or fp64 for fp64 inputs)."""
+    the state in the compute dtype (fp32, or fp64 for fp64 inputs). ``chunk_states`` receives the
+    state entering each chunk of ``chunk_size`` tokens, then the last state (the Triton backward's
+    tile states, when the forward ran here)."""
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     bsz, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -70,6 +73,8 @@ def selective_scan_ref(
     out = torch.empty_like(u)
     lc = chunk_size or CHUNK_TOKENS
     for s in range(0, seqlen, lc):
+        if chunk_states is not None:
+            chunk_states[:, s // lc] = h
         e = min(s + lc, seqlen)
         dt = delta[..., s:e].to(cdt)
         if delta_bias is not None:
@@ -87,6 +92,8 @@ def selective_scan_ref(
         if z is not None:
             y = y * F.silu(z[..., s:e].to(cdt))
         out[..., s:e] = y.to(out.dtype)
+    if chunk_states is not None:
+        chunk_states[:, -1] = h
     return out, h
 
 

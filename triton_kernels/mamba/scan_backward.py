@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the universal alias)
 
 from triton_kernels import _alloc
-from triton_kernels._checks import check_shape
+from triton_kernels._checks import check_shape, check_tensor
 from triton_kernels._ops import destination_op
 from triton_kernels.mamba.reference import CHUNK_TOKENS, per_channel, scan_chunk
 from triton_kernels.mamba.tiles import check_tile_states
@@ -132,12 +132,27 @@ except ImportError:
     scan_bwd_cpu = scan_bwd_torch
 
 
-def _check_bwd(grads: dict, dout, dlast, u, A, B, C, D, z, delta_bias, tile_states) -> None:
+def _check_bwd(grads: dict, dout, dlast, u, delta, A, B, C, D, z, delta_bias, tile_states) -> None:
     """Shape facts the backends rely on (run inside the op: a traced call skips the wrapper's checks)."""
+    check_tensor("u", u, ndim=3)
     bsz, dim, seqlen = u.shape
-    check_shape("dout", dout, (bsz, dim, seqlen))
+    check_shape("A", A, (dim, None))
+    dstate = A.shape[1]
+    for name, t in (("dout", dout), ("delta", delta), ("z", z)):
+        if t is not None:
+            check_shape(name, t, (bsz, dim, seqlen))
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_shape(name, t, (dim,))
     if dlast is not None:
-        check_shape("dlast", dlast, (bsz, dim, A.shape[1]))
+        check_shape("dlast", dlast, (bsz, dim, dstate))
+    for name, M in (("B", B), ("C", C)):
+        check_tensor(name, M, ndim=(2, 4))
+        check_shape(name, M, (dim, dstate) if M.dim() == 2 else (bsz, None, dstate, seqlen))
+        if M.dim() == 4 and (M.shape[1] == 0 or dim % M.shape[1]):
+            raise ValueError(f"{name} has {M.shape[1]} groups, which must divide the {dim} channels")
+    if B.dim() == C.dim() == 4 and B.shape[1] != C.shape[1]:
+        raise ValueError(f"B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}")
     like = dict(du=u, ddelta=u, dA=A, dB=B, dC=C, dD=D, dz=z, ddelta_bias=delta_bias)
     for name, grad in grads.items():
         if (grad is None) != (like[name] is None):
@@ -169,7 +184,7 @@ def _selective_scan_bwd(
     written (None exactly where its input is None), in its buffer's dtype."""
     dout, dlast, u, delta, A, B, C, D, z, delta_bias, tile_states = inputs
     outs = dict(du=du, ddelta=ddelta, dA=dA, dB=dB, dC=dC, dD=dD, dz=dz, ddelta_bias=ddelta_bias)
-    _check_bwd(outs, dout, dlast, u, A, B, C, D, z, delta_bias, tile_states)
+    _check_bwd(outs, dout, dlast, u, delta, A, B, C, D, z, delta_bias, tile_states)
     args = (dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtypes = [t.dtype for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
     backend = SELECTIVE_SCAN.resolve(u.device, dtypes)

@@ -246,10 +246,10 @@ def scan_bwd_triton(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_soft
                     tile_states: torch.Tensor | None = None) -> tuple:
     """The Triton backend of the backward (contract in :mod:`.scan_backward`). ``tile_states``
     ``[Bt, n_tiles + 1, D, N]`` fp32 contiguous from the Triton forward, or None (then one forward
-    launch recomputes them). Inputs need a unit stride along L (dout is copied if it lacks one)."""
+    launch recomputes them). Tensors along L without a unit stride are copied."""
     bsz, dim, seqlen = u.shape
     dstate = A.shape[1]
-    dout = unit_stride_last(dout)
+    dout, u, delta, z, B, C = (None if t is None else unit_stride_last(t) for t in (dout, u, delta, z, B, C))
     groups = max(M.shape[1] if M.dim() == 4 else 1 for M in (B, C))
     dim_per_group = dim // groups
     block_d, block_n, block_l, progs_per_group, blocks_per_prog = _bwd_launch_shape(

@@ -36,6 +36,7 @@ from triton_kernels._checks import (
 )
 from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu, softplus
+from triton_kernels.backend import interpreter_enabled
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, check_query_start_loc
 from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
@@ -292,6 +293,11 @@ def _launch_cpu(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         state.copy_(state32)
 
 
+def _tile_states_kwargs(tile_states: torch.Tensor | None, A: torch.Tensor) -> dict:
+    """The torch reference's arguments that write ``tile_states`` (chunks of one tile), if given."""
+    return {} if tile_states is None else dict(chunk_size=tile_length(A.shape[1]), chunk_states=tile_states)
+
+
 @destination_op("selective_scan", mutates_args=("out", "state", "tile_states"))
 def _selective_scan(
     out: torch.Tensor,
@@ -305,9 +311,9 @@ def _selective_scan(
     ``[u, delta, A, B, C, D, z, delta_bias, query_start_loc, cache_indices, has_initial_state]``.
 
     Batched: u ``[B, D, L]``, state the ``[B, D, N]`` last state or None, no query_start_loc;
-    ``tile_states`` (training, or None) ``[B, n_tiles + 1, D, N]`` fp32 contiguous, written by the
-    Triton backend only (the state entering each tile of ``tile_length(N)`` tokens, then the last
-    state, for its backward; other backends leave it).
+    ``tile_states`` (training, or None) ``[B, n_tiles + 1, D, N]`` fp32 contiguous: the state
+    entering each tile of ``tile_length(N)`` tokens, then the last state, for the Triton backward
+    (written by every backend, so a backward on another backend than the forward's stays right).
     Packed: u ``[D, T]``, state the ``[slots, D, N]`` cache, query_start_loc ``[batch + 1]``, no tile_states.
     """
     u, delta, A, B, C, D, z, delta_bias, query_start_loc, cache_indices, has_initial_state = inputs
@@ -328,7 +334,8 @@ def _selective_scan(
             selective_scan_varlen_ref(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                       query_start_loc, cache_indices, has_initial_state, pad_slot_id)
         else:
-            y, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            y, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                         **_tile_states_kwargs(tile_states, A))
             out.copy_(y)
             if state is not None:
                 state.copy_(last)
@@ -345,6 +352,9 @@ def _selective_scan(
             cache_indices, has_initial_state, pad_slot_id)
     if backend == "cpu":
         _launch_cpu(*args)
+        if tile_states is not None:  # only under the interpreter (a CPU forward before a Triton backward)
+            selective_scan_ref(u, delta, A, B, C, None, None, delta_bias, delta_softplus,
+                               **_tile_states_kwargs(tile_states, A))
     else:
         groups = max(M.shape[1] if M.dim() == 4 else 1 for M in (B, C))
         _launch_triton(*args, n_seq, groups, tile_states)
@@ -408,14 +418,15 @@ def _as_groups(M: torch.Tensor) -> torch.Tensor:
 
 
 class _SelectiveScanFn(torch.autograd.Function):
-    """Saves the inputs (and, on the Triton backend, the fp32 state entering each tile,
+    """Saves the inputs (and, on CUDA or under the interpreter, the fp32 state entering each tile,
     ``[B, n_tiles + 1, D, N]``: the backward recomputes the states inside a tile from it);
     the backward is ``ifk::selective_scan_bwd`` (:mod:`.scan_backward`)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         tile_states = None
-        if SELECTIVE_SCAN.resolve(u.device) == "triton":
+        if u.is_cuda or interpreter_enabled():  # where the Triton backward may run (no ContextVar here:
+            # torch.compile traces this; the op writes the states on every backend)
             tile_states = _alloc.empty(tile_states_shape(u, A), torch.float32, u.device)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, tile_states)
         ctx.delta_softplus = bool(delta_softplus)
