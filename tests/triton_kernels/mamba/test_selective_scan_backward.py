@@ -140,9 +140,9 @@ def test_triton_grouped_dbc_summed_over_channel_blocks(monkeypatch):
     workspace slot (the path real sizes take), and B given per token besides grouped C."""
     monkeypatch.setattr(scan_backward_triton, "BWD_TILE_ELEMENTS", 64)
     monkeypatch.setattr(scan_backward_triton, "BWD_PROGRAMS", 1)
-    args = make_batched(2, 13, 4, 40, bc="group2")
-    assert scan_backward_triton._bwd_launch_shape(4, 13, 2, 2, False)[4] > 1  # blocks per program
-    dout = torch.randn(2, 26, 40, device=KERNEL_DEVICE)[:, ::2]  # non-contiguous dout
+    args = make_batched(2, 14, 4, 40, bc="group2")
+    assert scan_backward_triton._bwd_launch_shape(4, 7, 2, 2, False)[4] > 1  # blocks per program
+    dout = torch.randn(2, 28, 40, device=KERNEL_DEVICE)[:, ::2]  # non-contiguous dout
     with use_backend("triton"):
         got = our_grads(args, dout, None)
     assert_grads_close(got, oracle_grads(args, dout, None), GRAD_TOL[F32])
