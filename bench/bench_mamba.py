@@ -6,6 +6,13 @@ Scan cost by formula: bytes = u, delta, z read and out written (``4 B D L`` elem
 (``2 B G N L``) + A, D, bias (+ the states read and written for varlen); exponentials
 ``B D L N`` (one decay per state element and token, reported as Gexp/s in ``extra``); about 7
 FLOPs per state element and token.
+
+Forward + backward (``fwdbwd-`` cases): ``torch.autograd.grad`` of the output against a random
+``dout`` for every input. Bytes add dout read and du, ddelta, dz written (``+4 B D L``, inputs read
+again: ``+3 B D L + 2 B G N L``, dB, dC written ``+2 B G N L``); exponentials count the backward's
+two per state element and token (the recomputed decay and the next token's). Baselines: autograd
+through HF's sequential loop and, on a GPU, through ``torch.compile`` of our reference. On CUDA each
+row reports the peak memory one call allocates above its inputs (``extra["peak_mib"]``).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import functools
 
 import torch
 
+from bench.bench_mamba2_norm import _peak_mib as peak_mib
 from bench.harness import Context, Row
 from triton_kernels import selective_scan_fn, selective_scan_varlen, use_backend
 from triton_kernels.mamba.reference import selective_scan_ref
@@ -78,6 +86,35 @@ def _ours_batched(backend: str, a: dict):
     return _backend(backend, selective_scan_fn, **a, delta_softplus=True)
 
 
+def _train_rows(ctx: Context, dim: int, dstate: int, seqlen: int, dtype: torch.dtype) -> list[Row]:
+    """Forward + backward of the batched scan (softplus, D, z, delta_bias, B/C per token)."""
+    def make() -> dict:
+        a = {k: v.requires_grad_() for k, v in _scan_inputs(1, dim, dstate, seqlen, dtype, ctx.device).items()}
+        return dict(args=a, dout=torch.randn(1, dim, seqlen, device=ctx.device, dtype=dtype))
+
+    def train(scan):
+        return lambda s: torch.autograd.grad(scan(s["args"]), list(s["args"].values()), s["dout"])
+
+    sets = ctx.input_sets(make)
+    elt = sets[0]["args"]["u"].element_size()
+    case = f"fwdbwd-scan-D{dim}-N{dstate}-L{seqlen}-{str(dtype).removeprefix('torch.')}"
+    nbytes = elt * (11 * dim * seqlen + 8 * dstate * seqlen) + 8 * (dim * dstate + 2 * dim)
+    exps = 3.0 * dim * seqlen * dstate
+    backends = ctx.our_backends(SELECTIVE_SCAN, [dtype])
+    impls = [(f"ours[{b}]", train(functools.partial(_ours_batched, b))) for b in backends]
+    if ctx.device.type == "cuda":
+        compiled = torch.compile(functools.partial(selective_scan_ref, chunk_size=256))
+        impls.append(("torch.compile(reference)", train(lambda a: compiled(**a, delta_softplus=True)[0])))
+    impls.append(("HF transformers loop", train(_hf_loop)))
+    rows = []
+    for impl, fn in impls:
+        row = _row(ctx, case, impl, fn, sets, nbytes, exps)
+        if ctx.device.type == "cuda" and "error" not in row.extra:
+            row.extra["peak_mib"] = peak_mib(ctx.device, fn, sets[0])
+        rows.append(row)
+    return rows
+
+
 def _varlen_rows(ctx: Context, dim: int, dstate: int, lengths: tuple[int, ...],
                  dtype: torch.dtype) -> list[Row]:
     """Packed sequences of mixed lengths, random initial states in a permuted cache."""
@@ -123,9 +160,12 @@ def run(ctx: Context) -> list[Row]:
         for dim, seqlen in shapes:
             rows += _batched_rows(ctx, dim, 16, seqlen, torch.bfloat16)
         rows += _varlen_rows(ctx, 5120, 16, VARLEN_LENGTHS_GPU, torch.bfloat16)
+        for dim in (5120,) if ctx.quick else (2048, 5120):
+            rows += _train_rows(ctx, dim, 16, 2048, torch.bfloat16)
     else:
         for seqlen in (1024,) if ctx.quick else (1024, 4096):
             rows += _batched_rows(ctx, 1024, 16, seqlen, torch.float32)
         rows += _varlen_rows(ctx, 1024, 16, VARLEN_LENGTHS_CPU, torch.float32)
+        rows += _train_rows(ctx, 1024, 16, 1024, torch.float32)
     return rows
 

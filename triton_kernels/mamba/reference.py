@@ -25,13 +25,26 @@ import torch.nn.functional as F  # noqa: N812 (the universal alias)
 CHUNK_TOKENS = 16
 
 
-def _per_channel(M: torch.Tensor, bsz: int, dim: int, s: int, e: int) -> torch.Tensor:
+def per_channel(M: torch.Tensor, bsz: int, dim: int, s: int, e: int) -> torch.Tensor:
     """B or C (``[D, N]``, ``[B, N, L]`` or ``[B, G, N, L]``) as ``[B|1, D|1, e - s, N]``."""
     if M.dim() == 2:
         return M[None, :, None, :]
     if M.dim() == 3:
         return M[:, None, :, s:e].transpose(-1, -2)
     return M[..., s:e].repeat_interleave(dim // M.shape[1], dim=1).transpose(-1, -2)
+
+
+def scan_chunk(dA: torch.Tensor, dBu: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The states ``h_t = dA_t h_{t-1} + dBu_t`` of one chunk from ``h_{-1} = h``: ``dA``, ``dBu``
+    ``[B, D, l, N]``, ``h`` ``[B, D, N]`` -> ``[B, D, l, N]``, by a log-depth doubling (Hillis-Steele)
+    along l (new tensors: the arguments are not modified). The backward pass runs it on the flipped
+    adjoint too."""
+    off, length = 1, dA.shape[2]
+    while off < length:
+        dBu = torch.cat([dBu[:, :, :off], dBu[:, :, off:] + dA[:, :, off:] * dBu[:, :, :-off]], 2)
+        dA = torch.cat([dA[:, :, :off], dA[:, :, off:] * dA[:, :, :-off]], 2)
+        off *= 2
+    return dBu + dA * h[:, :, None, :]
 
 
 def selective_scan_ref(
@@ -46,9 +59,12 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     initial_state: torch.Tensor | None = None,  # [B, D, N]
     chunk_size: int | None = None,
+    chunk_states: torch.Tensor | None = None,  # [B, n_chunks + 1, D, N], written when given
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mamba_ssm's selective scan. Returns ``(out [B, D, L] in u.dtype, last_state [B, D, N])``,
-    the state in the compute dtype (fp32, or fp64 for fp64 inputs)."""
+    the state in the compute dtype (fp32, or fp64 for fp64 inputs). ``chunk_states`` receives the
+    state entering each chunk of ``chunk_size`` tokens, then the last state (the Triton backward's
+    tile states, when the forward ran here)."""
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     bsz, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -57,6 +73,8 @@ def selective_scan_ref(
     out = torch.empty_like(u)
     lc = chunk_size or CHUNK_TOKENS
     for s in range(0, seqlen, lc):
+        if chunk_states is not None:
+            chunk_states[:, s // lc] = h
         e = min(s + lc, seqlen)
         dt = delta[..., s:e].to(cdt)
         if delta_bias is not None:
@@ -65,20 +83,17 @@ def selective_scan_ref(
             dt = F.softplus(dt)  # threshold 20: x itself above it, like mamba_ssm
         uc = u[..., s:e].to(cdt)
         dA = torch.exp(dt[..., None] * A[:, None, :])  # [B, D, l, N]
-        dBu = (dt * uc)[..., None] * _per_channel(B, bsz, dim, s, e).to(cdt)
-        off = 1
-        while off < e - s:  # inclusive scan of h_t = dA_t h_{t-1} + dBu_t along l
-            dBu = torch.cat([dBu[:, :, :off], dBu[:, :, off:] + dA[:, :, off:] * dBu[:, :, :-off]], 2)
-            dA = torch.cat([dA[:, :, :off], dA[:, :, off:] * dA[:, :, :-off]], 2)
-            off *= 2
-        hs = dBu + dA * h[:, :, None, :]
-        y = (hs * _per_channel(C, bsz, dim, s, e).to(cdt)).sum(-1)  # [B, D, l]
+        dBu = (dt * uc)[..., None] * per_channel(B, bsz, dim, s, e).to(cdt)
+        hs = scan_chunk(dA, dBu, h)
+        y = (hs * per_channel(C, bsz, dim, s, e).to(cdt)).sum(-1)  # [B, D, l]
         h = hs[:, :, -1]
         if D is not None:
             y = y + uc * D.to(cdt)[:, None]
         if z is not None:
             y = y * F.silu(z[..., s:e].to(cdt))
         out[..., s:e] = y.to(out.dtype)
+    if chunk_states is not None:
+        chunk_states[:, -1] = h
     return out, h
 
 

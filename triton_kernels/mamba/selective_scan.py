@@ -36,9 +36,12 @@ from triton_kernels._checks import (
 )
 from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu, softplus
+from triton_kernels.backend import interpreter_enabled
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, check_query_start_loc
 from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
+from triton_kernels.mamba.scan_backward import selective_scan_bwd
+from triton_kernels.mamba.tiles import check_tile_states, tile_length, tile_states_shape
 from triton_kernels.registry import SELECTIVE_SCAN
 
 # Hand-picked launch shape (no autotune: the kernel overwrites the state cache in place, so
@@ -82,6 +85,7 @@ def _selective_scan_kernel(
     bias_ptr,  # [D]
     out_ptr,  # like u
     state_ptr,  # [slots, D, N]
+    tile_ptr,  # [Bu, n_tiles + 1, D, N] fp32 contiguous, HAS_TILE_STATES: the state entering each tile
     qsl_ptr,  # [n_seq + 1], IS_VARLEN
     cache_ptr,  # [n_seq], HAS_CACHE_IDX
     has_init_ptr,  # [n_seq] bool, HAS_INIT
@@ -101,11 +105,13 @@ def _selective_scan_kernel(
     stride_B_b, stride_B_g, stride_B_n,
     stride_C_b, stride_C_g, stride_C_n,
     stride_s_slot, stride_s_d, stride_s_n,
+    stride_ts_b, stride_ts_tile,
     # meta
     IS_VARLEN: tl.constexpr,
     HAS_CACHE_IDX: tl.constexpr,
     HAS_INIT: tl.constexpr,
     HAS_STATE: tl.constexpr,
+    HAS_TILE_STATES: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -158,6 +164,11 @@ def _selective_scan_kernel(
     if HAS_D:
         b_Dskip = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
     is_last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, None, :]
+    if HAS_TILE_STATES:  # the batched form only (training): saved for the backward pass
+        # a scalar int64 base and int32 offsets inside one tile's [D, N] (fewer live registers)
+        p_tile = tile_ptr + i_b * stride_ts_b + (i_g * dim_per_group).to(tl.int64) * dstate
+        o_tile = o_dg[:, None] * dstate + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(p_tile + o_tile, b_h, mask=m_dn)
 
     for t in range(t0, t1, BLOCK_L):
         o_t = t + tl.arange(0, BLOCK_L)
@@ -190,21 +201,24 @@ def _selective_scan_kernel(
             b_y *= silu(b_z)
         p_out = out_ptr + i_b * stride_o_b + o_d[:, None] * stride_o_d + o_t[None, :]
         tl.store(p_out, b_y.to(out_ptr.dtype.element_ty), mask=m_dt)
+        if HAS_TILE_STATES:  # the state leaving the tile enters the next one (slot n_tiles: the last state)
+            tl.store(p_tile + ((t - t0) // BLOCK_L + 1) * stride_ts_tile + o_tile, b_h, mask=m_dn)
 
     if HAS_STATE:
         tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_dn_state)
 
 
 def _block_sizes(dstate: int, dim_per_group: int) -> tuple[int, int, int]:
-    block_n = triton.next_power_of_2(dstate)
-    block_l = 32 if block_n <= 16 else 16
+    block_n, block_l = triton.next_power_of_2(dstate), tile_length(dstate)
     block_d = max(1, SCAN_TILE_ELEMENTS // (block_n * block_l))
     return min(block_d, MAX_BLOCK_D, triton.next_power_of_2(dim_per_group)), block_n, block_l
 
 
 def _launch_triton(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, qsl, cache_indices,
-                   has_initial_state, pad_slot_id, n_seq, groups) -> None:
-    """Launch on the common layout: u/delta/z/out ``[Bu, D, L]``, B/C ``[Bb, G, N, L]`` or ``[D, N]``."""
+                   has_initial_state, pad_slot_id, n_seq, groups, tile_states=None) -> None:
+    """Launch on the common layout: u/delta/z/out ``[Bu, D, L]``, B/C ``[Bb, G, N, L]`` or ``[D, N]``;
+    ``tile_states [Bu, n_tiles + 1, D, N]`` fp32 contiguous (batched form) receives the state entering
+    each tile, then the last state."""
     dim, dstate = A.shape
     dim_per_group = dim // groups
     block_d, block_n, block_l = _block_sizes(dstate, dim_per_group)
@@ -222,16 +236,19 @@ def _launch_triton(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softpl
             u if delta_bias is None else delta_bias,
             out,
             out if state is None else state,
+            out if tile_states is None else tile_states,
             qsl if qsl is not None else u,
             cache_indices if cache_indices is not None else u,
             has_initial_state if has_initial_state is not None else u,
             u.shape[2], 0 if state is None else state.shape[0], dstate, dim_per_group, blocks_per_group, pad_slot_id,
             *strides(u, (0, 1)), *strides(delta, (0, 1)), *strides(z, (0, 1)), *strides(out, (0, 1)),
             *strides(A, (0, 1)), *b_strides, *c_strides, *strides(state, (0, 1, 2)),
+            *strides(tile_states, (0, 1)),
             IS_VARLEN=qsl is not None,
             HAS_CACHE_IDX=cache_indices is not None,
             HAS_INIT=has_initial_state is not None,
             HAS_STATE=state is not None,
+            HAS_TILE_STATES=tile_states is not None,
             HAS_D=D is not None,
             HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None,
@@ -276,10 +293,16 @@ def _launch_cpu(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         state.copy_(state32)
 
 
-@destination_op("selective_scan", mutates_args=("out", "state"))
+def _tile_states_kwargs(tile_states: torch.Tensor | None, A: torch.Tensor) -> dict:
+    """The torch reference's arguments that write ``tile_states`` (chunks of one tile), if given."""
+    return {} if tile_states is None else dict(chunk_size=tile_length(A.shape[1]), chunk_states=tile_states)
+
+
+@destination_op("selective_scan", mutates_args=("out", "state", "tile_states"))
 def _selective_scan(
     out: torch.Tensor,
     state: torch.Tensor | None,
+    tile_states: torch.Tensor | None,
     inputs: list[torch.Tensor | None],
     delta_softplus: bool,
     pad_slot_id: int,
@@ -287,11 +310,18 @@ def _selective_scan(
     """Destination-passing core of both public ops (metadata validated). ``inputs`` is
     ``[u, delta, A, B, C, D, z, delta_bias, query_start_loc, cache_indices, has_initial_state]``.
 
-    Batched: u ``[B, D, L]``, state the ``[B, D, N]`` last state or None, no query_start_loc.
-    Packed: u ``[D, T]``, state the ``[slots, D, N]`` cache, query_start_loc ``[batch + 1]``.
+    Batched: u ``[B, D, L]``, state the ``[B, D, N]`` last state or None, no query_start_loc;
+    ``tile_states`` (training, or None) ``[B, n_tiles + 1, D, N]`` fp32 contiguous: the state
+    entering each tile of ``tile_length(N)`` tokens, then the last state, for the Triton backward
+    (written by every backend, so a backward on another backend than the forward's stays right).
+    Packed: u ``[D, T]``, state the ``[slots, D, N]`` cache, query_start_loc ``[batch + 1]``, no tile_states.
     """
     u, delta, A, B, C, D, z, delta_bias, query_start_loc, cache_indices, has_initial_state = inputs
     varlen = query_start_loc is not None
+    if tile_states is not None:  # checked here too: a traced call skips the wrapper
+        if varlen:
+            raise ValueError("tile_states is for the batched form only, got query_start_loc too")
+        check_tile_states(tile_states, u, A)
     if varlen:  # here too, not only in the wrapper: a traced call skips the wrapper's eager checks
         if cache_indices is None:
             check_default_slots("ssm_states", state.shape[0], query_start_loc.shape[0] - 1, "cache_indices",
@@ -304,7 +334,8 @@ def _selective_scan(
             selective_scan_varlen_ref(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                       query_start_loc, cache_indices, has_initial_state, pad_slot_id)
         else:
-            y, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            y, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                         **_tile_states_kwargs(tile_states, A))
             out.copy_(y)
             if state is not None:
                 state.copy_(last)
@@ -321,9 +352,12 @@ def _selective_scan(
             cache_indices, has_initial_state, pad_slot_id)
     if backend == "cpu":
         _launch_cpu(*args)
+        if tile_states is not None:  # only under the interpreter (a CPU forward before a Triton backward)
+            selective_scan_ref(u, delta, A, B, C, None, None, delta_bias, delta_softplus,
+                               **_tile_states_kwargs(tile_states, A))
     else:
         groups = max(M.shape[1] if M.dim() == 4 else 1 for M in (B, C))
-        _launch_triton(*args, n_seq, groups)
+        _launch_triton(*args, n_seq, groups, tile_states)
 
 
 def _check_bc(name: str, M: object, dim: int, dstate: int, lead: tuple[int, ...], length: int,
@@ -369,27 +403,42 @@ def _validated(u, delta, A, B, C, D, z, delta_bias, *, varlen: bool) -> tuple:
     return tuple(None if t is None else unit_stride_last(t) for t in (u, delta, A, B, C, D, z, delta_bias))
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool):
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool,
+                  tile_states: torch.Tensor | None = None):
     out = _alloc.empty_like(u)
     last = _alloc.empty((u.shape[0], *A.shape), torch.float32, u.device) if return_last_state else None
-    _selective_scan(out, last, [u, delta, A, B, C, D, z, delta_bias, None, None, None], bool(delta_softplus),
-                    PAD_SLOT_ID)
+    _selective_scan(out, last, tile_states, [u, delta, A, B, C, D, z, delta_bias, None, None, None],
+                    bool(delta_softplus), PAD_SLOT_ID)
     return (out, last) if return_last_state else out
 
 
+def _as_groups(M: torch.Tensor) -> torch.Tensor:
+    """B or C in the backward's form: ``[B, N, L]`` as ``[B, 1, N, L]`` (others unchanged)."""
+    return M[:, None] if M.dim() == 3 else M
+
+
 class _SelectiveScanFn(torch.autograd.Function):
-    """Forward-only for now: the backward pass comes with a later kernel and raises until then."""
+    """Saves the inputs (and, on CUDA or under the interpreter, the fp32 state entering each tile,
+    ``[B, n_tiles + 1, D, N]``: the backward recomputes the states inside a tile from it);
+    the backward is ``ifk::selective_scan_bwd`` (:mod:`.scan_backward`)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        tile_states = None
+        if u.is_cuda or interpreter_enabled():  # where the Triton backward may run (no ContextVar here:
+            # torch.compile traces this; the op writes the states on every backend)
+            tile_states = _alloc.empty(tile_states_shape(u, A), torch.float32, u.device)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, tile_states)
+        ctx.delta_softplus = bool(delta_softplus)
+        return _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, tile_states)
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            "selective_scan_fn has no backward pass yet (forward-only); call it under torch.no_grad() "
-            "or with inputs that do not require grad"
-        )
+    def backward(ctx, dout, dlast=None):
+        u, delta, A, B, C, D, z, delta_bias, tile_states = ctx.saved_tensors
+        grads = list(selective_scan_bwd(unit_stride_last(dout), dlast, u, delta, A, _as_groups(B), _as_groups(C), D,
+                                        z, delta_bias, ctx.delta_softplus, tile_states))
+        grads[3], grads[4] = grads[3].view(B.shape), grads[4].view(C.shape)
+        return (*grads, None, None)
 
 
 def selective_scan_fn(
@@ -416,7 +465,8 @@ def selective_scan_fn(
         return_last_state: also return the final state.
 
     Returns ``out [B, D, L]`` in u's dtype, or ``(out, last_state [B, D, N] fp32)``. Arithmetic is
-    fp32. Forward only: backward raises NotImplementedError (a later kernel adds it).
+    fp32. Differentiable in every tensor argument (the last state too) on every backend; the
+    gradients are deterministic (bit-identical for the same inputs, device and backend).
 
     Example:
         >>> u = torch.randn(2, 64, 100); A = -torch.rand(64, 16); Bc = torch.randn(2, 16, 100)
@@ -497,6 +547,6 @@ def selective_scan_varlen(
         check_shape("out", out, (dim, num_tokens))
         if num_tokens > 1 and out.stride(1) != 1:
             raise ValueError(f"out must have unit stride along T, got strides {out.stride()}")
-    _selective_scan(out, ssm_states, [u, delta, A, B, C, D, z, delta_bias, query_start_loc.contiguous(),
+    _selective_scan(out, ssm_states, None, [u, delta, A, B, C, D, z, delta_bias, query_start_loc.contiguous(),
                                       cache_indices, has_initial_state], bool(delta_softplus), pad_slot_id)
     return out

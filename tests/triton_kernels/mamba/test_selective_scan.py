@@ -90,14 +90,6 @@ def test_softplus_keeps_tiny_steps(backend):
     assert_close(last, ref_state, name="last_state")
 
 
-def test_backward_raises_not_implemented():
-    args = make_batched(1, 4, 2, 5)
-    args["u"].requires_grad_(True)
-    out = selective_scan_fn(**args)
-    with pytest.raises(NotImplementedError, match="no backward"):
-        out.sum().backward()
-
-
 # ---- packed sequences with a state cache -------------------------------------------------------
 
 
@@ -309,11 +301,11 @@ def test_opcheck_both_forms():
     args = make_batched(1, 4, 2, 6)
     out, last = poisoned((1, 4, 6), F32), poisoned((1, 4, 2), F32)
     torch.library.opcheck(torch.ops.ifk.selective_scan.default, (
-        out, last, [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
+        out, last, None, [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
                     args["delta_bias"], None, None, None], True, PAD_SLOT_ID))
     v = make_varlen([2, 3], 4, 2, 1, num_slots=3)
     torch.library.opcheck(torch.ops.ifk.selective_scan.default, (
-        poisoned((4, 5), F32), v["ssm_states"], [v["u"], v["delta"], v["A"], v["B"], v["C"], None, None, None,
+        poisoned((4, 5), F32), v["ssm_states"], None, [v["u"], v["delta"], v["A"], v["B"], v["C"], None, None, None,
                                                  v["query_start_loc"], torch.tensor([2, 0], device=KERNEL_DEVICE),
                                                  None], False, PAD_SLOT_ID))
 
@@ -367,7 +359,7 @@ def test_gpu_opcheck_and_compile_batched():
     args = make_batched(2, 256, 16, 100, dtype=torch.bfloat16)
     out, last = torch.empty_like(args["u"]), torch.empty(2, 256, 16, device="cuda")
     torch.library.opcheck(torch.ops.ifk.selective_scan.default, (
-        out, last, [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
+        out, last, None, [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
                     args["delta_bias"], None, None, None], True, PAD_SLOT_ID))
     eager = selective_scan_fn(**args)
     assert_equal(torch.compile(selective_scan_fn, fullgraph=True)(**args), eager)

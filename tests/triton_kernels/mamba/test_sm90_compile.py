@@ -52,6 +52,27 @@ def _scan_batched(n: int, *, full: bool = True, groups: int = 0, per_channel: bo
     return call
 
 
+def _scan_fwd_bwd(n: int, *, full: bool = True, groups: int = 0, per_channel: bool = False) -> Callable:
+    """Forward + backward (the recorder runs cases under no_grad: grad is enabled here)."""
+    def call() -> None:
+        b, length = 2, 256
+        with torch.enable_grad():
+            u, delta = _t(b, D_MODEL, length).requires_grad_(), _t(b, D_MODEL, length).requires_grad_()
+            if per_channel:
+                bc = (_t(D_MODEL, n, dtype=F32), _t(D_MODEL, n, dtype=F32))
+            elif groups:
+                bc = (_t(b, groups, n, length), _t(b, groups, n, length))
+            else:
+                bc = (_t(b, n, length), _t(b, n, length))
+            extras = dict(D=_t(D_MODEL, dtype=F32), z=_t(b, D_MODEL, length), delta_bias=_t(D_MODEL, dtype=F32),
+                          delta_softplus=True) if full else {}
+            res = selective_scan_fn(u, delta, -_t(D_MODEL, n, dtype=F32).abs(), *bc, **extras,
+                                    return_last_state=full)
+            outs = res if full else (res,)
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return call
+
+
 def _scan_varlen(n: int, *, full: bool = True, index: torch.dtype = torch.int32, groups: int = 1) -> Callable:
     def call() -> None:
         tokens = 700
@@ -150,6 +171,10 @@ CASES: dict[str, Callable] = {
     "scan_batched_N16_per_channel_BC": _scan_batched(16, per_channel=True),
     "scan_batched_N64_full_grouped": _scan_batched(64, groups=8),
     "scan_batched_N64_plain": _scan_batched(64, full=False),
+    "scan_fwd_bwd_N16_full": _scan_fwd_bwd(16),
+    "scan_fwd_bwd_N16_plain": _scan_fwd_bwd(16, full=False),
+    "scan_fwd_bwd_N16_per_channel_BC": _scan_fwd_bwd(16, per_channel=True),
+    "scan_fwd_bwd_N64_full_grouped": _scan_fwd_bwd(64, groups=8),
     "scan_varlen_N16_full_i32": _scan_varlen(16),
     "scan_varlen_N16_plain_i64": _scan_varlen(16, full=False, index=torch.int64),
     "scan_varlen_N64_full_i64_grouped": _scan_varlen(64, index=torch.int64, groups=8),
