@@ -47,6 +47,8 @@ class BuildPyWithSources(build_py):
                 self.copy_file(str(src), str(dest))
 
 
+# pyiface.integrations (transformers: the module-level Mamba kernel functions of 5.x)
+HF = ["transformers>=5.0", "peft>=0.13"]
 ext_modules, cmdclass = _extensions()
 cmdclass["build_py"] = BuildPyWithSources
 
@@ -60,7 +62,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.1", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "transformers>=4.45", "peft>=0.13"],
+        "hf": HF,
+        "test": ["pytest>=8", "pytest-benchmark", "hypothesis", *HF],
         "bench": ["matplotlib"],
     },
     ext_modules=ext_modules,
