@@ -11,11 +11,17 @@ from triton_kernels.mamba import (
     causal_conv1d_fn,
     causal_conv1d_update,
     causal_conv1d_varlen,
+    mamba_inner_fn,
     selective_scan_fn,
     selective_scan_varlen,
     selective_state_update,
 )
-from triton_kernels.mamba2 import mamba_chunk_scan_combined, mamba_chunk_scan_varlen, rms_norm_gated
+from triton_kernels.mamba2 import (
+    mamba_chunk_scan_combined,
+    mamba_chunk_scan_varlen,
+    mamba_split_conv1d_scan_combined,
+    rms_norm_gated,
+)
 from triton_kernels.multimodal import (
     embed_multimodal_tokens,
     merge_multimodal_embeddings,
@@ -36,6 +42,8 @@ __all__ = [
     "lora_shrink",
     "mamba_chunk_scan_combined",
     "mamba_chunk_scan_varlen",
+    "mamba_inner_fn",
+    "mamba_split_conv1d_scan_combined",
     "merge_multimodal_embeddings",
     "merge_multimodal_embeddings_by_mask",
     "rms_norm_gated",
