@@ -3,14 +3,16 @@
 Each factory takes HF's own function (the fallback) and returns a function with HF's signature
 that runs this package's op instead. HF's function still runs for what the ops do not cover: a
 backward pass through the Mamba-1 selective scan (forward-only for now), conv widths outside 2..4,
-activations other than SiLU, and a conv given ``cu_seqlens`` without ``seq_idx`` (HF's torch path
-then raises its "can't keep packed sequences apart" error). Packed sequences with ``seq_idx``
-(and ``cu_seqlens`` for the Mamba-2 chunk scan) run on our ops, as they would on mamba_ssm /
+activations other than SiLU, and packed sequences where we cannot keep them apart: Mamba-1 (its
+scan has no packed form) and a Mamba-2 conv given ``cu_seqlens`` without ``seq_idx`` (HF's torch
+path then raises its "can't keep packed sequences apart" error). Mamba-2 packed sequences with
+``seq_idx`` (and ``cu_seqlens`` for the chunk scan) run on our ops, as on mamba_ssm /
 causal-conv1d; HF's torch path has no packed form.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -31,9 +33,11 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _conv_supported(weight: torch.Tensor, activation: object, kwargs: dict) -> bool:
-    unsegmented = kwargs.get("cu_seqlens") is not None and kwargs.get("seq_idx") is None
-    return activation in _SILU and 2 <= weight.shape[-1] <= 4 and not unsegmented
+def _conv_supported(weight: torch.Tensor, activation: object, kwargs: dict, segmented: bool = False) -> bool:
+    """SiLU or none, width 2..4, and no packed sequences unless ``segmented`` and given by ``seq_idx``."""
+    packed = kwargs.get("seq_idx") is not None or kwargs.get("cu_seqlens") is not None
+    kept_apart = segmented and kwargs.get("seq_idx") is not None
+    return activation in _SILU and 2 <= weight.shape[-1] <= 4 and (not packed or kept_apart)
 
 
 def selective_scan(original: Callable) -> Callable:
@@ -64,12 +68,13 @@ def selective_state_update_step(original: Callable) -> Callable:
     return mamba_selective_state_update
 
 
-def conv1d(original: Callable) -> Callable:
+def conv1d(original: Callable, *, segmented: bool = False) -> Callable:
     """HF's ``causal_conv1d_fn(x [B, D, L], weight [D, W], bias, activation, seq_idx [B, L] int32)``
-    -> :func:`causal_conv1d_fn` (``seq_idx``: packed sequences, the conv restarts at each new id)."""
+    -> :func:`causal_conv1d_fn`. ``segmented`` (Mamba-2): ``seq_idx`` runs on our op (the conv restarts
+    at each new id), as the chunk scan after it does too."""
 
     def hf_causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
-        if not _conv_supported(weight, activation, kwargs):
+        if not _conv_supported(weight, activation, kwargs, segmented):
             return original(hidden_states, weight, bias, activation, **kwargs)
         return causal_conv1d_fn(hidden_states, weight, bias, activation, seq_idx=kwargs.get("seq_idx"))
 
@@ -120,6 +125,6 @@ MAMBA1_FUNCTIONS: dict[str, Callable[[Callable], Callable]] = {
 MAMBA2_FUNCTIONS: dict[str, Callable[[Callable], Callable]] = {
     "mamba2_chunk_scan": chunk_scan,
     "mamba2_selective_state_update": selective_state_update_step,
-    "causal_conv1d_fn": conv1d,
+    "causal_conv1d_fn": functools.partial(conv1d, segmented=True),
     "causal_conv1d_update": conv1d_update,
 }
