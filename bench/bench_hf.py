@@ -1,22 +1,25 @@
-"""End-to-end HF benchmarks: ``generate`` of a random-initialised Mamba with and without
-:func:`pyiface.integrations.transformers.apply_kernels`, and peft mixed-adapter batches with and
-without :func:`pyiface.integrations.peft.apply_kernels`.
+"""End-to-end HF benchmarks: ``generate`` of random-initialised Mamba and Mamba-2 models with and
+without :func:`pyiface.integrations.transformers.apply_kernels`, and peft mixed-adapter batches with
+and without :func:`pyiface.integrations.peft.apply_kernels`.
 
 Cases (full / ``--quick``):
 - ``mamba130m-prefill-L1024``: ``generate(prompt of 1024 tokens, max_new_tokens=1)`` on a
-  130M-shaped Mamba (d_model 768, 24 layers, vocab 50280), batch 1: the prefill (scan, conv, the
-  cache filled) plus one LM head. ``extra["tokens_per_s"]`` counts prompt tokens.
+  130M-shaped Mamba (d_model 768, 24 layers, vocab 50280, state 16), batch 1: the prefill (scan,
+  conv, the cache filled) plus one LM head. ``extra["tokens_per_s"]`` counts prompt tokens.
 - ``mamba130m-decode-b{1,16}``: ``generate(8-token prompt, 32 new tokens)``; tokens per second
   count generated tokens (the 8-token prefill is included in the time, a few percent).
+- ``mamba2-130m-prefill-L1024`` / ``mamba2-130m-decode-b{1,16}``: the same on a 130M-shaped
+  Mamba-2 (d_model 768, 24 layers, 24 heads of 64, state 128, 1 group, chunk 256).
 - ``peft-8adapters-b16``: one forward of a small random Llama (hidden 512, 4 layers, q/k/v/o and
   MLP targets) with 8 LoRA adapters of ranks 8..64 over a batch of 16 rows of 32 tokens, every
   row naming an adapter (two ``"__base__"``), and the same with one token a row (decode-shaped);
   each also for one ``lora.Linear`` layer alone, beside that layer's base matmul (the floor).
-- ``--quick``: the same cases on a d_model 128 x 2 layer Mamba (prefill 64, 4 new tokens, batch 1)
-  and a hidden 128 x 2 layer Llama with 8 tokens per row.
+- ``--quick``: the same cases on d_model 128 x 2 layer models (prefill 32, 2 new tokens, batch 1)
+  and a hidden 128 x 2 layer Llama, decode-shaped only (one token a row).
 
-Bytes are the weights read once per forward (the floor for decode). Our rows carry, in
-``extra["profile"]``, the top ops by self CPU time of one run (where the remaining time goes).
+End-to-end generate runs one input set (K=1): a prompt is tiny next to the weights, which every
+call reads anyway. Bytes are the weights read once per forward (the floor for decode). Our rows
+carry, in ``extra["profile"]``, the top ops by self CPU time of one run (where the remaining time goes).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import torch
 from bench.harness import Context, Row
 
 FAMILY = "hf"
-MAMBA_FULL = {"hidden_size": 768, "num_hidden_layers": 24, "vocab_size": 50280}
-MAMBA_QUICK = {"hidden_size": 128, "num_hidden_layers": 2, "vocab_size": 1024}
+FULL = {"hidden_size": 768, "num_hidden_layers": 24, "vocab_size": 50280}
+QUICK = {"hidden_size": 128, "num_hidden_layers": 2, "vocab_size": 1024}
+MAMBA2_HEADS = {"head_dim": 64, "n_groups": 1, "conv_kernel": 4, "expand": 2}  # mamba2-130m
 PEFT_RANKS = (8, 16, 32, 64, 8, 16, 32, 64)
 DECODE_TOKENS = 32
 
@@ -51,17 +55,26 @@ def _param_bytes(model: torch.nn.Module) -> float:
     return float(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
-def _mamba(ctx: Context):
-    from transformers import MambaConfig, MambaForCausalLM
+def _model(ctx: Context, kind: str):
+    """A random-initialised 130M-shaped (``--quick``: d_model 128 x 2) Mamba or Mamba-2 LM, eval mode."""
+    import transformers as hf
 
-    shape = MAMBA_QUICK if ctx.quick else MAMBA_FULL
-    config = MambaConfig(**shape, state_size=16, expand=2, conv_kernel=4, pad_token_id=0, eos_token_id=None)
+    shape = QUICK if ctx.quick else FULL
+    ids = {"pad_token_id": 0, "eos_token_id": None}
+    if kind == "mamba":
+        config = hf.MambaConfig(**shape, state_size=16, expand=2, conv_kernel=4, **ids)
+        cls = hf.MambaForCausalLM
+    else:
+        heads = 2 * shape["hidden_size"] // MAMBA2_HEADS["head_dim"]
+        config = hf.Mamba2Config(**shape, **MAMBA2_HEADS, num_heads=heads, state_size=32 if ctx.quick else 128,
+                                 chunk_size=64 if ctx.quick else 256, **ids)
+        cls = hf.Mamba2ForCausalLM
     torch.manual_seed(0)
-    return MambaForCausalLM(config).eval().to(ctx.device)
+    return cls(config).eval().to(ctx.device)
 
 
-def _generate(model, ids, new_tokens):
-    def run():
+def _generate(model, new_tokens):
+    def run(ids):
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False)
@@ -69,26 +82,27 @@ def _generate(model, ids, new_tokens):
     return run
 
 
-def mamba_rows(ctx: Context) -> list[Row]:
+def mamba_rows(ctx: Context, kind: str) -> list[Row]:
+    """Prefill and decode rows of ``kind`` ("mamba" or "mamba2"): HF's path, then ours."""
     from pyiface.integrations.transformers import apply_kernels
 
-    hf = _mamba(ctx)
+    hf = _model(ctx, kind)
     ours = copy.deepcopy(hf)
     apply_kernels(ours)
-    name = "mamba130m" if not ctx.quick else "mamba-d128x2"
-    prompt_len, new = (64, 4) if ctx.quick else (1024, DECODE_TOKENS)
+    name = f"{kind}-d128x2" if ctx.quick else ("mamba130m" if kind == "mamba" else "mamba2-130m")
+    prompt_len, new = (32, 2) if ctx.quick else (1024, DECODE_TOKENS)
     gen = torch.Generator().manual_seed(0)
     cases = [(f"{name}-prefill-L{prompt_len}", 1, prompt_len, 1, prompt_len)]
     cases += [(f"{name}-decode-b{b}", b, 8, new, b * new) for b in ((1,) if ctx.quick else (1, 16))]
     rows = []
     for case, batch, length, new_tokens, counted in cases:
-        ids = torch.randint(1, hf.config.vocab_size, (batch, length), generator=gen).to(ctx.device)
+        sets = [torch.randint(1, hf.config.vocab_size, (batch, length), generator=gen).to(ctx.device)]
         for impl, model in (("ours[apply_kernels]", ours), ("HF torch path", hf)):
-            run = _generate(model, ids, new_tokens)
-            row = ctx.row(FAMILY, case, impl, run, _param_bytes(model))
+            run = _generate(model, new_tokens)
+            row = ctx.row(FAMILY, case, impl, run, sets, _param_bytes(model))
             row.extra["tokens_per_s"] = counted / (row.median_ms * 1e-3)
             if impl.startswith("ours"):
-                row.extra["profile"] = _profile(run)
+                row.extra["profile"] = _profile(lambda run=run, sets=sets: run(sets[0]))
             rows.append(row)
     return rows
 
@@ -113,56 +127,58 @@ def _peft_model(ctx: Context):
 
 
 def _peft_cases(ctx: Context, model, length: int):
-    """(case, fn, bytes) of one mixed batch of 16 rows x ``length`` tokens: the whole model, one
-    ``lora.Linear`` (up_proj: base matmul + LoRA), and that layer's base matmul alone (the floor)."""
+    """(case, fn, input sets, bytes) of one mixed batch of 16 rows x ``length`` tokens: the whole model,
+    one ``lora.Linear`` (up_proj: base matmul + LoRA), and that layer's base matmul alone (the floor).
+    One input set each: the weights, which every call reads, dwarf the inputs."""
     rows = 16
     names = [f"a{i % len(PEFT_RANKS)}" for i in range(rows - 2)] + ["__base__"] * 2
     ids = torch.randint(1, 1024, (rows, length), generator=torch.Generator().manual_seed(0)).to(ctx.device)
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     x = torch.randn(rows, length, layer.in_features, device=ctx.device)
 
-    def forward():
+    def forward(ids):
         with torch.no_grad():
             return model(ids, adapter_names=names).logits
 
-    def one_layer():
+    def one_layer(x):
         with torch.no_grad():
             return layer._mixed_batch_forward(x, adapter_names=names)
 
-    def base_only():
+    def base_only(x):
         with torch.no_grad():
             return layer.base_layer(x)
 
     tag = f"8adapters-b{rows}-L{length}"
-    return [(f"peft-{tag}", forward, _param_bytes(model)), (f"peft-up_proj-{tag}", one_layer, _param_bytes(layer)),
-            (f"peft-up_proj-{tag}", base_only, _param_bytes(layer.base_layer))]
+    return [(f"peft-{tag}", forward, [ids], _param_bytes(model)),
+            (f"peft-up_proj-{tag}", one_layer, [x], _param_bytes(layer)),
+            (f"peft-up_proj-{tag}", base_only, [x], _param_bytes(layer.base_layer))]
 
 
 def peft_rows(ctx: Context) -> list[Row]:
     from pyiface.integrations.peft import apply_kernels, revert_kernels
 
     model = _peft_model(ctx)
-    lengths = (1, 8) if ctx.quick else (1, 32)  # decode-shaped (one token a row) and prefill-shaped
+    lengths = (1,) if ctx.quick else (1, 32)  # decode-shaped (one token a row) and prefill-shaped
     out = []
     for impl in ("peft loop", "ours[add_lora_linear]"):
         if impl.startswith("ours"):
             apply_kernels(model)
         for length in lengths:
-            for case, fn, nbytes in _peft_cases(ctx, model, length):
+            for case, fn, sets, nbytes in _peft_cases(ctx, model, length):
                 if fn.__name__ == "base_only":
                     if not impl.startswith("ours"):
-                        out.append(ctx.row(FAMILY, case, "base layer alone (no LoRA)", fn, nbytes))
+                        out.append(ctx.row(FAMILY, case, "base layer alone (no LoRA)", fn, sets, nbytes))
                     continue
-                row = ctx.row(FAMILY, case, impl, fn, nbytes)
+                row = ctx.row(FAMILY, case, impl, fn, sets, nbytes)
                 if impl.startswith("ours"):
-                    row.extra["profile"] = _profile(fn)
+                    row.extra["profile"] = _profile(lambda fn=fn, sets=sets: fn(sets[0]))
                 out.append(row)
     revert_kernels(model)
     return out
 
 
 def run(ctx: Context) -> list[Row]:
-    rows = mamba_rows(ctx) + peft_rows(ctx)
+    rows = mamba_rows(ctx, "mamba") + mamba_rows(ctx, "mamba2") + peft_rows(ctx)
     for row in rows:
         if "profile" in row.extra:
             top = ", ".join(f"{name} {pct:.0f}%" for name, _, pct in row.extra["profile"][:6])

@@ -6,7 +6,7 @@
 # a failing implementation is recorded as a NaN row with its error, not a crash, and the JSON is
 # rewritten after every family, so a run cut by the cap keeps the families it finished.
 # BENCH_FAMILIES lists the `python -m bench --only` families (python -m bench --help); add new ones there.
-BENCH_FAMILIES="${BENCH_FAMILIES:-multimodal lora mamba mamba_state_update mamba_conv mamba2 mamba2_decode mamba2_norm}"
+BENCH_FAMILIES="${BENCH_FAMILIES:-multimodal lora mamba mamba_state_update mamba_conv mamba2 mamba2_decode mamba2_norm hf}"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M)}"

@@ -1,10 +1,13 @@
 """HF transformers' Mamba mixers on this package's ops (Liger-Kernel style patching).
 
 Where transformers (5.x) decides: each ``modeling_<family>.py`` defines module-level functions
-(``mamba_selective_scan``, ``mamba_selective_state_update``, ``causal_conv1d_fn``,
-``causal_conv1d_update``) wrapped by ``use_kernel_func_from_hub_with_fallback``, which binds them
-at import time to the ``mamba_ssm`` / ``causal_conv1d`` kernels when those packages import, else
-to HF's torch code; the mixer's ``forward`` looks the names up in its module globals on every call.
+(Mamba-1: ``mamba_selective_scan``, ``mamba_selective_state_update``; Mamba-2:
+``mamba2_chunk_scan``, ``mamba2_selective_state_update``, ``mamba2_split_conv1d_scan_combined``;
+both: ``causal_conv1d_fn``, ``causal_conv1d_update``) wrapped by
+``use_kernel_func_from_hub_with_fallback``, which binds them at import time to the ``mamba_ssm`` /
+``causal_conv1d`` kernels when those packages import, else to HF's torch code; the mixer's
+``forward`` looks the names up in its module globals on every call. (A config's
+``use_mamba_kernels=False`` only warns in 5.x: it no longer chooses.)
 Those globals are the narrowest point that covers CPU and GPU alike, so they are what we replace:
 
 - process-wide (``apply_kernels()``): the names in each family's modeling module;
@@ -13,8 +16,11 @@ Those globals are the narrowest point that covers CPU and GPU alike, so they are
   Nothing shared changes, so other models keep HF's path, eager and under ``torch.compile``
   (dynamo guards a global on the globals dict of the frame it traces).
 
-A family is one :class:`Family` table entry; Mamba-2 families (mamba2, bamba, falcon_h1,
-granitemoehybrid, nemotron_h, zamba2) are added the same way once their ops exist.
+A family is one :class:`Family` table entry. What stays HF's in Mamba-2 mixers: the gated
+RMSNorm is an ``nn.Module`` (``<Family>RMSNormGated``), not a kernel function, so it keeps HF's
+torch code (fp32 copies of the scan output and gate); the training-only fused
+``mamba2_split_conv1d_scan_combined`` keeps HF's (None on the torch path: the mixer then trains
+through our unfused ops).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from pyiface.integrations._hf_mamba import MAMBA1_FUNCTIONS
+from pyiface.integrations._hf_mamba import MAMBA1_FUNCTIONS, MAMBA2_FUNCTIONS
 
 MIN_TRANSFORMERS = "5.0"  # the module-level kernel functions; 4.x chose in the mixer instead
 TESTED_TRANSFORMERS = ("5.24.0",)
@@ -49,11 +55,21 @@ def _mamba1(name: str, mixer: str) -> Family:
     return Family(f"transformers.models.{name}.modeling_{name}", (mixer,), MAMBA1_FUNCTIONS)
 
 
+def _mamba2(name: str, mixer: str) -> Family:
+    return Family(f"transformers.models.{name}.modeling_{name}", (mixer,), MAMBA2_FUNCTIONS)
+
+
 FAMILIES: dict[str, Family] = {
     "mamba": _mamba1("mamba", "MambaMixer"),
     "falcon_mamba": _mamba1("falcon_mamba", "FalconMambaMixer"),
     "jamba": _mamba1("jamba", "JambaMambaMixer"),
     "zamba": _mamba1("zamba", "ZambaMambaMixer"),
+    "mamba2": _mamba2("mamba2", "Mamba2Mixer"),
+    "bamba": _mamba2("bamba", "BambaMixer"),
+    "falcon_h1": _mamba2("falcon_h1", "FalconH1Mixer"),
+    "granitemoehybrid": _mamba2("granitemoehybrid", "GraniteMoeHybridMambaLayer"),
+    "nemotron_h": _mamba2("nemotron_h", "NemotronHMamba2Mixer"),
+    "zamba2": _mamba2("zamba2", "Zamba2MambaMixer"),
 }
 
 _ORIGINALS: dict[tuple[str, str], Callable] = {}  # (module, global) -> HF's function, while patched
@@ -123,8 +139,9 @@ def apply_kernels(model: torch.nn.Module | None = None, *,
     Args:
         model: None: patch every supported family the installed transformers has, process-wide
             (models built later included). A loaded model: patch only its mixers.
-        families: restrict to these family names (``"mamba"``, ``"falcon_mamba"``, ``"jamba"``,
-            ``"zamba"``); an unknown name warns and is skipped.
+        families: restrict to these family names (keys of :data:`FAMILIES`: ``"mamba"``,
+            ``"falcon_mamba"``, ``"jamba"``, ``"zamba"``, ``"mamba2"``, ``"bamba"``, ``"falcon_h1"``,
+            ``"granitemoehybrid"``, ``"nemotron_h"``, ``"zamba2"``); an unknown name warns and is skipped.
 
     Returns ``{family: [HF function names now running our ops]}``. Calling it twice is harmless.
     Raises ``ValueError`` for a model with no mixer of a supported family (nothing patched) and

@@ -1,4 +1,4 @@
-"""Oracle: tiny random HF models of every supported Mamba-1 family give HF's own logits and greedy
+"""Oracle: tiny random HF models of every supported Mamba-1 and Mamba-2 family give HF's own logits and greedy
 tokens with :func:`pyiface.integrations.transformers.apply_kernels`, the profiler shows our ops
 ran, ``revert_kernels`` restores HF bit for bit, and a patched model never leaks into another."""
 
@@ -21,9 +21,18 @@ from pyiface.integrations.transformers import FAMILIES, apply_kernels, revert_ke
 pytestmark = pytest.mark.oracle
 
 FAMILY_NAMES = list(FAMILIES)
-PREFILL_OPS = {"ifk::selective_scan", "ifk::causal_conv1d_fwd"}
-DECODE_OPS = {"ifk::selective_state_update", "ifk::causal_conv1d_update"}
 HF_FUNCTIONS = ["mamba_selective_scan", "mamba_selective_state_update", "causal_conv1d_fn", "causal_conv1d_update"]
+HF_FUNCTIONS_2 = ["mamba2_chunk_scan", "mamba2_selective_state_update", "causal_conv1d_fn", "causal_conv1d_update"]
+DECODE_OPS = {"ifk::selective_state_update", "ifk::causal_conv1d_update"}
+
+
+def _functions(family: str) -> list[str]:
+    return HF_FUNCTIONS_2 if "mamba2_chunk_scan" in FAMILIES[family].functions else HF_FUNCTIONS
+
+
+def _prefill_ops(family: str) -> set[str]:
+    scan = "ifk::mamba_chunk_scan" if _functions(family) is HF_FUNCTIONS_2 else "ifk::selective_scan"
+    return {scan, "ifk::causal_conv1d_fwd"}
 
 
 @pytest.fixture(autouse=True)
@@ -49,10 +58,10 @@ def _rel(a, b):
 def test_logits_match_hf_then_revert_is_bit_exact(family):
     model, ids = build(family), prompt()
     ref = _logits(model, ids)
-    assert apply_kernels(model) == {family: HF_FUNCTIONS}
+    assert apply_kernels(model) == {family: _functions(family)}
     with ops_seen() as seen:
         got = _logits(model, ids)
-    assert seen >= PREFILL_OPS, seen
+    assert seen >= _prefill_ops(family), seen
     assert_close(got, ref, tol=1e-5)
     revert_kernels(model)
     with ops_seen() as seen:
@@ -79,7 +88,7 @@ def test_greedy_generate_with_cache_matches_hf(family):
     apply_kernels(model)
     with ops_seen() as seen:
         got = greedy(model, ids)
-    assert seen >= PREFILL_OPS | DECODE_OPS, seen
+    assert seen >= _prefill_ops(family) | DECODE_OPS, seen
     assert_equal(got, expected)
 
 
@@ -106,8 +115,10 @@ def test_prompt_continued_after_decode_step(family):
     (hf_steps, hf_whole), (steps, whole) = runs
     for ours, theirs in zip(steps, hf_steps):
         assert_close(ours, theirs, tol=1e-5)
-    assert_close(steps[-1], whole, tol=1e-5)
     assert_close(whole, hf_whole, tol=1e-5)
+    # as consistent as HF's own path: bamba's differs by ~1.2e-4 between stepwise decode and one
+    # forward, in fp64 too, while mamba2 (the same mixer code) agrees to 1e-7: not the mixer)
+    assert _rel(steps[-1], whole) <= max(1e-5, 2 * _rel(hf_steps[-1], hf_whole))
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
@@ -130,18 +141,18 @@ def test_two_models_one_patched(compiled):
 
 def test_process_wide_covers_models_built_later_and_reverts():
     modules = {name: importlib.import_module(f.module) for name, f in FAMILIES.items()}
-    originals = {(name, fn): getattr(m, fn) for name, m in modules.items() for fn in HF_FUNCTIONS}
+    originals = {(name, fn): getattr(m, fn) for name, m in modules.items() for fn in _functions(name)}
     ids = prompt()
     ref = _logits(build("jamba"), ids)
     patched = apply_kernels()
-    assert patched == {name: HF_FUNCTIONS for name in FAMILIES}
+    assert patched == {name: _functions(name) for name in FAMILIES}
     assert apply_kernels() == patched  # twice: harmless, the same functions stay installed
     installed = {(name, fn): getattr(modules[name], fn) for name, fn in originals}
     assert all(installed[k] is not originals[k] for k in originals)
     model = build("jamba")
     with ops_seen() as seen:
         assert_close(_logits(model, ids), ref, tol=1e-5)
-    assert seen >= PREFILL_OPS
+    assert seen >= _prefill_ops("jamba")
     apply_kernels(model)  # a per-model patch on top of the process-wide one
     revert_kernels()
     revert_kernels()
@@ -166,8 +177,8 @@ def test_apply_to_model_twice_and_revert_one_model():
 def test_families_filter_and_unknown_family_warns():
     with pytest.warns(UserWarning, match="unknown model family 'nope'"):
         assert apply_kernels(families=["mamba", "nope"]) == {"mamba": HF_FUNCTIONS}
-    with pytest.warns(UserWarning, match="unknown model family 'mamba2'"):
-        assert apply_kernels(families=["mamba2"]) == {}
+    with pytest.warns(UserWarning, match="unknown model family 'mamba3'"):
+        assert apply_kernels(families=["mamba3"]) == {}
     model = build("mamba")
     with pytest.raises(ValueError, match="no mixer of a supported family"):
         apply_kernels(model, families=["jamba"])
@@ -217,7 +228,7 @@ def test_gpu_default_backend_matches_hf(family, dtype):
     apply_kernels(model)
     with ops_seen() as seen:
         ours = _logits(model, ids)
-    assert seen >= PREFILL_OPS
+    assert seen >= _prefill_ops(family)
     assert _rel(ours, ref) <= 2 * hf_err + 1e-3, (_rel(ours, ref), hf_err)
     expected = greedy(build(family).cuda(), ids)
     model32 = build(family).cuda()
