@@ -31,6 +31,7 @@ from triton_kernels import _alloc
 from triton_kernels._checks import check_shape, check_tensor
 from triton_kernels._ops import destination_op
 from triton_kernels.mamba.reference import CHUNK_TOKENS, per_channel, scan_chunk
+from triton_kernels.mamba.scan_backward_cpu import scan_bwd_cpu
 from triton_kernels.mamba.tiles import check_tile_states
 from triton_kernels.registry import SELECTIVE_SCAN
 
@@ -123,14 +124,6 @@ def scan_bwd_torch(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softp
 
 
 # ---- dispatch ---------------------------------------------------------------------------------
-
-# TEMPORARY (removed at merge): the C++ backward lands with branch `scanbwdcpu`; until then the cpu
-# backend's backward runs the torch one. The one place this fallback lives.
-try:
-    from triton_kernels.mamba.scan_backward_cpu import scan_bwd_cpu
-except ImportError:
-    scan_bwd_cpu = scan_bwd_torch
-
 
 def _check_bwd(grads: dict, dout, dlast, u, delta, A, B, C, D, z, delta_bias, tile_states) -> None:
     """Shape facts the backends rely on (run inside the op: a traced call skips the wrapper's checks)."""

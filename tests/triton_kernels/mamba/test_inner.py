@@ -11,13 +11,13 @@ import math
 import pytest
 import torch
 from torch.nn import functional
-from triton_kernels.mamba.tiles import tile_states_shape
 
 from tests.triton_kernels.mamba.oracle import causal_conv1d as conv_oracle
 from tests.triton_kernels.mamba.oracle import selective_scan as scan_oracle
 from tests.utils import KERNEL_DEVICE, assert_close
 from triton_kernels import causal_conv1d_fn, mamba_inner_fn, selective_scan_fn, use_backend
 from triton_kernels.backend import interpreter_enabled
+from triton_kernels.mamba.tiles import tile_states_shape
 
 F32, F64 = torch.float32, torch.float64
 DEV = KERNEL_DEVICE
