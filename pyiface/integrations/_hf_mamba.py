@@ -1,11 +1,13 @@
 """Drop-in replacements for the functions HF transformers' Mamba-1 and Mamba-2 mixers call.
 
 Each factory takes HF's own function (the fallback) and returns a function with HF's signature
-that runs this package's op instead. HF's function still runs for what the ops do not cover: a
-backward pass through the Mamba-1 selective scan (forward-only for now), conv widths outside 2..4,
-activations other than SiLU, and packed sequences where we cannot keep them apart: Mamba-1 (its
-scan has no packed form) and a Mamba-2 conv given ``cu_seqlens`` without ``seq_idx`` (HF's torch
-path then raises its "can't keep packed sequences apart" error). Mamba-2 packed sequences with
+that runs this package's op instead (every one differentiable, so training runs on our ops too).
+HF's function still runs for what the ops do not cover: conv widths outside 2..4, activations
+other than SiLU, falcon_mamba's B/C/dt RMS norms inside ``mamba_inner_fn``, and packed sequences
+where we cannot keep them apart: Mamba-1 (its scan has no packed form) and a Mamba-2 conv given
+``cu_seqlens`` without ``seq_idx`` (HF's torch path then raises its "can't keep packed sequences
+apart" error). Where HF's fused training function is the torch one it returns None and the mixer
+takes its unfused path, on our ops. Mamba-2 packed sequences with
 ``seq_idx`` (and ``cu_seqlens`` for the chunk scan) run on our ops, as on mamba_ssm /
 causal-conv1d; HF's torch path has no packed form.
 """
@@ -22,15 +24,13 @@ from triton_kernels import (
     causal_conv1d_fn,
     causal_conv1d_update,
     mamba_chunk_scan_combined,
+    mamba_inner_fn,
+    mamba_split_conv1d_scan_combined,
     selective_scan_fn,
     selective_state_update,
 )
 
 _SILU = (None, "silu", "swish")
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _conv_supported(weight: torch.Tensor, activation: object, kwargs: dict, segmented: bool = False) -> bool:
@@ -42,14 +42,13 @@ def _conv_supported(weight: torch.Tensor, activation: object, kwargs: dict, segm
 
 def selective_scan(original: Callable) -> Callable:
     """HF's ``mamba_selective_scan(u [B, D, L], dt [B, D, L], A [D, N], B [B, N, L], C [B, N, L],
-    D, z, delta_bias, delta_softplus, return_last_state, ...)`` -> :func:`selective_scan_fn`."""
+    D, z, delta_bias, delta_softplus, return_last_state, ...)`` -> :func:`selective_scan_fn`
+    (differentiable: training runs on our scan's backward too)."""
 
     def mamba_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None,
                              delta_softplus=False, return_last_state=False, **kwargs):
-        args = (hidden_states, dt, A, B, C, D, z, delta_bias)
-        if _needs_grad(*args):
-            return original(*args, delta_softplus=delta_softplus, return_last_state=return_last_state, **kwargs)
-        return selective_scan_fn(*args, delta_softplus=delta_softplus, return_last_state=return_last_state)
+        return selective_scan_fn(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
+                                 return_last_state=return_last_state)
 
     return mamba_selective_scan
 
@@ -111,6 +110,52 @@ def chunk_scan(original: Callable) -> Callable:
     return mamba2_chunk_scan
 
 
+def inner(original: Callable) -> Callable:
+    """HF's training-only ``mamba_inner_fn(xz [B, 2D, L], conv1d_weight [D, 1, W], conv1d_bias,
+    x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A [D, N], B, C, D, delta_bias,
+    delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps)`` -> :func:`mamba_inner_fn`
+    (mamba_ssm's, as HF calls it when mamba_ssm is installed: like it, the fused path does not re-mask
+    padding after the conv). With the B/C/dt RMS norm weights (falcon_mamba) HF's function runs."""
+
+    def hf_mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                          out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, delta_softplus=True,
+                          b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None, b_c_dt_rms_eps=1e-6, **kwargs):
+        args = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
+                B, C, D)
+        norms = (b_rms_weight, c_rms_weight, dt_rms_weight)
+        if any(w is not None for w in norms) or not _conv_supported(conv1d_weight, None, kwargs):
+            return original(*args, delta_bias=delta_bias, delta_softplus=delta_softplus, b_rms_weight=b_rms_weight,
+                            c_rms_weight=c_rms_weight, dt_rms_weight=dt_rms_weight,
+                            b_c_dt_rms_eps=b_c_dt_rms_eps, **kwargs)
+        return mamba_inner_fn(*args, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+    return hf_mamba_inner_fn
+
+
+def split_conv1d_scan(original: Callable) -> Callable:
+    """HF's training-only ``mamba2_split_conv1d_scan_combined(zxbcdt [B, L, ...], conv1d_weight [D, W],
+    conv1d_bias, dt_bias [H], A [H], D, chunk_size, initial_states, dt_limit, return_final_states,
+    activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
+    norm_before_gate, seq_idx=)`` -> :func:`mamba_split_conv1d_scan_combined` (mamba_ssm's, as HF calls
+    it when mamba_ssm is installed). ``rmsnorm_eps=None`` (falcon_h1 without the norm) is unused."""
+
+    def hf_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                      initial_states=None, dt_limit=(0.0, math.inf), return_final_states=False,
+                                      activation="silu", rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None,
+                                      outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True, **kwargs):
+        args = (zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states)
+        options = {"dt_limit": tuple(dt_limit), "return_final_states": return_final_states,
+                   "activation": activation, "rmsnorm_weight": rmsnorm_weight, "outproj_weight": outproj_weight,
+                   "outproj_bias": outproj_bias, "headdim": headdim, "ngroups": ngroups,
+                   "norm_before_gate": norm_before_gate}
+        if not _conv_supported(conv1d_weight, activation, kwargs, segmented=True):
+            return original(*args, rmsnorm_eps=rmsnorm_eps, **options, **kwargs)
+        return mamba_split_conv1d_scan_combined(*args, seq_idx=kwargs.get("seq_idx"),
+                                                rmsnorm_eps=1e-6 if rmsnorm_eps is None else rmsnorm_eps, **options)
+
+    return hf_split_conv1d_scan_combined
+
+
 # The module globals a Mamba-1 mixer calls -> the factory of each replacement.
 MAMBA1_FUNCTIONS: dict[str, Callable[[Callable], Callable]] = {
     "mamba_selective_scan": selective_scan,
@@ -119,12 +164,15 @@ MAMBA1_FUNCTIONS: dict[str, Callable[[Callable], Callable]] = {
     "causal_conv1d_update": conv1d_update,
 }
 
-# The module globals a Mamba-2 mixer calls (its unfused path). Its training-only fused call,
-# ``mamba2_split_conv1d_scan_combined``, stays HF's: on HF's torch path it returns None and the
-# mixer takes the unfused path, which then trains through our differentiable chunk scan and conv.
+# Mamba's mixer also calls ``mamba_inner_fn`` when training. (jamba defines it but never calls it;
+# falcon_mamba calls it with B/C/dt RMS norms ours lacks, so ``inner`` would always hand it back.)
+MAMBA1_FUSED_FUNCTIONS: dict[str, Callable[[Callable], Callable]] = {**MAMBA1_FUNCTIONS, "mamba_inner_fn": inner}
+
+# The module globals a Mamba-2 mixer calls: the fused one when training, the unfused ones otherwise.
 MAMBA2_FUNCTIONS: dict[str, Callable[[Callable], Callable]] = {
     "mamba2_chunk_scan": chunk_scan,
     "mamba2_selective_state_update": selective_state_update_step,
     "causal_conv1d_fn": functools.partial(conv1d, segmented=True),
     "causal_conv1d_update": conv1d_update,
+    "mamba2_split_conv1d_scan_combined": split_conv1d_scan,
 }

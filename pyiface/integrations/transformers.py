@@ -18,9 +18,12 @@ Those globals are the narrowest point that covers CPU and GPU alike, so they are
 
 A family is one :class:`Family` table entry. What stays HF's in Mamba-2 mixers: the gated
 RMSNorm is an ``nn.Module`` (``<Family>RMSNormGated``), not a kernel function, so it keeps HF's
-torch code (fp32 copies of the scan output and gate); the training-only fused
-``mamba2_split_conv1d_scan_combined`` keeps HF's (None on the torch path: the mixer then trains
-through our unfused ops).
+torch code (fp32 copies of the scan output and gate) on the unfused path. When training, the
+mixers first call a fused function (Mamba: ``mamba_inner_fn``, every Mamba-2 family:
+``mamba2_split_conv1d_scan_combined``); those are ours too, with mamba_ssm's semantics, as HF runs
+them when mamba_ssm is installed (its torch stand-ins return None and the mixer goes unfused).
+falcon_mamba's call carries B/C/dt RMS norms ours lacks, so it is not patched there: the mixer then
+trains unfused, on our scan and conv.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from pyiface.integrations._hf_mamba import MAMBA1_FUNCTIONS, MAMBA2_FUNCTIONS
+from pyiface.integrations._hf_mamba import MAMBA1_FUNCTIONS, MAMBA1_FUSED_FUNCTIONS, MAMBA2_FUNCTIONS
 
 MIN_TRANSFORMERS = "5.0"  # the module-level kernel functions; 4.x chose in the mixer instead
 TESTED_TRANSFORMERS = ("5.24.0",)
@@ -51,8 +54,8 @@ class Family:
     functions: Mapping[str, Callable[[Callable], Callable]]
 
 
-def _mamba1(name: str, mixer: str) -> Family:
-    return Family(f"transformers.models.{name}.modeling_{name}", (mixer,), MAMBA1_FUNCTIONS)
+def _mamba1(name: str, mixer: str, functions: Mapping[str, Callable] = MAMBA1_FUNCTIONS) -> Family:
+    return Family(f"transformers.models.{name}.modeling_{name}", (mixer,), functions)
 
 
 def _mamba2(name: str, mixer: str) -> Family:
@@ -60,7 +63,7 @@ def _mamba2(name: str, mixer: str) -> Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "mamba": _mamba1("mamba", "MambaMixer"),
+    "mamba": _mamba1("mamba", "MambaMixer", MAMBA1_FUSED_FUNCTIONS),
     "falcon_mamba": _mamba1("falcon_mamba", "FalconMambaMixer"),
     "jamba": _mamba1("jamba", "JambaMambaMixer"),
     "zamba": _mamba1("zamba", "ZambaMambaMixer"),
@@ -151,7 +154,8 @@ def apply_kernels(model: torch.nn.Module | None = None, *,
         >>> from transformers import MambaConfig, MambaForCausalLM
         >>> model = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2))
         >>> apply_kernels(model)
-        {'mamba': ['mamba_selective_scan', 'mamba_selective_state_update', 'causal_conv1d_fn', 'causal_conv1d_update']}
+        {'mamba': ['mamba_selective_scan', 'mamba_selective_state_update', 'causal_conv1d_fn', 'causal_conv1d_update',
+                   'mamba_inner_fn']}
     """
     _check_version()
     names = _known(families)
