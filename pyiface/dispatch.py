@@ -26,6 +26,9 @@ OPS_BY_CAPABILITY: dict[str, tuple[Op, ...]] = {
     "lora": (registry.ADD_LORA_LINEAR, registry.LORA_SHRINK, registry.LORA_EXPAND),
     "mamba": (registry.SELECTIVE_SCAN, registry.SELECTIVE_STATE_UPDATE, registry.CAUSAL_CONV1D_VARLEN,
               registry.CAUSAL_CONV1D_UPDATE),
+    # a Mamba-2 mixer: its SSM state has heads ([H, P, N])
+    "mamba2": (registry.MAMBA_CHUNK_SCAN, registry.SELECTIVE_STATE_UPDATE, registry.CAUSAL_CONV1D_VARLEN,
+               registry.CAUSAL_CONV1D_UPDATE, registry.RMS_NORM_GATED),
 }
 
 FLAG_PREDICATES = {
@@ -248,8 +251,9 @@ def plan(
             lora_wrapper = LoRABatchWrapper(max_loras, max_num_tokens, device)
     mamba = None
     if flags["has_inner_state"]:
-        capabilities.append("mamba")
         mamba = _mamba_plan(model_or_class, name, config, max_num_seqs, num_mamba_layers, device, state_dtype)
+        heads = mamba.ssm_state_shape is not None and len(mamba.ssm_state_shape) == 3
+        capabilities.append("mamba2" if heads else "mamba")
     pipeline = None
     if flags["supports_pp"]:
         factory = None if isinstance(model_or_class, type) else model_or_class.make_empty_intermediate_tensors

@@ -106,6 +106,22 @@ def test_hybrid_gets_state_shapes_and_eager_path():
     assert "eager, validated" in str(p)
 
 
+class Bamba(nn.Module, itf.HasInnerState, itf.IsHybrid):
+    """A Mamba-2 hybrid: its SSM state has heads ([H, P, N])."""
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, config):
+        return (config.d_inner + 2 * config.d_state, config.d_conv - 1), (4, config.d_inner // 4, config.d_state)
+
+
+def test_mamba2_hybrid_gets_the_mamba2_ops():
+    p = plan(Bamba, "cpu", config=CONFIG)
+    assert p.mamba.ssm_state_shape == (4, 12, 16)
+    assert set(p.backends) == {"mamba_chunk_scan", "selective_state_update", "causal_conv1d_varlen",
+                               "causal_conv1d_update", "rms_norm_gated"}
+    assert plan(Bamba, "cpu").backends.keys() == plan(Jamba, "cpu").backends.keys()  # shapes unknown: Mamba-1
+
+
 def test_hybrid_cache_allocated_with_sizes():
     p = plan(Jamba(), "cpu", config=CONFIG, max_num_seqs=6, num_mamba_layers=3)
     conv_state, ssm_state = p.mamba.cache.layer(2)
