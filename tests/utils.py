@@ -57,3 +57,13 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float | None = None,
             f"{name}: relative error {rel:.3e} > {tol:.1e}; max abs error {err.max().item():.3e}; "
             f"first bad index {idx}: {o[idx].item() if idx else None} vs {r[idx].item() if idx else None}"
         )
+
+
+def mixer_output_and_grads(mixer: torch.nn.Module, hidden: torch.Tensor, cot: torch.Tensor) -> list[torch.Tensor]:
+    """``[out, d hidden, d param...]`` of ``(mixer(hidden) * cot).sum()``: a mixer's forward and every
+    gradient, for comparing two implementations of it."""
+    mixer.zero_grad()
+    h = hidden.clone().requires_grad_()
+    out = mixer(h)
+    (out * cot).sum().backward()
+    return [out.detach(), h.grad] + [p.grad.clone() for p in mixer.parameters()]

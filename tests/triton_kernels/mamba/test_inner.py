@@ -14,7 +14,7 @@ from torch.nn import functional
 
 from tests.triton_kernels.mamba.oracle import causal_conv1d as conv_oracle
 from tests.triton_kernels.mamba.oracle import selective_scan as scan_oracle
-from tests.utils import KERNEL_DEVICE, assert_close
+from tests.utils import KERNEL_DEVICE, assert_close, mixer_output_and_grads
 from triton_kernels import causal_conv1d_fn, mamba_inner_fn, selective_scan_fn, use_backend
 from triton_kernels.backend import interpreter_enabled
 from triton_kernels.mamba.tiles import tile_states_shape
@@ -231,14 +231,7 @@ def test_hf_mamba_mixer_training_path(backend, monkeypatch):
     mixer = modeling_mamba.MambaMixer(config, layer_idx=0).to(DEV).train()
     hidden, cot = torch.randn(2, 11, 8, device=DEV), torch.randn(2, 11, 8, device=DEV)
 
-    def run():
-        mixer.zero_grad()
-        h = hidden.clone().requires_grad_()
-        out = mixer(h)
-        (out * cot).sum().backward()
-        return [out.detach(), h.grad] + [p.grad.clone() for p in mixer.parameters()]
-
-    want = run()  # the hub-kernel stub returns None: HF's torch path
+    want = mixer_output_and_grads(mixer, hidden, cot)  # the hub-kernel stub returns None: HF's torch path
 
     def ours(*args, **kwargs):
         with use_backend(backend):
@@ -246,5 +239,5 @@ def test_hf_mamba_mixer_training_path(backend, monkeypatch):
 
     monkeypatch.setattr(modeling_mamba, "mamba_inner_fn", ours)
     names = ["out", "hidden"] + [n for n, _ in mixer.named_parameters()]
-    for name, got, exp in zip(names, run(), want, strict=True):
+    for name, got, exp in zip(names, mixer_output_and_grads(mixer, hidden, cot), want, strict=True):
         assert_close(got, exp, tol=TOL[backend] * 10, name=name)

@@ -13,7 +13,7 @@ from torch.nn import functional
 
 from tests.triton_kernels.mamba.oracle import causal_conv1d as conv_oracle
 from tests.triton_kernels.mamba2.oracle import ssd_oracle_fn
-from tests.utils import KERNEL_DEVICE, assert_close
+from tests.utils import KERNEL_DEVICE, assert_close, mixer_output_and_grads
 from triton_kernels import (
     causal_conv1d_fn,
     mamba_chunk_scan_combined,
@@ -289,14 +289,7 @@ def test_hf_mamba2_mixer_training_path(backend, monkeypatch):
     mixer = modeling_mamba2.Mamba2Mixer(config, layer_idx=0).to(DEV).train()
     hidden, cot = torch.randn(2, 13, 16, device=DEV), torch.randn(2, 13, 16, device=DEV)
 
-    def run():
-        mixer.zero_grad()
-        h = hidden.clone().requires_grad_()
-        out = mixer(h)
-        (out * cot).sum().backward()
-        return [out.detach(), h.grad] + [p.grad.clone() for p in mixer.parameters()]
-
-    want = run()  # the hub-kernel stub returns None: HF's torch path
+    want = mixer_output_and_grads(mixer, hidden, cot)  # the hub-kernel stub returns None: HF's torch path
 
     def ours(*args, **kwargs):
         with use_backend(backend):
@@ -304,5 +297,5 @@ def test_hf_mamba2_mixer_training_path(backend, monkeypatch):
 
     monkeypatch.setattr(modeling_mamba2, "mamba2_split_conv1d_scan_combined", ours)
     names = ["out", "hidden"] + [n for n, _ in mixer.named_parameters()]
-    for name, got, exp in zip(names, run(), want, strict=True):
+    for name, got, exp in zip(names, mixer_output_and_grads(mixer, hidden, cot), want, strict=True):
         assert_close(got, exp, tol=TOL[backend] * 10, name=name)
