@@ -1,82 +1,98 @@
-"""HF transformers' Mamba mixers on this package's ops (Liger-Kernel style patching).
+"""HF transformers' inner-state models on this package's ops, through transformers' own kernel hooks.
 
-Where transformers (5.x) decides: each ``modeling_<family>.py`` defines module-level functions
-(Mamba-1: ``mamba_selective_scan``, ``mamba_selective_state_update``; Mamba-2:
-``mamba2_chunk_scan``, ``mamba2_selective_state_update``, ``mamba2_split_conv1d_scan_combined``;
-both: ``causal_conv1d_fn``, ``causal_conv1d_update``) wrapped by
-``use_kernel_func_from_hub_with_fallback``, which binds them at import time to the ``mamba_ssm`` /
-``causal_conv1d`` kernels when those packages import, else to HF's torch code; the mixer's
-``forward`` looks the names up in its module globals on every call. (A config's
-``use_mamba_kernels=False`` only warns in 5.x: it no longer chooses.)
-Those globals are the narrowest point that covers CPU and GPU alike, so they are what we replace:
+transformers (>= 5.15) routes every kernel an inner-state mixer calls through a named hook and
+resolves the hooks with the ``kernels`` package: a mapping from hook name to a repository per
+device and mode, applied to a model by ``kernels.kernelize``. We serve the hooks of
+:mod:`pyiface.integrations._hf_ops` with layer classes from local repositories
+(:mod:`pyiface.integrations._hub_layers`): no hub, no network, no copy of HF's code.
 
-- process-wide (``apply_kernels()``): the names in each family's modeling module;
-- one model (``apply_kernels(model)``): each of its mixers gets a ``forward`` that is HF's own
-  code (and decorators) bound to a private copy of the module globals holding our functions.
-  Nothing shared changes, so other models keep HF's path, eager and under ``torch.compile``
-  (dynamo guards a global on the globals dict of the frame it traces).
-
-A family is one :class:`Family` table entry. What stays HF's in Mamba-2 mixers: the gated
-RMSNorm is an ``nn.Module`` (``<Family>RMSNormGated``), not a kernel function, so it keeps HF's
-torch code (fp32 copies of the scan output and gate) on the unfused path. When training, the
-mixers first call a fused function (Mamba: ``mamba_inner_fn``, every Mamba-2 family:
-``mamba2_split_conv1d_scan_combined``); those are ours too, with mamba_ssm's semantics, as HF runs
-them when mamba_ssm is installed (its torch stand-ins return None and the mixer goes unfused).
-falcon_mamba's call carries B/C/dt RMS norms ours lacks, so it is not patched there: the mixer then
-trains unfused, on our scan and conv.
+- ``apply_kernels(model)``: that model's mixers are kernelized with our mapping; other models keep
+  HF's path (each mixer holds its own hook wrappers). A model transformers itself kernelizes
+  (``from_pretrained``'s default, re-done on ``train()`` / ``eval()``) keeps ours: the model's
+  ``kernel_config`` carries our mapping.
+- ``apply_kernels()``: our mapping is registered for every model transformers kernelizes
+  (``from_pretrained`` with the default ``use_kernels``, ``set_use_kernels(True)``), and it replaces
+  transformers' own hub entries for these hooks, so ours wins on CUDA too. A model built with its
+  constructor is not kernelized by transformers: pass it to ``apply_kernels(model)``.
+- Which hooks a model gets follows the inner-state kind its config describes
+  (:func:`~pyiface.integrations.hf_config.inner_state`), never its name: a new family whose mixers
+  call these hooks needs no entry here. A Mamba-2 mixer's gated RMSNorm class has no hook of
+  transformers'; ``kernels.replace_kernel_forward_from_hub`` gives it one (:data:`MAMBA2_GATED_NORM`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
-import types
+import logging
+import pathlib
+import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 
-from pyiface.integrations._hf_mamba import MAMBA1_FUNCTIONS, MAMBA1_FUSED_FUNCTIONS, MAMBA2_FUNCTIONS
+from pyiface.integrations import _hub_layers as hub
+from pyiface.integrations._hf_ops import CACHE_HOOKS, MAMBA2_GATED_NORM
+from pyiface.integrations.hf_config import INNER_STATE_KINDS, InnerState, inner_state, interface_flags
 
-MIN_TRANSFORMERS = "5.0"  # the module-level kernel functions; 4.x chose in the mixer instead
-TESTED_TRANSFORMERS = ("5.24.0",)
+__all__ = ["KIND_HOOKS", "MIN_TRANSFORMERS", "KernelReport", "apply_kernels", "interface_flags", "revert_kernels"]
+
+# The first transformers whose inner-state mixers carry kernel hooks (``use_kernelized_func``); before it
+# the mixers chose their kernels inline and nothing outside them could reach the choice.
+MIN_TRANSFORMERS = "5.15"
+
+_CONV = ("causal_conv1d_fn", "causal_conv1d_update")
+# Inner-state kind -> the hooks of ours its mixers get.
+KIND_HOOKS: dict[str, tuple[str, ...]] = {
+    "mamba": ("selective_scan_fn", "selective_state_update", *_CONV, "mamba_inner_fn"),
+    "mamba2": ("mamba_chunk_scan_combined", "selective_state_update", *_CONV, "mamba_split_conv1d_scan_combined",
+               MAMBA2_GATED_NORM),
+    "short_conv": _CONV,
+    "gated_delta_rule": _CONV,
+    "kda": _CONV,
+}
+# Hooks of inner-state layers that we do not serve (yet): reported, and warned about.
+_UNSERVED_INNER_HOOKS = ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "chunk_kda",
+                         "fused_recurrent_kda", "RMSNormGated")
+_INNER_HOOKS = {*hub.SERVED, *CACHE_HOOKS, *_UNSERVED_INNER_HOOKS}
+
+_PATCHED_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its kernel_config before
+_PROCESS_WIDE: dict = {}  # while apply_kernels() is in force: the hooks, transformers' entries we replaced
+_TAGGED_NORMS: set[type] = set()  # gated-norm classes we gave MAMBA2_GATED_NORM
 
 
 @dataclasses.dataclass(frozen=True)
-class Family:
-    """One HF model family: the module whose globals its mixers call, the mixer classes, and the
-    replacement factory (``HF's function -> ours``) of each global."""
+class ModelReport:
+    """One model class: its inner-state kind, the hooks now running ours, on which devices, and the
+    hooks of its inner-state layers that stay HF's (``unserved``)."""
 
-    module: str
-    mixers: tuple[str, ...]
-    functions: Mapping[str, Callable[[Callable], Callable]]
-
-
-def _mamba1(name: str, mixer: str, functions: Mapping[str, Callable] = MAMBA1_FUNCTIONS) -> Family:
-    return Family(f"transformers.models.{name}.modeling_{name}", (mixer,), functions)
+    model: str
+    kind: str | None
+    hooks: tuple[str, ...]
+    devices: tuple[str, ...]
+    unserved: tuple[str, ...] = ()
 
 
-def _mamba2(name: str, mixer: str) -> Family:
-    return Family(f"transformers.models.{name}.modeling_{name}", (mixer,), MAMBA2_FUNCTIONS)
+class KernelReport(list):
+    """What :func:`apply_kernels` did: a list of :class:`ModelReport`, printed as a table."""
 
+    def hooks(self, model: str | None = None) -> tuple[str, ...]:
+        """The hooks running ours, for one model class (default: the first row)."""
+        rows = [r for r in self if model is None or r.model == model]
+        return rows[0].hooks if rows else ()
 
-FAMILIES: dict[str, Family] = {
-    "mamba": _mamba1("mamba", "MambaMixer", MAMBA1_FUSED_FUNCTIONS),
-    "falcon_mamba": _mamba1("falcon_mamba", "FalconMambaMixer"),
-    "jamba": _mamba1("jamba", "JambaMambaMixer"),
-    "zamba": _mamba1("zamba", "ZambaMambaMixer"),
-    "mamba2": _mamba2("mamba2", "Mamba2Mixer"),
-    "bamba": _mamba2("bamba", "BambaMixer"),
-    "falcon_h1": _mamba2("falcon_h1", "FalconH1Mixer"),
-    "granitemoehybrid": _mamba2("granitemoehybrid", "GraniteMoeHybridMambaLayer"),
-    "nemotron_h": _mamba2("nemotron_h", "NemotronHMamba2Mixer"),
-    "zamba2": _mamba2("zamba2", "Zamba2MambaMixer"),
-}
-
-_ORIGINALS: dict[tuple[str, str], Callable] = {}  # (module, global) -> HF's function, while patched
-_PATCHED_MIXERS: weakref.WeakSet = weakref.WeakSet()  # mixers with a per-instance forward
+    def __str__(self) -> str:
+        header = ("model", "inner state", "hooks on our ops", "devices", "stays HF's")
+        rows = [header] + [(r.model, r.kind or "-", ", ".join(r.hooks) or "-", ", ".join(r.devices) or "-",
+                            ", ".join(r.unserved) or "-") for r in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+        body = ["| " + " | ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + " |" for row in rows]
+        return "\n".join([line, body[0], line, *body[1:], line])
 
 
 def _check_version() -> None:
@@ -85,173 +101,232 @@ def _check_version() -> None:
 
     if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
         raise RuntimeError(
-            f"pyiface.integrations.transformers supports transformers >= {MIN_TRANSFORMERS} (tested: "
-            f"{', '.join(TESTED_TRANSFORMERS)}); the installed transformers {transformers.__version__} "
-            "chooses its Mamba kernels differently")
+            f"pyiface.integrations.transformers needs transformers >= {MIN_TRANSFORMERS} (the first release whose "
+            f"inner-state mixers carry kernel hooks); the installed transformers {transformers.__version__} "
+            "chooses its kernels inside the mixers")
 
 
-def _load(name: str) -> types.ModuleType | None:
-    """The family's modeling module, None when the installed transformers lacks the family;
-    raises when it has the family but not the names we replace."""
-    family = FAMILIES[name]
-    try:
-        module = importlib.import_module(family.module)
-    except ModuleNotFoundError:
-        return None
-    missing = [n for n in (*family.functions, *family.mixers) if not hasattr(module, n)]
-    if missing:
-        import transformers
-
-        raise RuntimeError(f"transformers {transformers.__version__}: {family.module} has no {missing}; "
-                           f"pyiface.integrations.transformers was tested with {', '.join(TESTED_TRANSFORMERS)}")
-    return module
-
-
-def _known(families: Iterable[str] | None) -> list[str]:
+def _kinds(families: Iterable[str] | str | None) -> tuple[str, ...]:
     if families is None:
-        return list(FAMILIES)
-    if isinstance(families, str):
-        families = [families]
-    known = []
-    for name in families:
-        if name in FAMILIES:
-            known.append(name)
-        else:
-            warnings.warn(f"unknown model family {name!r} ignored; supported: {', '.join(FAMILIES)}", stacklevel=3)
-    return known
+        return INNER_STATE_KINDS
+    families = (families,) if isinstance(families, str) else tuple(families)
+    unknown = [f for f in families if f not in KIND_HOOKS]
+    if unknown:
+        raise ValueError(f"families: unknown inner-state kind(s) {unknown}; known: {', '.join(KIND_HOOKS)}")
+    return families
 
 
-@functools.cache
-def _replacement(module: str, name: str, factory: Callable, original: Callable) -> Callable:
-    """One replacement object per HF function, so repeated patches install the same object."""
-    return factory(original)
+@contextlib.contextmanager
+def _quiet_kernels():
+    """kernels warns for every hook wrapper with no mapping (HF's cache hooks, attention's rotary): expected."""
+    logger = logging.getLogger("kernels._internals.layer.layer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
-def _original(module: types.ModuleType, name: str) -> Callable:
-    return _ORIGINALS.get((module.__name__, name), getattr(module, name))
+def _wrappers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The hook wrappers a mixer holds (``use_kernelized_func``), by hook name."""
+    return {type(w).kernel_layer_name: w for w in getattr(module, "_kernel_funcs", {}).values()}
 
 
-def _ours(module: types.ModuleType, family: Family) -> dict[str, Callable]:
-    return {n: _replacement(module.__name__, n, f, _original(module, n)) for n, f in family.functions.items()}
+def _mixers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose kernel hooks include an inner-state one."""
+    return [m for m in model.modules() if _INNER_HOOKS & set(_wrappers(m))]
 
 
-def apply_kernels(model: torch.nn.Module | None = None, *,
-                  families: Iterable[str] | None = None) -> dict[str, list[str]]:
-    """Route HF's Mamba mixers to this package's ops.
+def _is_mamba2_gated_norm(cls: type) -> bool:
+    """A Mamba-2 mixer's gated RMSNorm class (``<Family>RMSNormGated``, however a release spells the family),
+    with no hook of transformers' own (the delta-rule families' ``RMSNormGated`` has one)."""
+    hook = getattr(cls, "kernel_layer_name", None)
+    return cls.__name__.endswith("RMSNormGated") and hook in (None, MAMBA2_GATED_NORM)
+
+
+def _tag_norm(cls: type) -> None:
+    if getattr(cls, "kernel_layer_name", None) is None:
+        from kernels import replace_kernel_forward_from_hub
+
+        replace_kernel_forward_from_hub(cls, MAMBA2_GATED_NORM)
+        _TAGGED_NORMS.add(cls)
+
+
+def _device(model: torch.nn.Module) -> str:
+    param = next(model.parameters(), None)
+    return "cpu" if param is None else param.device.type
+
+
+def _report(model: torch.nn.Module, state: InnerState | None, served: tuple[str, ...]) -> ModelReport:
+    present = set()
+    for mixer in _mixers(model):
+        present |= set(_wrappers(mixer))
+    present |= {getattr(type(m), "kernel_layer_name", None) for m in model.modules()}
+    running = tuple(h for h in served if h in present)
+    unserved = tuple(h for h in _UNSERVED_INNER_HOOKS if h in present)
+    return ModelReport(type(model).__name__, state.kind if state else None, running, hub.DEVICES, unserved)
+
+
+def apply_kernels(model: torch.nn.Module | None = None, *, families: Iterable[str] | str | None = None) -> KernelReport:
+    """Run HF transformers' inner-state layers on this package's ops.
 
     Args:
-        model: None: patch every supported family the installed transformers has, process-wide
-            (models built later included). A loaded model: patch only its mixers.
-        families: restrict to these family names (keys of :data:`FAMILIES`: ``"mamba"``,
-            ``"falcon_mamba"``, ``"jamba"``, ``"zamba"``, ``"mamba2"``, ``"bamba"``, ``"falcon_h1"``,
-            ``"granitemoehybrid"``, ``"nemotron_h"``, ``"zamba2"``); an unknown name warns and is skipped.
+        model: a loaded model (``<Family>ForCausalLM``, a backbone, a peft model's base): kernelize that
+            model only. None: process-wide, for every model transformers kernelizes from now on
+            (``from_pretrained`` by default; ``model.set_use_kernels(True)``).
+        families: restrict to these inner-state kinds (:data:`KIND_HOOKS` keys: ``"mamba"``, ``"mamba2"``,
+            ``"short_conv"``, ``"gated_delta_rule"``, ``"kda"``).
 
-    Returns ``{family: [HF function names now running our ops]}``. Calling it twice is harmless.
-    Raises ``ValueError`` for a model with no mixer of a supported family (nothing patched) and
-    ``RuntimeError`` for an unsupported transformers version.
+    Returns a :class:`KernelReport` (prints as a table): per model class, the hooks now running ours, on
+    which devices, and the hooks of its inner-state layers that stay HF's (also warned about). Calling
+    it twice is harmless. Raises ``ValueError`` for a model with no inner-state layer of the selected
+    kinds, or an unknown kind; ``RuntimeError`` for a transformers older than :data:`MIN_TRANSFORMERS`.
 
     Example:
         >>> from transformers import MambaConfig, MambaForCausalLM
         >>> model = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2))
-        >>> apply_kernels(model)
-        {'mamba': ['mamba_selective_scan', 'mamba_selective_state_update', 'causal_conv1d_fn', 'causal_conv1d_update',
-                   'mamba_inner_fn']}
+        >>> apply_kernels(model).hooks()
+        ('selective_scan_fn', 'selective_state_update', 'causal_conv1d_fn', 'causal_conv1d_update', 'mamba_inner_fn')
     """
     _check_version()
-    names = _known(families)
+    kinds = _kinds(families)
     if model is None:
-        return _apply_process_wide(names)
-    return _apply_to_model(model, names)
+        return _apply_process_wide(kinds)
+    return _apply_to_model(model, kinds)
 
 
-def _apply_process_wide(names: list[str]) -> dict[str, list[str]]:
-    patched = {}
-    for name in names:
-        module = _load(name)
-        if module is None:
-            continue
-        family = FAMILIES[name]
-        ours = _ours(module, family)
-        for fn_name, fn in ours.items():
-            _ORIGINALS.setdefault((module.__name__, fn_name), getattr(module, fn_name))
-            setattr(module, fn_name, fn)
-        patched[name] = list(ours)
-    return patched
+def _apply_to_model(model: torch.nn.Module, kinds: tuple[str, ...]) -> KernelReport:
+    import kernels
+
+    config = getattr(model, "config", None)
+    state = inner_state(config) if config is not None else None
+    mixers = _mixers(model)
+    if state is None or state.kind not in kinds or not mixers:
+        what = f"a {state.kind} model" if state is not None else "no inner-state layer in its config"
+        raise ValueError(f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r}): {what}, "
+                         f"{len(mixers)} mixer(s) with kernel hooks; apply_kernels serves {', '.join(kinds)}; "
+                         "nothing patched")
+    served = KIND_HOOKS[state.kind]
+    if MAMBA2_GATED_NORM in served:
+        for mixer in mixers:
+            for sub in mixer.modules():
+                if _is_mamba2_gated_norm(type(sub)):
+                    _tag_norm(type(sub))
+    ours = hub.mapping(hub.PER_MODEL, served)
+    mode = kernels.Mode.TRAINING if model.training else kernels.Mode.INFERENCE
+    with _quiet_kernels(), kernels.use_kernel_mapping(ours):
+        for mixer in mixers:
+            kernels.kernelize(mixer, mode=mode, device=_device(model), use_fallback=kernels.KernelizeFallback.ALL)
+    _keep_on_rekernelize(model, ours)
+    report = KernelReport([_report(model, state, served)])
+    _warn_unserved(report)
+    return report
 
 
-def _mixers(model: torch.nn.Module, names: list[str]) -> list[tuple[str, torch.nn.Module, types.ModuleType]]:
-    classes = []
-    for name in names:
-        module = _load(name)
-        if module is not None:
-            classes += [(name, getattr(module, m), module) for m in FAMILIES[name].mixers]
-    return [(name, sub, module) for sub in model.modules() for name, cls, module in classes if type(sub) is cls]
+def _keep_on_rekernelize(model: torch.nn.Module, ours: dict) -> None:
+    """transformers re-kernelizes a model it loaded on ``train()`` / ``eval()``, from the model's
+    ``kernel_config`` over the global mapping: put ours in it (the model's own entries kept)."""
+    if not hasattr(model, "set_use_kernels"):
+        return
+    from transformers import KernelConfig
+
+    previous = _PATCHED_MODELS.get(model, getattr(model, "kernel_config", None))
+    _PATCHED_MODELS[model] = previous
+    base = dict(previous.kernel_mapping) if previous is not None else {}
+    model.kernel_config = KernelConfig(kernel_mapping={**base, **ours}, inherit_mapping=True)
 
 
-def _apply_to_model(model: torch.nn.Module, names: list[str]) -> dict[str, list[str]]:
-    found = _mixers(model, names)
-    if not found:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise ValueError(
-            f"{type(model).__name__} (model_type {model_type!r}) has no mixer of a supported family "
-            f"({', '.join(names) or 'none selected'}); nothing patched")
-    patched: dict[str, list[str]] = {}
-    forwards: dict[type, Callable] = {}
-    for name, mixer, module in found:
-        family = FAMILIES[name]
-        if type(mixer) not in forwards:
-            forwards[type(mixer)] = _rebound_forward(type(mixer).forward, _ours(module, family))
-        mixer.forward = types.MethodType(forwards[type(mixer)], mixer)
-        _PATCHED_MIXERS.add(mixer)
-        patched[name] = list(family.functions)
-    return patched
+def _warn_unserved(report: KernelReport) -> None:
+    for row in report:
+        if row.unserved:
+            warnings.warn(f"{row.model}: its inner-state hooks {', '.join(row.unserved)} stay HF's (not served by "
+                          "iface-kernels yet)", stacklevel=3)
 
 
-def _rebound_forward(forward: Callable, ours: dict[str, Callable]) -> Callable:
-    """A copy of ``forward`` (and the decorators around it) whose innermost function reads its
-    globals from a copy of its module's namespace holding ``ours``."""
-    inner = getattr(forward, "__wrapped__", None)
-    if inner is None:
-        namespace = {**forward.__globals__, **ours}
-        return _copy_function(forward, namespace, forward.__closure__)
-    new_inner = _rebound_forward(inner, ours)
-    cells = list(forward.__closure__ or ())
-    hits = [i for i, c in enumerate(cells) if _cell_value(c) is inner]
-    if not hits:
-        raise RuntimeError(f"cannot rebind {forward.__qualname__}: its decorator does not hold the function it "
-                           "wraps in a closure; apply_kernels() process-wide instead")
-    for i in hits:
-        cells[i] = types.CellType(new_inner)
-    new = _copy_function(forward, forward.__globals__, tuple(cells))
-    new.__wrapped__ = new_inner
-    return new
+@functools.cache
+def _modeling_files_calling(hook: str) -> tuple[str, ...]:
+    """The transformers modeling modules whose source calls ``hook`` (read, not imported)."""
+    import transformers
+
+    root = pathlib.Path(transformers.__file__).parent / "models"
+    pattern = re.compile(rf"\b{re.escape(hook)}\b")
+    return tuple(f"transformers.models.{p.parent.name}.{p.stem}" for p in sorted(root.glob("*/modeling_*.py"))
+                 if pattern.search(p.read_text(encoding="utf-8", errors="ignore")))
 
 
-def _cell_value(cell: types.CellType) -> object:
-    try:
-        return cell.cell_contents
-    except ValueError:  # an empty cell
-        return None
+def _tag_mamba2_norms_of_installed_families() -> None:
+    """Process-wide: give a hook to the gated-norm class of every installed family with Mamba-2 mixers."""
+    for name in _modeling_files_calling("mamba_chunk_scan_combined"):
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, torch.nn.Module) and _is_mamba2_gated_norm(value):
+                _tag_norm(value)
 
 
-def _copy_function(fn: Callable, namespace: dict, closure: tuple | None) -> Callable:
-    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, closure)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
-    new.__dict__.update(fn.__dict__)
-    return new
+def _apply_process_wide(kinds: tuple[str, ...]) -> KernelReport:
+    import kernels
+    from transformers.integrations import hub_kernels
+
+    hooks = tuple(dict.fromkeys(h for kind in kinds for h in KIND_HOOKS[kind]))
+    if not hub_kernels._kernels_enabled():
+        warnings.warn("USE_HUB_KERNELS disables transformers' kernelize: models loaded with from_pretrained keep "
+                      "HF's path; use apply_kernels(model)", stacklevel=3)
+    if MAMBA2_GATED_NORM in hooks:
+        _tag_mamba2_norms_of_installed_families()
+    ours = hub.mapping(hub.PROCESS_WIDE, hooks)
+    kernels.register_kernel_mapping(ours)
+    defaults = hub_kernels.get_kernel_mapping_transformers()  # what from_pretrained registers: ours win there
+    replaced = _PROCESS_WIDE.setdefault("replaced", {})
+    for hook in hooks:
+        replaced.setdefault(hook, defaults.get(hook))
+        defaults[hook] = ours[hook]
+    _PROCESS_WIDE.setdefault("hooks", set()).update(hooks)
+    hub.process_wide[0] = True
+    return KernelReport([ModelReport(f"every {kind} model transformers kernelizes", kind, KIND_HOOKS[kind],
+                                     hub.DEVICES) for kind in kinds])
 
 
 def revert_kernels(model: torch.nn.Module | None = None) -> None:
-    """Give HF its functions back: with no model, everything :func:`apply_kernels` did (process-wide
-    patches and every patched model); with a model, that model's mixers only. Harmless twice."""
-    if model is None:
-        for (module, name), fn in list(_ORIGINALS.items()):
-            setattr(importlib.import_module(module), name, fn)
-        _ORIGINALS.clear()
-        mixers = list(_PATCHED_MIXERS)
-    else:
-        mixers = [m for m in model.modules() if m in _PATCHED_MIXERS]
-    for mixer in mixers:
-        mixer.__dict__.pop("forward", None)
-        _PATCHED_MIXERS.discard(mixer)
+    """Give HF its path back, bit for bit: with a model, that model's hooks; with none, everything
+    :func:`apply_kernels` did (the process-wide mapping, so models it reached run HF's code again, and
+    every patched model). Harmless twice."""
+    if model is not None:
+        _revert_model(model)
+        return
+    for patched in list(_PATCHED_MODELS):
+        _revert_model(patched)
+    if _PROCESS_WIDE:
+        _revert_process_wide()
+    for cls in _TAGGED_NORMS:
+        for attr in ("kernel_layer_name", "kernel_condition"):
+            if attr in cls.__dict__:
+                delattr(cls, attr)
+    _TAGGED_NORMS.clear()
+
+
+def _revert_model(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        for target in (module, *getattr(module, "_kernel_funcs", {}).values()):
+            if hub.ours(target.__dict__.get("forward")):
+                target.__dict__.pop("forward")
+                target.__dict__.pop("_kernel_repo", None)
+    if model in _PATCHED_MODELS:
+        model.kernel_config = _PATCHED_MODELS.pop(model)
+
+
+def _revert_process_wide() -> None:
+    import kernels
+    from transformers.integrations import hub_kernels
+
+    hub.process_wide[0] = False
+    hooks = _PROCESS_WIDE.pop("hooks")
+    # no repository for our hooks: kernelize keeps each wrapper's own forward (transformers registers
+    # its own entries again when it next kernelizes)
+    kernels.register_kernel_mapping({hook: {device: {} for device in hub.DEVICES} for hook in hooks})
+    defaults = hub_kernels.get_kernel_mapping_transformers()
+    for hook, entry in _PROCESS_WIDE.pop("replaced").items():
+        if entry is None:
+            defaults.pop(hook, None)
+        else:
+            defaults[hook] = entry
