@@ -37,6 +37,10 @@ def _config(family: str):
         return hf.ZambaForCausalLM, hf.ZambaConfig(
             vocab_size=VOCAB, hidden_size=16, num_hidden_layers=5, num_key_value_heads=2, attention_head_dim=8,
             n_mamba_heads=2, **HYBRID)
+    if family == "lfm2":  # short-conv layers around one attention layer
+        return hf.Lfm2ForCausalLM, hf.Lfm2Config(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=1, layer_types=["conv", "full_attention", "conv"])
     return _config_mamba2(hf, family)
 
 
@@ -90,6 +94,12 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> tor
     model = cls(config).eval()
     _stir_mamba2(model, seed)
     return model.to(dtype)
+
+
+def reload(model: torch.nn.Module, directory) -> torch.nn.Module:
+    """``model`` saved to ``directory`` and loaded back with ``from_pretrained`` (which kernelizes it)."""
+    model.save_pretrained(directory)
+    return type(model).from_pretrained(directory).eval()
 
 
 def prompt(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:

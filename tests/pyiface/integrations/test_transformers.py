@@ -4,38 +4,45 @@ ran, ``revert_kernels`` restores HF bit for bit, and a patched model never leaks
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import sys
 
 import pytest
 import torch
 
-from tests.pyiface.integrations.hf_models import build, greedy, ops_seen, prompt
+from tests.pyiface.integrations.hf_models import build, greedy, ops_seen, prompt, reload
 from tests.utils import assert_close, assert_equal
 from triton_kernels import use_backend
 
 transformers = pytest.importorskip("transformers")
-from pyiface.integrations.transformers import FAMILIES, apply_kernels, revert_kernels  # noqa: E402
+from pyiface.integrations.transformers import KIND_HOOKS, apply_kernels, revert_kernels  # noqa: E402
 
 pytestmark = pytest.mark.oracle
+VOCAB_SMALL = 40
 
-FAMILY_NAMES = list(FAMILIES)
-HF_FUNCTIONS = ["mamba_selective_scan", "mamba_selective_state_update", "causal_conv1d_fn", "causal_conv1d_update"]
-HF_FUNCTIONS_2 = ["mamba2_chunk_scan", "mamba2_selective_state_update", "causal_conv1d_fn", "causal_conv1d_update",
-                  "mamba2_split_conv1d_scan_combined"]
-DECODE_OPS = {"ifk::selective_state_update", "ifk::causal_conv1d_update"}
+KIND = {"mamba": "mamba", "falcon_mamba": "mamba", "jamba": "mamba", "zamba": "mamba", "mamba2": "mamba2",
+        "bamba": "mamba2", "falcon_h1": "mamba2", "granitemoehybrid": "mamba2", "nemotron_h": "mamba2",
+        "zamba2": "mamba2", "lfm2": "short_conv"}
+FAMILY_NAMES = list(KIND)
+# Hooks a family's mixers do not call: only mamba's mixer calls the fused mamba_inner_fn (falcon_mamba's
+# call is its own, with B/C/dt norms); falcon_h1's gate goes into the decode step, so it has no gated norm.
+ABSENT = {"falcon_mamba": {"mamba_inner_fn"}, "jamba": {"mamba_inner_fn"}, "zamba": {"mamba_inner_fn"},
+          "falcon_h1": {"ifk_Mamba2RMSNormGated"}}
+PREFILL_OPS = {"mamba": {"ifk::selective_scan", "ifk::causal_conv1d_fwd"},
+               "mamba2": {"ifk::mamba_chunk_scan", "ifk::causal_conv1d_fwd"},
+               "short_conv": {"ifk::causal_conv1d_fwd"}}
+DECODE_OPS = {"mamba": {"ifk::selective_state_update", "ifk::causal_conv1d_update"},
+              "mamba2": {"ifk::selective_state_update", "ifk::causal_conv1d_update"},
+              "short_conv": {"ifk::causal_conv1d_update"}}
 
 
-def _functions(family: str) -> list[str]:
-    if "mamba2_chunk_scan" in FAMILIES[family].functions:
-        return HF_FUNCTIONS_2
-    return [*HF_FUNCTIONS, "mamba_inner_fn"] if family == "mamba" else HF_FUNCTIONS
+def _hooks(family: str) -> tuple[str, ...]:
+    return tuple(h for h in KIND_HOOKS[KIND[family]] if h not in ABSENT.get(family, ()))
 
 
 def _prefill_ops(family: str) -> set[str]:
-    scan = "ifk::mamba_chunk_scan" if _functions(family) is HF_FUNCTIONS_2 else "ifk::selective_scan"
-    return {scan, "ifk::causal_conv1d_fwd"}
+    ops = PREFILL_OPS[KIND[family]]
+    return ops | {"ifk::rms_norm_gated"} if "ifk_Mamba2RMSNormGated" in _hooks(family) else ops
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +68,9 @@ def _rel(a, b):
 def test_logits_match_hf_then_revert_is_bit_exact(family):
     model, ids = build(family), prompt()
     ref = _logits(model, ids)
-    assert apply_kernels(model) == {family: _functions(family)}
+    report = apply_kernels(model)
+    assert report.hooks() == _hooks(family), report
+    assert report[0].kind == KIND[family]
     with ops_seen() as seen:
         got = _logits(model, ids)
     assert seen >= _prefill_ops(family), seen
@@ -91,7 +100,7 @@ def test_greedy_generate_with_cache_matches_hf(family):
     apply_kernels(model)
     with ops_seen() as seen:
         got = greedy(model, ids)
-    assert seen >= _prefill_ops(family) | DECODE_OPS, seen
+    assert seen >= _prefill_ops(family) | DECODE_OPS[KIND[family]], seen
     assert_equal(got, expected)
 
 
@@ -142,32 +151,62 @@ def test_two_models_one_patched(compiled):
         assert_close(got, ref, tol=1e-5)
 
 
-def test_process_wide_covers_models_built_later_and_reverts():
-    modules = {name: importlib.import_module(f.module) for name, f in FAMILIES.items()}
-    originals = {(name, fn): getattr(m, fn) for name, m in modules.items() for fn in _functions(name)}
+@pytest.mark.parametrize("family", ["jamba", "bamba", "lfm2"])
+def test_process_wide_reaches_models_loaded_later_and_reverts(family, tmp_path):
+    """apply_kernels(): a model loaded afterwards with from_pretrained (which kernelizes it) runs ours in
+    prefill, decode and training (also after train()/eval() re-kernelize it); a model built with its
+    constructor stays HF's; revert_kernels() sends the loaded model back to HF's path bit for bit."""
     ids = prompt()
-    ref = _logits(build("jamba"), ids)
-    patched = apply_kernels()
-    assert patched == {name: _functions(name) for name in FAMILIES}
-    assert apply_kernels() == patched  # twice: harmless, the same functions stay installed
-    installed = {(name, fn): getattr(modules[name], fn) for name, fn in originals}
-    assert all(installed[k] is not originals[k] for k in originals)
-    model = build("jamba")
+    saved = build(family)
+    ref, expected = _logits(saved, ids), greedy(saved, ids)
+    report = apply_kernels()
+    assert apply_kernels() == report  # twice: harmless
+    model = reload(saved, tmp_path)
     with ops_seen() as seen:
         assert_close(_logits(model, ids), ref, tol=1e-5)
-    assert seen >= _prefill_ops("jamba")
-    apply_kernels(model)  # a per-model patch on top of the process-wide one
+        assert_equal(greedy(model, ids), expected)
+    assert seen >= _prefill_ops(family) | DECODE_OPS[KIND[family]], seen
+    model.train()
+    with ops_seen() as seen:
+        model(ids, labels=ids).loss.backward()
+    assert "ifk::causal_conv1d_bwd" in seen, seen
+    model.eval()
+    with ops_seen() as seen:
+        _logits(build(family), ids)
+    assert not seen  # built with its constructor: transformers never kernelizes it
     revert_kernels()
     revert_kernels()
-    assert all(getattr(modules[name], fn) is originals[(name, fn)] for name, fn in originals)
     with ops_seen() as seen:
         assert_equal(_logits(model, ids), ref)
+    assert not seen
+    with ops_seen() as seen:
+        _logits(reload(saved, tmp_path / "again"), ids)
+    assert not seen
+
+
+def test_per_model_patch_survives_transformers_rekernelizing(tmp_path):
+    """A model loaded with from_pretrained is kernelized again by transformers on train()/eval(): the
+    per-model patch rides along in its kernel_config, and revert restores that config."""
+    ids = prompt()
+    model = reload(build("mamba2"), tmp_path)
+    before = model.kernel_config
+    apply_kernels(model)
+    for step in (model.train, model.eval):
+        step()
+        with ops_seen() as seen:
+            _logits(model, ids)
+        assert seen >= _prefill_ops("mamba2"), seen
+    revert_kernels(model)
+    assert model.kernel_config is before
+    model.train()
+    with ops_seen() as seen:
+        _logits(model, ids)
     assert not seen
 
 
 def test_apply_to_model_twice_and_revert_one_model():
     a, b = build("zamba"), build("zamba")
-    assert apply_kernels(a) == apply_kernels(a) == {"zamba": HF_FUNCTIONS}
+    assert apply_kernels(a) == apply_kernels(a)
     apply_kernels(b)
     revert_kernels(a)
     ids = prompt()
@@ -177,31 +216,52 @@ def test_apply_to_model_twice_and_revert_one_model():
         assert bool(seen) == ours
 
 
-def test_families_filter_and_unknown_family_warns():
-    with pytest.warns(UserWarning, match="unknown model family 'nope'"):
-        assert apply_kernels(families=["mamba", "nope"]) == {"mamba": _functions("mamba")}
-    with pytest.warns(UserWarning, match="unknown model family 'mamba3'"):
-        assert apply_kernels(families=["mamba3"]) == {}
-    model = build("mamba")
-    with pytest.raises(ValueError, match="no mixer of a supported family"):
-        apply_kernels(model, families=["jamba"])
+def test_families_filter_and_unknown_kind():
+    with pytest.raises(ValueError, match=r"families: unknown inner-state kind\(s\) \['mamba3'\]"):
+        apply_kernels(families=["mamba", "mamba3"])
+    report = apply_kernels(families="mamba2")
+    assert [r.kind for r in report] == ["mamba2"]
+    with pytest.raises(ValueError, match="a mamba model.*serves mamba2; nothing patched"):
+        apply_kernels(build("mamba"), families=["mamba2"])
 
 
-def test_model_of_unknown_family_raises_and_patches_nothing():
+def test_model_without_inner_state_raises_and_patches_nothing():
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2)
     model = transformers.LlamaForCausalLM(config)
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM \(model_type 'llama'\) has no mixer"):
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM \(model_type 'llama'\): no inner-state layer"):
         apply_kernels(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_unserved_inner_state_hooks_are_reported_and_warned():
+    """A Gated DeltaNet hybrid: its conv runs ours; the delta rule and its gated norm stay HF's, said in the
+    report and in a warning naming them."""
+    config = transformers.Qwen3NextConfig(
+        vocab_size=VOCAB_SMALL, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"],
+        num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    model = transformers.Qwen3NextForCausalLM(config).eval()
+    ids = torch.randint(1, VOCAB_SMALL, (1, 5))
+    ref = _logits(model, ids)
+    with pytest.warns(UserWarning, match="chunk_gated_delta_rule.*stay HF's"):
+        report = apply_kernels(model)
+    assert report[0].kind == "gated_delta_rule"
+    assert report.hooks() == ("causal_conv1d_fn", "causal_conv1d_update")
+    assert {"chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "RMSNormGated"} <= set(report[0].unserved)
+    assert "stays HF's" in str(report) and "chunk_gated_delta_rule" in str(report)
+    with ops_seen() as seen:
+        assert_close(_logits(model, ids), ref, tol=1e-5)
+    assert seen == {"ifk::causal_conv1d_fwd"}, seen
+
+
 def test_unsupported_transformers_version_raises(monkeypatch):
     model = build("mamba")  # (building may swap transformers' lazy module in sys.modules)
-    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.44.2")
-    with pytest.raises(RuntimeError, match=r"installed transformers 4\.44\.2"):
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.14.0")
+    with pytest.raises(RuntimeError, match=r"installed transformers 5\.14\.0"):
         apply_kernels()
-    with pytest.raises(RuntimeError, match=r"4\.44\.2"):
+    with pytest.raises(RuntimeError, match=r"5\.14\.0"):
         apply_kernels(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
 
@@ -209,7 +269,8 @@ def test_unsupported_transformers_version_raises(monkeypatch):
 # Training (no cache) on our ops: mamba's fused mamba_inner_fn, falcon_mamba's unfused path (its fused call
 # carries B/C/dt RMS norms, so it stays HF's torch stand-in, which returns None), a Mamba-2 fused call.
 TRAIN_BACKWARD = {"mamba": "ifk::selective_scan_bwd", "falcon_mamba": "ifk::selective_scan_bwd",
-                  "mamba2": "ifk::mamba_chunk_scan_bwd"}
+                  "mamba2": "ifk::mamba_chunk_scan_bwd", "nemotron_h": "ifk::rms_norm_gated_bwd",
+                  "lfm2": "ifk::causal_conv1d_bwd"}
 
 
 @pytest.mark.parametrize("family", list(TRAIN_BACKWARD))
@@ -222,7 +283,7 @@ def test_training_step_gradients_match_hf(family):
     ref = build(family).train()
     ref(ids, labels=ids).loss.backward()
     model = build(family).train()
-    assert apply_kernels(model) == {family: _functions(family)}
+    assert apply_kernels(model).hooks() == _hooks(family)
     with ops_seen() as seen:
         model(ids, labels=ids).loss.backward()
     assert TRAIN_BACKWARD[family] in seen, seen
@@ -230,6 +291,18 @@ def test_training_step_gradients_match_hf(family):
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert_close(p.grad, grads[name].grad, tol=5e-5, name=name)
+
+
+def test_compiled_patched_model_runs_ours_with_hf_tokens():
+    ids = prompt()
+    expected = greedy(build("mamba2"), ids)
+    model = build("mamba2")
+    apply_kernels(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with ops_seen() as seen:
+        assert_equal(greedy(compiled, ids), expected)
+    assert seen >= _prefill_ops("mamba2") | DECODE_OPS["mamba2"], seen
 
 
 @pytest.mark.gpu
