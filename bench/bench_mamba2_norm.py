@@ -4,9 +4,9 @@ alone and forward + backward (training).
 
 Bytes by formula (what the op must move at least): forward, x and z read, out written (``3 M H``
 elements) + weight (``H``); forward + backward, that plus dy, x, z read and dx, dz written (``8 M H``
-in all) + weight read twice and dweight written. Baselines: transformers' ``MambaRMSNormGated`` (what a
-user without kernels runs; autograd through it for the backward) and, on a GPU, ``torch.compile`` of
-our reference. On CUDA every row reports the peak memory one call allocates above its inputs
+in all) + weight read twice and dweight written. Baselines: transformers' ``Mamba2RMSNormGated``
+(5.24: ``MambaRMSNormGated``; what a user without kernels runs; autograd through it for the
+backward) and, on a GPU, ``torch.compile`` of our reference. On CUDA every row reports the peak memory one call allocates above its inputs
 (``extra["peak_mib"]``).
 """
 
@@ -37,9 +37,12 @@ def _case_name(kind: str, rows: int, hidden: int, groups: int, dtype: torch.dtyp
 
 
 def _hf_norm(ctx: Context, hidden: int, group_size: int, dtype: torch.dtype, train: bool):
-    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+    from transformers.models.mamba2 import modeling_mamba2
 
-    hf = MambaRMSNormGated(hidden, group_size=group_size, eps=EPS).to(device=ctx.device, dtype=dtype)
+    from pyiface.integrations.transformers import mamba2_gated_norm_class
+
+    norm_class = mamba2_gated_norm_class(modeling_mamba2)
+    hf = norm_class(hidden, group_size=group_size, eps=EPS).to(device=ctx.device, dtype=dtype)
     with torch.no_grad():
         hf.weight.uniform_(0.5, 1.5)  # not all ones
     return hf.requires_grad_(train)
@@ -86,7 +89,7 @@ def _case_rows(ctx: Context, rows: int, hidden: int, groups: int, dtype: torch.d
     sets = ctx.input_sets(lambda: _inputs(rows, hidden, dtype, ctx.device))
     nbytes = 3 * rows * hidden * sets[0]["x"].element_size() + hidden * weight.element_size()
     impls = _ours(ctx, dtype, lambda s: rms_norm_gated(s["x"], weight, s["z"], EPS, group_size, False))
-    impls.append(("HF MambaRMSNormGated", lambda s: hf(s["x"], s["z"])))
+    impls.append(("HF Mamba2RMSNormGated", lambda s: hf(s["x"], s["z"])))
     if ctx.device.type == "cuda":
         compiled = torch.compile(RMS_NORM_GATED.reference_fn())
         impls.append(("torch.compile(reference)", lambda s: compiled(s["x"], weight, s["z"], EPS, group_size, False)))
@@ -106,7 +109,7 @@ def _train_rows(ctx: Context, rows: int, hidden: int, groups: int, dtype: torch.
         return lambda s: torch.autograd.grad(norm(s["x"], s["z"]), (s["x"], s["z"], weight), s["dy"])
 
     impls = _ours(ctx, dtype, train(lambda x, z: rms_norm_gated(x, weight, z, EPS, group_size, False)))
-    impls.append(("HF MambaRMSNormGated", train(hf)))
+    impls.append(("HF Mamba2RMSNormGated", train(hf)))
     if ctx.device.type == "cuda":
         compiled = torch.compile(RMS_NORM_GATED.reference_fn())
         impls.append(("torch.compile(reference)", train(lambda x, z: compiled(x, weight, z, EPS, group_size, False))))

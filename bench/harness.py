@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import itertools
 import json
 import math
@@ -332,6 +333,12 @@ def environment(device: torch.device) -> dict:
     except OSError:
         rev = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    libraries = {}
+    for dist in ("transformers", "peft", "kernels", "einops", "numpy"):  # what the baselines and integrations run
+        try:
+            libraries[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            libraries[dist] = None
     return {
         "device": name,
         "device_type": device.type,
@@ -339,6 +346,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": sys.version.split()[0],
+        **libraries,
         "git_rev": rev,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

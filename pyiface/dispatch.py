@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from pyiface import interfaces as itf
+from pyiface.integrations import hf_config
 from pyiface.mamba_cache import MambaCache
 from pyiface.multimodal import MultiModalEmbedder
 from pyiface.pipeline import pp_layer_range
@@ -29,7 +30,12 @@ OPS_BY_CAPABILITY: dict[str, tuple[Op, ...]] = {
     # a Mamba-2 mixer: its SSM state has heads ([H, P, N])
     "mamba2": (registry.MAMBA_CHUNK_SCAN, registry.SELECTIVE_STATE_UPDATE, registry.CAUSAL_CONV1D_VARLEN,
                registry.CAUSAL_CONV1D_UPDATE, registry.RMS_NORM_GATED),
+    # a short-conv (LFM2-style) or linear-attention layer: its conv is ours (the delta rules are not yet)
+    "short_conv": (registry.CAUSAL_CONV1D_VARLEN, registry.CAUSAL_CONV1D_UPDATE),
 }
+# The capability of each inner-state kind an HF config describes (pyiface.integrations.hf_config).
+CAPABILITY_BY_KIND = {"mamba": "mamba", "mamba2": "mamba2", "short_conv": "short_conv",
+                      "gated_delta_rule": "short_conv", "kda": "short_conv"}
 
 FLAG_PREDICATES = {
     "supports_multimodal": itf.supports_multimodal,
@@ -72,6 +78,8 @@ class MambaStatePlan:
     conv_state_shape: tuple[int, ...] | None
     ssm_state_shape: tuple[int, ...] | None
     cache: Any = None
+    kind: str | None = None  # an HF model's inner-state kind (pyiface.integrations.hf_config.INNER_STATE_KINDS)
+    layers: int | None = None  # ... and how many of its layers keep that state
 
 
 @dataclasses.dataclass
@@ -140,7 +148,9 @@ def _describe_mamba(mamba: MambaStatePlan | None) -> str:
     if mamba is None:
         return "-"
     shapes = (f"conv {mamba.conv_state_shape}, ssm {mamba.ssm_state_shape}"
-              if mamba.ssm_state_shape is not None else "shapes from the config at load")
+              if mamba.conv_state_shape is not None else "shapes from the config at load")
+    if mamba.kind is not None:
+        shapes = f"{mamba.kind} x {mamba.layers} layers: {shapes}"
     return shapes + (", cache allocated" if mamba.cache is not None else "")
 
 
@@ -234,10 +244,12 @@ def plan(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
     name = cls.__name__
-    flags = {flag: predicate(model_or_class) for flag, predicate in FLAG_PREDICATES.items()}
-    _check_consistent(name, flags)
     if config is None and not isinstance(model_or_class, type):
         config = getattr(model_or_class, "config", None)
+    if hf_config.is_hf_model(model_or_class):
+        return _plan_hf(model_or_class, name, config, device, pp_rank, pp_size, num_layers)
+    flags = {flag: predicate(model_or_class) for flag, predicate in FLAG_PREDICATES.items()}
+    _check_consistent(name, flags)
 
     capabilities = []
     if flags["supports_multimodal"]:
@@ -281,3 +293,25 @@ def plan(
         quant_config=getattr(model_or_class, "quant_config", None) if flags["supports_quant"] else None,
         backends=_backends(capabilities, device),
     )
+
+
+def _plan_hf(model: Any, name: str, config: Any, device: torch.device, pp_rank: int, pp_size: int,
+             num_layers: int | None) -> KernelPlan:
+    """The plan of an HF transformers (or peft) model: flags and inner state read from its config
+    (:func:`~pyiface.integrations.hf_config.interface_flags`), as vLLM gives that architecture."""
+    flags = hf_config.interface_flags(model)
+    _check_consistent(name, flags)
+    state = hf_config.inner_state(config)
+    optional = (("multimodal", "supports_multimodal"), ("lora", "supports_lora"))
+    capabilities = [cap for cap, flag in optional if flags[flag]]
+    mamba = None
+    if state is not None:
+        mamba = MambaStatePlan(state.conv_state_shape, state.ssm_state_shape, kind=state.kind,
+                               layers=state.state_layers)
+        capabilities.append(CAPABILITY_BY_KIND[state.kind])
+    layers = num_layers if num_layers is not None else getattr(hf_config.text_config(config), "num_hidden_layers", None)
+    pipeline = PipelinePlan(pp_rank, pp_size, pp_layer_range(layers, pp_rank, pp_size) if layers else None, None)
+    return KernelPlan(
+        model=name, device=device, flags=flags, lora_wrapper=None, packed_modules_mapping={}, mamba=mamba,
+        needs_kv_cache=not flags["is_attention_free"], pipeline=pipeline, tasks=("generate",),
+        execution=Execution(validated=False), quant_config=None, backends=_backends(capabilities, device))

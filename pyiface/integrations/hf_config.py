@@ -90,9 +90,8 @@ def _shapes(config: Any, kind: str) -> tuple[tuple[int, ...], tuple[int, ...] | 
         return (inner, width - 1), (inner, state)
     if kind == "mamba2":
         heads = _first(config, "num_heads", "mamba_n_heads", "n_mamba_heads", "mamba_num_heads")
-        head_dim = _first(config, "head_dim", "mamba_d_head", "mamba_headdim", "mamba_head_dim")
-        if getattr(config, "mamba_num_heads", None) is not None:  # nemotron_h: head_dim is attention's
-            head_dim = _first(config, "mamba_head_dim", "head_dim")
+        # the Mamba-specific names first: in a hybrid's config ``head_dim`` is attention's
+        head_dim = _first(config, "mamba_d_head", "mamba_headdim", "mamba_head_dim", "head_dim")
         groups = _first(config, "n_groups", "mamba_n_groups", "mamba_ngroups")
         inner = heads * head_dim
         return (inner + 2 * groups * state, width - 1), (heads, head_dim, state)

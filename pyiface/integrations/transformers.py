@@ -39,7 +39,8 @@ from pyiface.integrations import _hub_layers as hub
 from pyiface.integrations._hf_ops import CACHE_HOOKS, MAMBA2_GATED_NORM
 from pyiface.integrations.hf_config import INNER_STATE_KINDS, InnerState, inner_state, interface_flags
 
-__all__ = ["KIND_HOOKS", "MIN_TRANSFORMERS", "KernelReport", "apply_kernels", "interface_flags", "revert_kernels"]
+__all__ = ["KIND_HOOKS", "MIN_TRANSFORMERS", "KernelReport", "apply_kernels", "interface_flags",
+           "mamba2_gated_norm_class", "revert_kernels"]
 
 # The first transformers whose inner-state mixers carry kernel hooks (``use_kernelized_func``); before it
 # the mixers chose their kernels inline and nothing outside them could reach the choice.
@@ -143,6 +144,16 @@ def _is_mamba2_gated_norm(cls: type) -> bool:
     with no hook of transformers' own (the delta-rule families' ``RMSNormGated`` has one)."""
     hook = getattr(cls, "kernel_layer_name", None)
     return cls.__name__.endswith("RMSNormGated") and hook in (None, MAMBA2_GATED_NORM)
+
+
+def mamba2_gated_norm_class(module) -> type:
+    """The Mamba-2 gated RMSNorm class of a modeling module, however the installed release names it
+    (5.24's ``MambaRMSNormGated`` is 5.25's ``Mamba2RMSNormGated``)."""
+    found = [v for v in vars(module).values()
+             if isinstance(v, type) and issubclass(v, torch.nn.Module) and _is_mamba2_gated_norm(v)]
+    if len(found) != 1:
+        raise LookupError(f"{module.__name__}: expected one <Family>RMSNormGated class, found {found}")
+    return found[0]
 
 
 def _tag_norm(cls: type) -> None:
@@ -258,10 +269,8 @@ def _modeling_files_calling(hook: str) -> tuple[str, ...]:
 def _tag_mamba2_norms_of_installed_families() -> None:
     """Process-wide: give a hook to the gated-norm class of every installed family with Mamba-2 mixers."""
     for name in _modeling_files_calling("mamba_chunk_scan_combined"):
-        module = importlib.import_module(name)
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, torch.nn.Module) and _is_mamba2_gated_norm(value):
-                _tag_norm(value)
+        with contextlib.suppress(LookupError):  # a family whose gate goes into the decode step (falcon_h1) has one too
+            _tag_norm(mamba2_gated_norm_class(importlib.import_module(name)))
 
 
 def _apply_process_wide(kinds: tuple[str, ...]) -> KernelReport:

@@ -221,7 +221,7 @@ def test_families_filter_and_unknown_kind():
         apply_kernels(families=["mamba", "mamba3"])
     report = apply_kernels(families="mamba2")
     assert [r.kind for r in report] == ["mamba2"]
-    with pytest.raises(ValueError, match="a mamba model.*serves mamba2; nothing patched"):
+    with pytest.raises(ValueError, match=r"a mamba model.*serves mamba2; nothing patched"):
         apply_kernels(build("mamba"), families=["mamba2"])
 
 
@@ -250,7 +250,8 @@ def test_unserved_inner_state_hooks_are_reported_and_warned():
     assert report[0].kind == "gated_delta_rule"
     assert report.hooks() == ("causal_conv1d_fn", "causal_conv1d_update")
     assert {"chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "RMSNormGated"} <= set(report[0].unserved)
-    assert "stays HF's" in str(report) and "chunk_gated_delta_rule" in str(report)
+    assert "stays HF's" in str(report)
+    assert "chunk_gated_delta_rule" in str(report)
     with ops_seen() as seen:
         assert_close(_logits(model, ids), ref, tol=1e-5)
     assert seen == {"ifk::causal_conv1d_fwd"}, seen
