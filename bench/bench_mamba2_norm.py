@@ -6,8 +6,8 @@ Bytes by formula (what the op must move at least): forward, x and z read, out wr
 elements) + weight (``H``); forward + backward, that plus dy, x, z read and dx, dz written (``8 M H``
 in all) + weight read twice and dweight written. Baselines: transformers' ``Mamba2RMSNormGated``
 (5.24: ``MambaRMSNormGated``; what a user without kernels runs; autograd through it for the
-backward) and, on a GPU, ``torch.compile`` of our reference. On CUDA every row reports the peak memory one call allocates above its inputs
-(``extra["peak_mib"]``).
+backward) and, on a GPU, ``torch.compile`` of our reference. On CUDA every row reports the peak
+memory one call allocates above its inputs (``extra["peak_mib"]``).
 """
 
 from __future__ import annotations
