@@ -14,6 +14,10 @@ Cases (full / ``--quick``):
   MLP targets) with 8 LoRA adapters of ranks 8..64 over a batch of 16 rows of 32 tokens, every
   row naming an adapter (two ``"__base__"``), and the same with one token a row (decode-shaped);
   each also for one ``lora.Linear`` layer alone, beside that layer's base matmul (the floor).
+- ``lfm2-350m-prefill-L1024`` / ``lfm2-350m-decode-b{1,16}``: the same on an LFM2-350M-shaped hybrid
+  (d_model 1024, 16 layers: 10 short convs of width 3, 6 attention layers), whose conv runs ours.
+- Every row first runs once under the profiler: ours must have run ``ifk::`` ops (listed in
+  ``extra["ifk_ops"]``), HF's none; otherwise the family raises instead of printing a row.
 - ``--quick``: the same cases on d_model 128 x 2 layer models (prefill 32, 2 new tokens, batch 1)
   and a hidden 128 x 2 layer Llama, decode-shaped only (one token a row).
 
@@ -36,10 +40,17 @@ QUICK = {"hidden_size": 128, "num_hidden_layers": 2, "vocab_size": 1024}
 MAMBA2_HEADS = {"head_dim": 64, "n_groups": 1, "conv_kernel": 4, "expand": 2}  # mamba2-130m
 PEFT_RANKS = (8, 16, 32, 64, 8, 16, 32, 64)
 DECODE_TOKENS = 32
+# LFM2-350M's shape: 16 layers, 10 short-conv (width 3) and 6 attention (16 heads, 8 KV heads)
+LFM2_FULL = {"hidden_size": 1024, "intermediate_size": 6656, "num_hidden_layers": 16, "vocab_size": 65536,
+             "num_attention_heads": 16, "num_key_value_heads": 8,
+             "layer_types": ["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16)]}
+LFM2_QUICK = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "vocab_size": 1024,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "layer_types": ["conv", "full_attention"]}
 
 
-def _profile(fn, top: int = 8) -> list[tuple[str, float, float]]:
-    """(op, self CPU ms, % of the total self time) of one call of ``fn``, largest first."""
+def _profile(fn, top: int = 8) -> tuple[list[tuple[str, float, float]], set[str]]:
+    """(op, self CPU ms, % of the total self time) of one call of ``fn``, largest first, and the names
+    of the ``ifk::`` ops that ran in it."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -48,7 +59,16 @@ def _profile(fn, top: int = 8) -> list[tuple[str, float, float]]:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return [(e.key, e.self_cpu_time_total / 1e3, 100.0 * e.self_cpu_time_total / total) for e in ranked]
+    ours = {e.key for e in events if e.key.startswith("ifk::")}
+    return [(e.key, e.self_cpu_time_total / 1e3, 100.0 * e.self_cpu_time_total / total) for e in ranked], ours
+
+
+def _check_route(case: str, impl: str, ours: set[str], patched: bool) -> None:
+    """Refuse a row that would time HF against HF (or ours against ours)."""
+    if patched and not ours:
+        raise RuntimeError(f"{case} {impl}: no ifk:: op ran in the timed call; apply_kernels did not reach the model")
+    if not patched and ours:
+        raise RuntimeError(f"{case} {impl}: the baseline ran {sorted(ours)}")
 
 
 def _param_bytes(model: torch.nn.Module) -> float:
@@ -64,6 +84,10 @@ def _model(ctx: Context, kind: str):
     if kind == "mamba":
         config = hf.MambaConfig(**shape, state_size=16, expand=2, conv_kernel=4, **ids)
         cls = hf.MambaForCausalLM
+    elif kind == "lfm2":
+        shape = LFM2_QUICK if ctx.quick else LFM2_FULL
+        config = hf.Lfm2Config(**shape, **ids)
+        cls = hf.Lfm2ForCausalLM
     else:
         heads = 2 * shape["hidden_size"] // MAMBA2_HEADS["head_dim"]
         config = hf.Mamba2Config(**shape, **MAMBA2_HEADS, num_heads=heads, state_size=32 if ctx.quick else 128,
@@ -83,13 +107,14 @@ def _generate(model, new_tokens):
 
 
 def mamba_rows(ctx: Context, kind: str) -> list[Row]:
-    """Prefill and decode rows of ``kind`` ("mamba" or "mamba2"): HF's path, then ours."""
+    """Prefill and decode rows of ``kind`` ("mamba", "mamba2" or "lfm2"): HF's path, then ours; each row
+    checked with the profiler to have run (ours) or not run (HF's) our ops."""
     from pyiface.integrations.transformers import apply_kernels
 
     hf = _model(ctx, kind)
     ours = copy.deepcopy(hf)
     apply_kernels(ours)
-    name = f"{kind}-d128x2" if ctx.quick else ("mamba130m" if kind == "mamba" else "mamba2-130m")
+    name = f"{kind}-d128x2" if ctx.quick else {"mamba": "mamba130m", "mamba2": "mamba2-130m", "lfm2": "lfm2-350m"}[kind]
     prompt_len, new = (32, 2) if ctx.quick else (1024, DECODE_TOKENS)
     gen = torch.Generator().manual_seed(0)
     cases = [(f"{name}-prefill-L{prompt_len}", 1, prompt_len, 1, prompt_len)]
@@ -99,10 +124,12 @@ def mamba_rows(ctx: Context, kind: str) -> list[Row]:
         sets = [torch.randint(1, hf.config.vocab_size, (batch, length), generator=gen).to(ctx.device)]
         for impl, model in (("ours[apply_kernels]", ours), ("HF torch path", hf)):
             run = _generate(model, new_tokens)
+            profile, ran = _profile(lambda run=run, sets=sets: run(sets[0]))
+            _check_route(case, impl, ran, patched=model is ours)
             row = ctx.row(FAMILY, case, impl, run, sets, _param_bytes(model))
             row.extra["tokens_per_s"] = counted / (row.median_ms * 1e-3)
-            if impl.startswith("ours"):
-                row.extra["profile"] = _profile(lambda run=run, sets=sets: run(sets[0]))
+            if model is ours:
+                row.extra["profile"], row.extra["ifk_ops"] = profile, sorted(ran)
             rows.append(row)
     return rows
 
@@ -171,14 +198,14 @@ def peft_rows(ctx: Context) -> list[Row]:
                     continue
                 row = ctx.row(FAMILY, case, impl, fn, sets, nbytes)
                 if impl.startswith("ours"):
-                    row.extra["profile"] = _profile(lambda fn=fn, sets=sets: fn(sets[0]))
+                    row.extra["profile"] = _profile(lambda fn=fn, sets=sets: fn(sets[0]))[0]
                 out.append(row)
     revert_kernels(model)
     return out
 
 
 def run(ctx: Context) -> list[Row]:
-    rows = mamba_rows(ctx, "mamba") + mamba_rows(ctx, "mamba2") + peft_rows(ctx)
+    rows = mamba_rows(ctx, "mamba") + mamba_rows(ctx, "mamba2") + mamba_rows(ctx, "lfm2") + peft_rows(ctx)
     for row in rows:
         if "profile" in row.extra:
             top = ", ".join(f"{name} {pct:.0f}%" for name, _, pct in row.extra["profile"][:6])
