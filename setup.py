@@ -47,8 +47,9 @@ class BuildPyWithSources(build_py):
                 self.copy_file(str(src), str(dest))
 
 
-# pyiface.integrations (transformers: the module-level Mamba kernel functions of 5.x)
-HF = ["transformers>=5.0", "peft>=0.13"]
+# pyiface.integrations: transformers' kernel hooks on inner-state mixers (5.15 is the first release with
+# them), resolved by the kernels package; peft's LoRA layers.
+HF = ["transformers>=5.15", "kernels", "peft>=0.13"]
 ext_modules, cmdclass = _extensions()
 cmdclass["build_py"] = BuildPyWithSources
 
