@@ -16,14 +16,15 @@ from triton_kernels._checks import INDEX_DTYPES, check_tensor
 def check_index(
     name: str, t: object, batch: int, device: torch.device, dtypes: Sequence[torch.dtype] = INDEX_DTYPES
 ) -> torch.Tensor | None:
-    """An optional ``[batch]`` tensor of per-row slots (int32/int64) or flags (``dtypes=(torch.bool,)``),
-    returned contiguous."""
+    """An optional tensor of per-row slots (int32/int64) or flags (``dtypes=(torch.bool,)``) with at least
+    ``batch`` entries, returned as its first ``batch``, contiguous. Longer is allowed as vLLM passes it
+    (index buffers padded for CUDA graphs): the entries past the batch are never read."""
     if t is None:
         return None
     check_tensor(name, t, ndim=1, dtypes=dtypes, device=device)
-    if t.shape[0] != batch:
-        raise ValueError(f"{name} has {t.shape[0]} entries, expected {batch} (one per sequence)")
-    return t.contiguous()
+    if t.shape[0] < batch:
+        raise ValueError(f"{name} has {t.shape[0]} entries, expected at least {batch} (one per sequence)")
+    return t[:batch].contiguous()
 
 
 def check_query_start_loc(query_start_loc: object, device: torch.device) -> int:

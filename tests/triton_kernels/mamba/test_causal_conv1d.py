@@ -453,7 +453,7 @@ VARLEN_BAD = [
         id="index-past-end",
     ),
     pytest.param(
-        dict(cache_indices=_dev(0)), ValueError, r"cache_indices has 1 entries, expected 2", id="index-count"
+        dict(cache_indices=_dev(0)), ValueError, r"cache_indices has 1 entries, expected at least 2", id="index-count"
     ),
     pytest.param(dict(cache_indices=_dev(3, 3)), ValueError, r"cache_indices holds slot 3 twice", id="slot-twice"),
     pytest.param(
