@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from triton_kernels._checks import INDEX_DTYPES, check_tensor
+from triton_kernels.constants import PAD_SLOT_ID
 
 
 def check_index(
@@ -47,3 +48,10 @@ def check_pad_slot_id(pad_slot_id: object) -> int:
     if isinstance(pad_slot_id, bool) or not isinstance(pad_slot_id, int):
         raise TypeError(f"pad_slot_id must be an int, got {pad_slot_id!r}")
     return pad_slot_id
+
+
+def pad_slot_of(indices: torch.Tensor | None, pad_slot_id: int) -> int:
+    """The pad slot the kernels compare slots against: ``pad_slot_id`` when ``indices`` are given, and
+    none (an id no default slot ``0..batch-1`` equals) without them. vLLM's rule: a value is padding only
+    in an index tensor; without one every row is real, whatever ``pad_slot_id`` says."""
+    return pad_slot_id if indices is not None else PAD_SLOT_ID
