@@ -67,3 +67,15 @@ def mixer_output_and_grads(mixer: torch.nn.Module, hidden: torch.Tensor, cot: to
     out = mixer(h)
     (out * cot).sum().backward()
     return [out.detach(), h.grad] + [p.grad.clone() for p in mixer.parameters()]
+
+
+def backends(op) -> list[str]:
+    """The backends of a registry :class:`~triton_kernels.backend.Op` that run here: each one it has,
+    ``cuda`` only on a GPU (the ``triton`` backend runs under the interpreter on CPU)."""
+    return [b for b in op.backends if b != "cuda" or torch.cuda.is_available()]
+
+
+def rnd(*shape, dtype: torch.dtype = torch.float32, scale: float = 1.0, generator: torch.Generator | None = None,
+        device: torch.device | str = KERNEL_DEVICE) -> torch.Tensor:
+    """Random normal inputs (never zeros) scaled by ``scale``."""
+    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float32)).to(dtype=dtype, device=device)

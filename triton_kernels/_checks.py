@@ -77,3 +77,38 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Make ``device`` current for a launch (Triton launches on the current CUDA device;
     ``with torch.device(...)`` would only change where new tensors go)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage address, first byte, one past the last byte) that ``t`` can touch; None when empty."""
+    if t.numel() == 0:
+        return None
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    first = t.storage_offset() * t.element_size()
+    return t.untyped_storage().data_ptr(), first, first + (extent + 1) * t.element_size()
+
+
+def check_no_overlap(name: str, written: torch.Tensor, others: dict[str, torch.Tensor | None]) -> None:
+    """Raise unless ``written`` (an output or a state written in place) shares no memory with any of
+    ``others``: a kernel writing one while reading the other would race on a GPU. Byte ranges are
+    compared, so two interleaved views of one buffer (``a[::2]``, ``a[1::2]``) count as overlapping.
+    Skipped while tracing under ``torch.compile`` (fake tensors have no addresses)."""
+    if torch.compiler.is_compiling():
+        return
+    span = _byte_span(written)
+    if span is None:
+        return
+    for other_name, other in others.items():
+        other_span = None if other is None else _byte_span(other)
+        if other_span is not None and other_span[0] == span[0] and other_span[1] < span[2] and span[1] < other_span[2]:
+            raise ValueError(f"{name} overlaps {other_name} in memory; pass a separate tensor for {name}")
+
+
+def check_distinct_rows(name: str, t: torch.Tensor) -> None:
+    """Raise unless no two elements of ``t`` share memory (a state cache made with ``expand``, stride 0,
+    would have several slots write one location)."""
+    if torch.compiler.is_compiling() or t.numel() <= 1:
+        return
+    if torch._debug_has_internal_overlap(t) != 0:  # 1: overlaps; 2: too irregular to tell
+        raise ValueError(f"{name} has elements that share memory (strides {t.stride()} for shape "
+                         f"{list(t.shape)}): each slot needs its own memory; pass a contiguous cache")

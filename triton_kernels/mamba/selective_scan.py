@@ -27,6 +27,8 @@ import triton.language as tl
 from triton_kernels import _alloc, _data_checks
 from triton_kernels._checks import (
     FLOAT_DTYPES,
+    check_distinct_rows,
+    check_no_overlap,
     check_optional,
     check_shape,
     check_tensor,
@@ -38,7 +40,13 @@ from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu, softplus
 from triton_kernels.backend import interpreter_enabled
 from triton_kernels.constants import PAD_SLOT_ID
-from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, check_query_start_loc
+from triton_kernels.mamba._args import (
+    check_default_slots,
+    check_index,
+    check_pad_slot_id,
+    check_query_start_loc,
+    pad_slot_of,
+)
 from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
 from triton_kernels.mamba.scan_backward import selective_scan_bwd
 from triton_kernels.mamba.tiles import check_tile_states, tile_length, tile_states_shape
@@ -538,7 +546,10 @@ def selective_scan_varlen(
     if cache_indices is None:
         check_default_slots("ssm_states", ssm_states.shape[0], batch, "cache_indices", exact=False)
     has_initial_state = check_index("has_initial_state", has_initial_state, batch, u.device, (torch.bool,))
-    check_pad_slot_id(pad_slot_id)
+    pad_slot_id = pad_slot_of(cache_indices, check_pad_slot_id(pad_slot_id))
+    inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    check_distinct_rows("ssm_states", ssm_states)
+    check_no_overlap("ssm_states", ssm_states, inputs)
     if out is None:  # pad sequences' columns are never written: zeros there
         alloc = _alloc.empty if cache_indices is None else torch.zeros
         out = alloc((dim, num_tokens), dtype=u.dtype, device=u.device)
@@ -547,6 +558,7 @@ def selective_scan_varlen(
         check_shape("out", out, (dim, num_tokens))
         if num_tokens > 1 and out.stride(1) != 1:
             raise ValueError(f"out must have unit stride along T, got strides {out.stride()}")
+        check_no_overlap("out", out, {**inputs, "ssm_states": ssm_states})
     _selective_scan(out, ssm_states, None, [u, delta, A, B, C, D, z, delta_bias, query_start_loc.contiguous(),
                                       cache_indices, has_initial_state], bool(delta_softplus), pad_slot_id)
     return out

@@ -18,11 +18,20 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _alloc, _data_checks
-from triton_kernels._checks import FLOAT_DTYPES, check_optional, check_shape, check_tensor, on_device, strides
+from triton_kernels._checks import (
+    FLOAT_DTYPES,
+    check_distinct_rows,
+    check_no_overlap,
+    check_optional,
+    check_shape,
+    check_tensor,
+    on_device,
+    strides,
+)
 from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu, softplus
 from triton_kernels.constants import PAD_SLOT_ID
-from triton_kernels.mamba._args import check_default_slots, check_index
+from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, pad_slot_of
 from triton_kernels.mamba.reference import selective_state_update_ref
 from triton_kernels.registry import SELECTIVE_STATE_UPDATE
 
@@ -249,8 +258,13 @@ def selective_state_update(
     slots = check_index("state_batch_indices", state_batch_indices, batch, dev)
     if slots is None:
         check_default_slots("state", state.shape[0], batch, "state_batch_indices", exact=True)
+    inputs = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias}
+    check_distinct_rows("state", state)
+    check_no_overlap("state", state, inputs)
     if out is None:
         out = _alloc.empty_like(x)
+    else:
+        check_no_overlap("out", out, {**inputs, "state": state})
     if not heads_form:  # the plain form is the heads form with one head and one group
         state, A = state.unsqueeze(1), A.unsqueeze(0)
         x, dt, B, C = x.unsqueeze(1), dt.unsqueeze(1), B.unsqueeze(1), C.unsqueeze(1)
@@ -258,6 +272,6 @@ def selective_state_update(
         z = None if z is None else z.unsqueeze(1)
     _selective_state_update(
         state, out if heads_form else out.unsqueeze(1), [x, dt, A, B, C, D, z, dt_bias, slots],
-        bool(dt_softplus), int(pad_slot_id),
+        bool(dt_softplus), pad_slot_of(slots, check_pad_slot_id(pad_slot_id)),
     )
     return out

@@ -36,6 +36,8 @@ from triton_kernels import _alloc
 from triton_kernels._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_distinct_rows,
+    check_no_overlap,
     check_optional,
     check_shape,
     check_tensor,
@@ -43,6 +45,7 @@ from triton_kernels._checks import (
 )
 from triton_kernels._data_checks import check_offsets, check_slots
 from triton_kernels.constants import PAD_SLOT_ID
+from triton_kernels.mamba._args import check_index, check_pad_slot_id, check_query_start_loc, pad_slot_of
 from triton_kernels.mamba2.ssd_bwd_reference import ssd_core_bwd_torch
 from triton_kernels.mamba2.ssd_bwd_triton import ssd_core_bwd_triton
 from triton_kernels.mamba2.ssd_reference import ssd_core_torch
@@ -510,9 +513,10 @@ def mamba_chunk_scan_varlen(
         chunk_size: a power of two; chunks start at each sequence's first token (never span two).
         query_start_loc: ``[batch + 1]`` int32/int64 offsets from 0 to T, non-decreasing (None:
             one sequence of T tokens).
-        cache_indices: ``[batch]`` int32/int64 distinct slots (None: slot b for sequence b).
-            Sequences whose index is ``pad_slot_id`` are skipped: no state read or written, no
-            output row written.
+        cache_indices: ``[batch]`` int32/int64 distinct slots (None: slot b for sequence b; longer is
+            fine, the entries past the batch are unused). Sequences whose index is ``pad_slot_id`` are
+            skipped: no state read or written, no output row written (``pad_slot_id`` means nothing
+            without cache_indices).
         has_initial_state: ``[batch]`` bool (None: every sequence starts from zeros).
         out: optional ``[T, h, p]`` destination in x's dtype.
 
@@ -527,18 +531,25 @@ def mamba_chunk_scan_varlen(
         ...                         cache_indices=torch.tensor([2, 0])).shape
         torch.Size([10, 4, 16])
     """
-    if query_start_loc is None and isinstance(x, torch.Tensor):
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    if query_start_loc is None:
         query_start_loc = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
+    batch = check_query_start_loc(query_start_loc, x.device)
+    cache_indices = check_index("cache_indices", cache_indices, batch, x.device)  # (longer: vLLM's padding)
+    has_initial_state = check_index("has_initial_state", has_initial_state, batch, x.device, (torch.bool,))
     _check_varlen(x, ssm_states, dt, A, B, C, D, z, dt_bias, query_start_loc, cache_indices, has_initial_state)
     _check_chunk_size(chunk_size)
     dt_limit = _check_dt_limit(dt_limit)
-    if isinstance(pad_slot_id, bool) or not isinstance(pad_slot_id, int):
-        raise TypeError(f"pad_slot_id must be an int, got {pad_slot_id!r}")
+    pad_slot_id = pad_slot_of(cache_indices, check_pad_slot_id(pad_slot_id))
+    inputs = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias}
+    check_distinct_rows("ssm_states", ssm_states)
+    check_no_overlap("ssm_states", ssm_states, inputs)
     if out is None:
         out = torch.zeros_like(x) if cache_indices is not None else _alloc.empty(x.shape, x.dtype, x.device)
     else:
         check_tensor("out", out, ndim=3, dtypes=(x.dtype,), device=x.device)
         check_shape("out", out, x.shape)
+        check_no_overlap("out", out, {**inputs, "ssm_states": ssm_states})
     torch.ops.ifk.mamba_chunk_scan_varlen(
         out, ssm_states, [x, dt, A, B, C, D, z, dt_bias, query_start_loc, cache_indices, has_initial_state],
         bool(dt_softplus), *dt_limit, chunk_size, pad_slot_id)
