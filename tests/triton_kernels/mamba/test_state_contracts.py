@@ -91,7 +91,7 @@ def test_out_aliasing_an_input_is_refused_before_writing(name, backend):
 
 @pytest.mark.parametrize(("name", "backend"), PARAMS)
 def test_state_cache_overlapping_an_input_or_itself_is_refused(name, backend):
-    op, run = CASES[name]
+    _, run = CASES[name]
     dev = "cpu"
     shape = {"selective_scan_varlen": (1, D, N), "mamba_chunk_scan_varlen": (1, H, P, N),
              "selective_state_update": (1, D, N)}[name]
