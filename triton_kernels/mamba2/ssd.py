@@ -55,6 +55,10 @@ from triton_kernels.registry import MAMBA_CHUNK_SCAN
 DEFAULT_DT_LIMIT = (0.0, math.inf)
 
 
+# The largest chunk_size accepted: launch 3 runs one program per 32 rows of a chunk on a grid axis that CUDA
+# caps at 65535 (2^16 / 32 = 2048 there; mamba_ssm's models use 256).
+MAX_CHUNK_SIZE = 1 << 16
+
 # ---- backend choice -----------------------------------------------------------------------------
 
 
@@ -70,8 +74,17 @@ def _index(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
+def _bounded_chunk(chunk_size: int, seq_starts: list[int]) -> int:
+    """The chunk size the cores run: at most the longest sequence (rounded up to a power of two, at
+    least 16), so no grid axis grows with a chunk larger than the data. The result does not depend on
+    the chunk size beyond rounding, and chunks never span two sequences either way."""
+    longest = max((b - a for a, b in itertools.pairwise(seq_starts)), default=0)
+    return min(chunk_size, max(16, 1 << max(longest - 1, 0).bit_length()))
+
+
 def _run_core(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_starts, init_states, init_index,
               final_states, final_index, chunk_size) -> None:
+    chunk_size = _bounded_chunk(chunk_size, seq_starts)
     device = x.device
     dtypes = {t.dtype for t in (x, dt, B, C, init_states, final_states) if t is not None}
     core = _core(device, dtypes)
@@ -87,6 +100,9 @@ def _check_chunk_size(chunk_size: object) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 \
             or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
+    if chunk_size > MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be at most {MAX_CHUNK_SIZE} (a chunk's row blocks are one grid axis, "
+                         f"limited to 65535 on a GPU), got {chunk_size}")
 
 
 def _check_dt_limit(dt_limit: object) -> tuple[float, float]:
@@ -317,7 +333,7 @@ def _chunk_scan_bwd_op(
         core(packed(dx), packed(ddt), dA, packed(dB), packed(dC), dD, packed(dz), ddt_bias, dinit, packed(dout),
              target, packed(x), packed(dt), A, packed(B), packed(C), D, packed(z), dt_bias, dt_softplus,
              (dt_min, dt_max), starts, _index(starts, device), initial_states, _index(init_index, device),
-             _index(final_index, device), chunk_size)
+             _index(final_index, device), _bounded_chunk(chunk_size, starts))
 
 
 @_chunk_scan_bwd_op.register_fake

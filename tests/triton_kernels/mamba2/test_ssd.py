@@ -439,3 +439,23 @@ def test_gpu_opcheck_and_compile():
         return mamba_chunk_scan_combined(**b, chunk_size=256)
 
     assert_equal(torch.compile(combined, fullgraph=True)(), combined())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_larger_than_the_data_runs_on_a_grid_bounded_by_the_data(backend):
+    """The finding: at l 8 a chunk of 2^20 took 176 s in the interpreter (the grid grew with chunk_size,
+    past the 65535 GPU limit from 2^22). Now the cores run a chunk bounded by the longest sequence:
+    quick, the oracle's result, forward and backward; chunks above MAX_CHUNK_SIZE are refused."""
+    torch.manual_seed(0)
+    args = make(8, 2, 4, 1, 4)
+    x = args.pop("x").requires_grad_()
+    ref, _ = oracle({**args, "x": x.detach()}, [0, 8])
+    with use_backend(backend):
+        out = mamba_chunk_scan_combined(x[None], *(args[k][None] for k in ("dt",)), args["A"], args["B"][None],
+                                        args["C"][None], 1 << 16, D=args["D"], z=args["z"][None],
+                                        dt_bias=args["dt_bias"], dt_softplus=True)
+        out.sum().backward()
+        with pytest.raises(ValueError, match=r"chunk_size must be at most 65536 .* got 131072"):
+            mamba_chunk_scan_combined(x[None], args["dt"][None], args["A"], args["B"][None], args["C"][None], 1 << 17)
+    assert_close(out[0], ref.float(), tol=FP32_TOL[backend])
+    assert torch.isfinite(x.grad).all()
