@@ -107,6 +107,13 @@ _PASSED: dict[int, tuple[weakref.ref, set[tuple]]] = {}  # id(anchor) -> (anchor
 _MAX_SIGNATURES = 16
 
 
+def version_key(t: torch.Tensor) -> object:
+    """What tells whether ``t`` may have been written in place since: its version counter, which
+    every in-place torch op bumps, or, for an inference tensor (made under ``torch.inference_mode()``,
+    which keeps no counter), a fresh ``object()`` that equals nothing: always "maybe changed"."""
+    return object() if t.is_inference() else t._version
+
+
 def check_once(check: Callable[[], None], tensors: Sequence[torch.Tensor], *extra: object) -> None:
     """Run the value check ``check()`` unless it already passed for these very tensors, unchanged
     since, with the same ``extra`` arguments (sizes it checks against); skipped while capturing.
@@ -115,13 +122,23 @@ def check_once(check: Callable[[], None], tensors: Sequence[torch.Tensor], *extr
     sync per step and tensor set instead of one per call. "Unchanged" means the same tensor object
     (``tensors[0]``, held by weak reference, so a freed tensor whose memory is reused never
     matches), the same data pointers, shapes and strides, and the same version counters (every
-    in-place torch op bumps them; a raw kernel write does not: the kernels stay in bounds
-    regardless, see the module docstring).
+    in-place torch op bumps them, inside ``torch.inference_mode()`` too; a raw kernel write does
+    not: the kernels stay in bounds regardless, see the module docstring).
+
+    Inference tensors (made under ``torch.inference_mode()``) have no version counter, and inside
+    inference mode torch writes them in place without a trace, so none of them ever counts as
+    unchanged: while one of ``tensors`` is an inference tensor, ``check()`` runs on every call (one
+    host read per call, a sync on a GPU). The package's own per-step buffers (``LoRAKernelMeta``,
+    ``pyiface.LoRASlots``) are made as normal tensors even under inference mode, so they keep
+    the one-read-per-step cost.
     """
     if not tensors or capturing(tensors[0]):
         return
+    if any(t.is_inference() for t in tensors):
+        check()
+        return
     anchor = tensors[0]
-    signature = (tuple((t.data_ptr(), t._version, t.shape, t.stride()) for t in tensors), extra)
+    signature = (tuple((t.data_ptr(), version_key(t), t.shape, t.stride()) for t in tensors), extra)
     entry = _PASSED.get(id(anchor))
     if entry is not None and entry[0]() is anchor and signature in entry[1]:
         return

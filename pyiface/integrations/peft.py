@@ -22,6 +22,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 from pyiface.lora import LoRASlots
 from triton_kernels import LoRAKernelMeta, add_lora_linear
+from triton_kernels._data_checks import version_key
 
 _ATTR = "_ifk_lora"  # the per-layer state of a patched layer
 
@@ -63,12 +64,14 @@ class _LayerKernels:
         self._slots: LoRASlots | None = None
 
     def stacked(self, dtype: torch.dtype, device: torch.device) -> LoRASlots:
-        """The slots, rebuilt when an adapter was added, removed, retrained or rescaled."""
+        """The slots, rebuilt when an adapter was added, removed, retrained or rescaled (seen by
+        version counter; weights that are inference tensors, which have none, are restacked on
+        every call)."""
         layer = self.layer
         names = [n for n in layer.lora_A if n in self.adapters.peft_config]
         key = (dtype, device, len(self.adapters.slots), *(
             (n, self.adapters.slot(n), layer.scaling[n], *(
-                (id(w), w._version) for w in (layer.lora_A[n].weight, layer.lora_B[n].weight)))
+                (id(w), version_key(w)) for w in (layer.lora_A[n].weight, layer.lora_B[n].weight)))
             for n in names))
         if key != self._key:
             slots = LoRASlots(max(len(self.adapters.slots), 1), max([layer.r[n] for n in names], default=1),

@@ -103,12 +103,15 @@ class LoRASlots(nn.Module):
         self.output_slices = tuple(_positive_int("output_slices[i]", n) for n in output_slices)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-        for s, width in enumerate(self.output_slices):
-            a = torch.zeros(max_loras, *self._a_shape(), dtype=dtype, device=device)
-            b = torch.zeros(max_loras, width, max_rank, dtype=dtype, device=device)
-            self._register(f"lora_a_{s}", a, trainable)
-            self._register(f"lora_b_{s}", b, trainable)
-        self.register_buffer("lora_ranks", torch.zeros(max_loras, dtype=torch.int32, device=device), False)
+        # Normal tensors even under torch.inference_mode() (HF generate, vLLM): they stay writable by
+        # set_lora anywhere, and their version counters let the ops read them once per change.
+        with torch.inference_mode(False):
+            for s, width in enumerate(self.output_slices):
+                a = torch.zeros(max_loras, *self._a_shape(), dtype=dtype, device=device)
+                b = torch.zeros(max_loras, width, max_rank, dtype=dtype, device=device)
+                self._register(f"lora_a_{s}", a, trainable)
+                self._register(f"lora_b_{s}", b, trainable)
+            self.register_buffer("lora_ranks", torch.zeros(max_loras, dtype=torch.int32, device=device), False)
 
     def _a_shape(self) -> tuple[int, int]:
         return (self.max_rank, self.in_features)

@@ -93,3 +93,25 @@ def test_check_once_reruns_only_when_the_tensors_change():
     for _ in range(2):  # a failed check is not remembered
         with pytest.raises(ValueError, match="bad"):
             check_once(bad, (u,))
+
+
+def test_check_once_under_inference_mode():
+    """Inference tensors keep no version counter (reading it raised before) and inside inference
+    mode torch writes them without a trace: their check runs on every call. Normal tensors written
+    inside inference mode still bump their counters, so theirs runs once per change."""
+    calls = []
+    with torch.inference_mode():
+        t = torch.arange(4)
+        check_once(lambda: calls.append(1), (t,), 4)
+        t.add_(1)
+        check_once(lambda: calls.append(1), (t,), 4)
+    check_once(lambda: calls.append(1), (torch.arange(4), t), 4)  # one inference tensor among others
+    assert len(calls) == 3
+    u = torch.arange(4)
+    with torch.inference_mode():
+        check_once(lambda: calls.append(1), (u,), 4)
+        check_once(lambda: calls.append(1), (u,), 4)
+        assert len(calls) == 4
+        u.add_(1)
+        check_once(lambda: calls.append(1), (u,), 4)
+    assert len(calls) == 5

@@ -20,7 +20,7 @@ from triton_kernels._data_checks import capturing, check_count, check_offsets, c
 
 # float64 runs on the torch backend only (gradcheck, oracles); the kernels take the other three.
 LORA_DTYPES = (*FLOAT_DTYPES, torch.float64)
-NUM_META = 6  # the tensors of LoRAKernelMeta.meta_args()
+NUM_META = 6  # the tensors of LoRAKernelMeta.meta_args(); a seventh argument, num_active_loras, is an int
 
 
 def split_inputs(op: str, inputs: Sequence[torch.Tensor | None], lead: tuple[str, ...], lists: tuple[str, ...]
@@ -36,6 +36,28 @@ def split_inputs(op: str, inputs: Sequence[torch.Tensor | None], lead: tuple[str
     num_slices, body = extra // len(lists), list(inputs[len(lead) + NUM_META :])
     parts = [body[i * num_slices : (i + 1) * num_slices] for i in range(len(lists))]
     return list(inputs[: len(lead)]), list(inputs[len(lead) : len(lead) + NUM_META]), parts
+
+
+def meta_tensors(meta_args: Sequence[object]) -> list[torch.Tensor]:
+    """The six metadata tensors of either vLLM form of the metadata arguments: the seven of
+    ``LoRAKernelMeta.meta_args()`` (vLLM >= 0.32: six tensors, then ``num_active_loras``) or the
+    six tensors alone (vLLM < 0.32). ``num_active_loras`` must be an int in ``[0, len(lora_ids)]``
+    and is otherwise unused: the kernels launch over every group of ``lora_ids``, and a group
+    past the active ones (slot -1, no tokens) launches no work. The tensors are checked after."""
+    if len(meta_args) not in (NUM_META, NUM_META + 1):
+        raise TypeError(
+            f"expected the {NUM_META + 1} arguments of LoRAKernelMeta.meta_args() ({NUM_META} tensors and "
+            f"num_active_loras) or the {NUM_META} tensors alone, got {len(meta_args)} arguments"
+        )
+    meta = list(meta_args[:NUM_META])
+    if len(meta_args) == NUM_META + 1:
+        count, ids = meta_args[NUM_META], meta[4]
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"num_active_loras must be an int, got {type(count).__name__} {count!r}")
+        groups = ids.shape[0] if isinstance(ids, torch.Tensor) and ids.dim() == 1 else count
+        if not 0 <= count <= groups:
+            raise ValueError(f"num_active_loras must lie in [0, {groups}] (the groups of lora_ids), got {count}")
+    return meta
 
 
 def check_weights(

@@ -418,7 +418,7 @@ def _op_args(x, lora_a_stacked, lora_b_stacked, meta):
             f"meta was prepared for {meta.num_tokens} tokens, but x has {x.shape[0]}; call "
             "meta.prepare_tensors(token_lora_mapping) with one slot per token"
         )
-    return x, lora_a, lora_b, list(meta.meta_args(x.shape[0]))
+    return x, lora_a, lora_b, list(meta.meta_args(x.shape[0])[:NUM_META])
 
 
 def add_lora_linear(

@@ -31,6 +31,11 @@ class LoRAKernelMeta:
         no_lora_flag_cpu: ``[1]`` bool on the CPU, True when no token of the batch uses a LoRA;
             the ops then return without launching.
         num_tokens: ``T`` of the last :meth:`prepare_tensors`.
+
+    The buffers are normal tensors even when made under ``torch.inference_mode()`` (where vLLM and
+    HF's ``generate`` run): their version counters then record every refill, so the ops read the
+    metadata values back once per prepared step, not once per call (see
+    :func:`triton_kernels._data_checks.check_once`).
     """
 
     token_lora_mapping: torch.Tensor
@@ -49,14 +54,15 @@ class LoRAKernelMeta:
                 f"max_loras must be >= 1 and max_num_tokens >= 0, got {max_loras}, {max_num_tokens}"
             )
         i32 = {"dtype": torch.int32, "device": device}
-        return LoRAKernelMeta(
-            token_lora_mapping=torch.full((max_num_tokens,), -1, **i32),
-            token_indices_sorted_by_lora_ids=torch.zeros(max_num_tokens, **i32),
-            active_lora_ids=torch.arange(-1, max_loras, **i32),
-            num_tokens_per_lora=torch.zeros(max_loras + 1, **i32),
-            lora_token_start_loc=torch.zeros(max_loras + 2, **i32),
-            no_lora_flag_cpu=torch.tensor([True]),
-        )
+        with torch.inference_mode(False):  # normal tensors: version counters, writable anywhere
+            return LoRAKernelMeta(
+                token_lora_mapping=torch.full((max_num_tokens,), -1, **i32),
+                token_indices_sorted_by_lora_ids=torch.zeros(max_num_tokens, **i32),
+                active_lora_ids=torch.arange(-1, max_loras, **i32),
+                num_tokens_per_lora=torch.zeros(max_loras + 1, **i32),
+                lora_token_start_loc=torch.zeros(max_loras + 2, **i32),
+                no_lora_flag_cpu=torch.tensor([True]),
+            )
 
     @property
     def max_loras(self) -> int:
@@ -109,10 +115,18 @@ class LoRAKernelMeta:
         self.no_lora_flag_cpu.fill_(no_lora)
         self.num_tokens = num_tokens
 
-    def meta_args(self, num_tokens: int) -> tuple[torch.Tensor, ...]:
-        """The six metadata arguments of :func:`lora_shrink` / :func:`lora_expand`, in order:
+    def meta_args(self, num_tokens: int, specialize_active_lora: bool = False) -> tuple[torch.Tensor | int, ...]:
+        """The seven metadata arguments of :func:`lora_shrink` / :func:`lora_expand` (vLLM >= 0.32's
+        order), to unpack between the output tensor and ``scaling`` / ``offset_start``:
         ``(token_lora_mapping[:T], token_indices_sorted_by_lora_ids[:T], num_tokens_per_lora,
-        lora_token_start_loc, active_lora_ids, no_lora_flag_cpu)``."""
+        lora_token_start_loc, active_lora_ids, no_lora_flag_cpu, num_active_loras)``.
+
+        ``num_active_loras`` is an ``int``, the number of groups of ``active_lora_ids`` the kernels
+        launch over: always ``max_loras + 1`` here, every slot and slot -1 having a group, so a
+        launch never depends on the batch (vLLM's value without ``specialize_active_lora``).
+        ``specialize_active_lora`` is accepted for vLLM's call ``meta_args(T, specialize)`` and
+        changes nothing. The ops also take the first six alone (vLLM < 0.32's form).
+        """
         return (
             self.token_lora_mapping[:num_tokens],
             self.token_indices_sorted_by_lora_ids[:num_tokens],
@@ -120,4 +134,5 @@ class LoRAKernelMeta:
             self.lora_token_start_loc,
             self.active_lora_ids,
             self.no_lora_flag_cpu,
+            self.max_loras + 1,
         )

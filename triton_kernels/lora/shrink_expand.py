@@ -33,6 +33,7 @@ from triton_kernels.lora._args import (
     check_meta_args,
     check_meta_values,
     check_weights,
+    meta_tensors,
     skip_no_lora,
     split_inputs,
 )
@@ -391,23 +392,24 @@ def lora_shrink(
     inputs: torch.Tensor,
     lora_a_weights: list[torch.Tensor],
     output_tensor: torch.Tensor,
-    token_lora_mapping: torch.Tensor,
-    token_indices_sorted_by_lora_ids: torch.Tensor,
-    num_tokens_per_lora: torch.Tensor,
-    lora_token_start_loc: torch.Tensor,
-    lora_ids: torch.Tensor,
-    no_lora_flag_cpu: torch.Tensor,
-    scaling: float,
+    *meta_args: torch.Tensor | int | float,
+    scaling: float | None = None,
 ) -> None:
     """``output_tensor[s, t] = scaling * inputs[t] @ A_s[slot(t)]^T`` for every slice ``s``.
+
+    Called as vLLM calls it: ``lora_shrink(inputs, lora_a_weights, output_tensor, *meta.meta_args(T),
+    scaling)``.
 
     Args:
         inputs: ``[T, H_in]`` fp16/bf16/fp32 (float64 on the torch backend only).
         lora_a_weights: list of ``S`` tensors ``[L, R, H_in]`` (or ``[L, 1, R, H_in]``), inputs' dtype.
         output_tensor: ``[S, T, R]`` float32, zeroed then written (rows of slot -1 tokens stay 0).
             float32 on every backend, so the intermediate never overflows a half dtype.
-        token_lora_mapping ... no_lora_flag_cpu: ``*meta.meta_args(T)`` of a :class:`LoRAKernelMeta`
-            prepared for these ``T`` tokens.
+        *meta_args: ``*meta.meta_args(T)`` of a :class:`LoRAKernelMeta` prepared for these ``T``
+            tokens: ``token_lora_mapping [T], token_indices_sorted_by_lora_ids [T],
+            num_tokens_per_lora [G], lora_token_start_loc [G + 1], lora_ids [G], no_lora_flag_cpu
+            [1]`` and ``num_active_loras`` (int, vLLM >= 0.32; may be left out, as vLLM < 0.32 does),
+            then ``scaling`` unless it is given by keyword.
         scaling: multiplies the result.
 
     Returns without touching anything when ``no_lora_flag_cpu`` is set (as vLLM does). Otherwise
@@ -419,10 +421,13 @@ def lora_shrink(
         >>> out = torch.empty(1, 4, 8); lora_shrink(torch.randn(4, 16), [torch.randn(2, 8, 16)], out,
         ...                                         *meta.meta_args(4), 1.0)
     """
+    if scaling is None:
+        if not meta_args:
+            raise TypeError("lora_shrink needs scaling after the metadata arguments")
+        *meta_args, scaling = meta_args
+    meta = meta_tensors(meta_args)
     x = check_float("inputs", inputs, 2)
     weights = check_weights("lora_a_weights", lora_a_weights, x.dtype, x.device)
-    meta = [token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
-            lora_ids, no_lora_flag_cpu]  # fmt: skip
     _lora_shrink_op(output_tensor, [x, *meta, *weights], float(scaling))
 
 
@@ -430,16 +435,14 @@ def lora_expand(
     inputs: torch.Tensor,
     lora_b_weights: list[torch.Tensor],
     output_tensor: torch.Tensor,
-    token_lora_mapping: torch.Tensor,
-    token_indices_sorted_by_lora_ids: torch.Tensor,
-    num_tokens_per_lora: torch.Tensor,
-    lora_token_start_loc: torch.Tensor,
-    lora_ids: torch.Tensor,
-    no_lora_flag_cpu: torch.Tensor,
+    *meta_args: torch.Tensor | int,
     offset_start: int = 0,
     add_inputs: bool = False,
 ) -> None:
     """``output_tensor[t, off_s : off_s + n_s] (+)= inputs[s, t] @ B_s[slot(t)]^T`` per slice ``s``.
+
+    Called as vLLM calls it: ``lora_expand(inputs, lora_b_weights, output_tensor,
+    *meta.meta_args(T), offset_start=..., add_inputs=...)``.
 
     Args:
         inputs: ``[S, T, R]`` fp32/fp16/bf16/fp64; the product runs in fp32 on every backend (TF32
@@ -451,13 +454,14 @@ def lora_expand(
             column ``off_s = offset_start + n_0 + ... + n_{s-1}``. Written (``add_inputs=False``)
             or accumulated (``add_inputs=True``) at the rows of LoRA tokens only, rounded once to
             its dtype (a result beyond the fp16 range becomes inf, as a cast would make it).
-        token_lora_mapping ... no_lora_flag_cpu: ``*meta.meta_args(T)``.
+        *meta_args: ``*meta.meta_args(T)``: the six tensors and ``num_active_loras``, or the six
+            tensors alone, as in :func:`lora_shrink`.
+        offset_start, add_inputs: keyword only (vLLM passes them so).
 
     Returns at once when ``no_lora_flag_cpu`` is set; metadata values checked as in
     :func:`lora_shrink` (one host read per prepared step).
     """
+    meta = meta_tensors(meta_args)
     x = check_float("inputs", inputs, 3)
     weights = check_weights("lora_b_weights", lora_b_weights, None, x.device)
-    meta = [token_lora_mapping, token_indices_sorted_by_lora_ids, num_tokens_per_lora, lora_token_start_loc,
-            lora_ids, no_lora_flag_cpu]  # fmt: skip
     _lora_expand_op(output_tensor, [x, *meta, *weights], offset_start, bool(add_inputs))

@@ -160,3 +160,17 @@ def test_bad_constructor_arguments():
         LoRASlots(2, 8, H_IN, (3,), dtype=torch.int32)
     with pytest.raises(ValueError, match="slot must be"):
         LoRASlots(2, 8, H_IN, (3,)).reset_lora(2)
+
+
+@pytest.mark.parametrize("make", [lambda: LoRASlots(3, 4, 6, (5, 2)), lambda: LoRAEmbeddingSlots(3, 4, 6, 5)])
+def test_slots_made_under_inference_mode_load_adapters_anywhere(make):
+    """Slots built inside ``torch.inference_mode()`` (peft's stacking under HF generate) hold normal
+    tensors: adapters load outside inference mode too, and the ops can tell when they changed."""
+    with torch.inference_mode():
+        slots = make()
+    assert not any(t.is_inference() for t in (*slots.lora_a_stacked, *slots.lora_b_stacked, slots.lora_ranks))
+    widths = slots.output_slices
+    lora_a = torch.randn(2, 6) if len(widths) == 1 else [torch.randn(2, 6)] * len(widths)
+    lora_b = torch.randn(widths[0], 2) if len(widths) == 1 else [torch.randn(n, 2) for n in widths]
+    slots.set_lora(1, lora_a, lora_b)
+    assert slots.lora_ranks.tolist() == [0, 2, 0]

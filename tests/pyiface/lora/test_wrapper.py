@@ -83,13 +83,13 @@ def test_changing_mappings_keep_buffers(backend):
     slots, adapters = _filled_slots({0: 3, 1: 8, 2: 2})
     wrapper = LoRABatchWrapper(MAX_LORAS, 12, DEV, max_num_samples=4)
     metas = (wrapper.token_meta, wrapper.sampler_meta)
-    ptrs = [t.data_ptr() for m in metas for t in m.meta_args(m.max_num_tokens)]
+    ptrs = [t.data_ptr() for m in metas for t in m.meta_args(m.max_num_tokens)[:6]]
     with use_backend(backend):
         for mapping in ([0, 1, 2, -1], [2, 2, 2, 2, 2, 2, 1, 0, -1, 0, 1, 2], [-1, -1], [1, 0, 1]):
             x, base, y = _linear_step(wrapper, slots, mapping, sampled=mapping[-4:])
             assert_close(y, (base.double() + oracle_delta(x.cpu(), mapping, adapters, SLICES).to(DEV)).float())
             assert (wrapper.num_tokens, wrapper.num_samples) == (len(mapping), len(mapping[-4:]))
-    assert [t.data_ptr() for m in metas for t in m.meta_args(m.max_num_tokens)] == ptrs
+    assert [t.data_ptr() for m in metas for t in m.meta_args(m.max_num_tokens)[:6]] == ptrs
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -326,7 +326,7 @@ def test_kernel_stays_inside_its_tensors_when_value_checks_are_skipped(monkeypat
 
 def test_opcheck():
     _, x, a, b, ranks, meta = _small()
-    args = list(meta.meta_args(6))
+    args = list(meta.meta_args(6)[:6])  # the raw op takes the six tensors
     for t in [x, *a, *b]:
         t.requires_grad_(True)
     with use_backend("torch"):
@@ -346,7 +346,7 @@ def test_raw_op_input_list_of_wrong_length_raises():
     y = torch.randn(6, 10, device=KERNEL_DEVICE)
     keep = y.clone()
     with pytest.raises(TypeError, match=r"ifk::add_lora_linear takes inputs \[x, lora_ranks, \*meta_args"):
-        torch.ops.ifk.add_lora_linear(y, [x, ranks, *meta.meta_args(6), *a, b[0]], 0.5)
+        torch.ops.ifk.add_lora_linear(y, [x, ranks, *meta.meta_args(6)[:6], *a, b[0]], 0.5)
     assert_equal(y, keep)
 
 
@@ -435,7 +435,7 @@ def test_opcheck_compile_and_grads_triton_on_gpu():
     mapping, x, a, b, ranks, meta = _llama(
         64, 512, (256, 128), (8, 16, 4, 16), "interleaved", slots=4, rank=16
     )
-    args = list(meta.meta_args(64))
+    args = list(meta.meta_args(64)[:6])
     y = torch.randn(64, 384, device="cuda").bfloat16()
     a3, b3 = [w.squeeze(1) for w in a], [w.squeeze(1) for w in b]  # the raw op takes 3-D weights
     torch.library.opcheck(torch.ops.ifk.add_lora_linear.default, (y, [x, ranks, *args, *a3, *b3], 0.5))

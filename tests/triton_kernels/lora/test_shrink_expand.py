@@ -175,6 +175,88 @@ def test_expand_bad_inputs_raise_before_writing():
         assert_equal(out, keep)
 
 
+
+# --- vLLM's two forms of the metadata arguments --------------------------------------------------
+def _call(form: str, x, a, b, shrunk, out, meta) -> None:
+    """lora_shrink then lora_expand as vLLM >= 0.32 calls them (seven metadata arguments, the last
+    ``num_active_loras``), as vLLM < 0.32 does (six tensors), or with ``scaling`` by keyword."""
+    seven = meta.meta_args(x.shape[0], True)  # vLLM's call: meta_args(T, specialize_active_lora)
+    if form == "seven":
+        lora_shrink(x, a, shrunk, *seven, 0.5)
+        lora_expand(shrunk, b, out, *seven, offset_start=1, add_inputs=True)
+    elif form == "six":
+        lora_shrink(x, a, shrunk, *seven[:6], 0.5)
+        lora_expand(shrunk, b, out, *seven[:6], offset_start=1, add_inputs=True)
+    else:
+        lora_shrink(x, a, shrunk, *seven, scaling=0.5)
+        lora_shrink(x, a, shrunk, *seven[:6], scaling=0.5)
+        lora_expand(shrunk, b, out, *seven, offset_start=1, add_inputs=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["seven", "six", "scaling-keyword"])
+def test_both_vllm_forms_of_the_metadata_arguments(form, backend):
+    mapping, x, a, meta = _shrink_case(7, 40, 8, (16, 9), 3, "interleaved", torch.float32)
+    _, b = lora_weights(3, 8, 40, (16, 9), torch.float32)
+    shrunk = poisoned((2, 7, 8), torch.float32)
+    out = torch.randn(7, 27, device=KERNEL_DEVICE)
+    expected, _ = oracle_expand(oracle_shrink(x, a, mapping, 0.5), b, mapping, out, 1, True)
+    with use_backend(backend):
+        _call(form, x, a, b, shrunk, out, meta)
+    assert_close(shrunk.cpu(), oracle_shrink(x, a, mapping, 0.5).cpu())
+    assert_close(out.cpu(), expected.float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_num_active_loras_and_argument_counts_raise_before_writing(backend):
+    _, x, a, meta = _shrink_case(5, 16, 8, (6, 4), 3, "interleaved", torch.float32)
+    inputs, b, out, _ = _expand_args()
+    shrunk = torch.randn(2, 5, 8, device=KERNEL_DEVICE)
+    keep = (shrunk.clone(), out.clone())
+    six = meta.meta_args(5)[:6]
+    bad = [
+        (TypeError, "num_active_loras must be an int, got float 2.0", (*six, 2.0)),
+        (TypeError, "num_active_loras must be an int, got bool", (*six, True)),
+        (TypeError, "num_active_loras must be an int, got Tensor", (*six, torch.tensor(4))),
+        (ValueError, r"num_active_loras must lie in \[0, 4\] \(the groups of lora_ids\), got 5", (*six, 5)),
+        (ValueError, r"num_active_loras must lie in \[0, 4\]", (*six, -1)),
+        (TypeError, "expected the 7 arguments of LoRAKernelMeta.meta_args", (*six, 4, 4)),
+        (TypeError, "expected the 7 arguments of LoRAKernelMeta.meta_args", six[:5]),
+    ]
+    with use_backend(backend):
+        for exc, match, args in bad:
+            with pytest.raises(exc, match=match):
+                lora_shrink(x, a, shrunk, *args, scaling=0.5)
+            with pytest.raises(exc, match=match):
+                lora_expand(inputs, b, out, *args)
+        with pytest.raises(TypeError, match="lora_shrink needs scaling"):
+            lora_shrink(x, a, shrunk)
+    assert_equal(shrunk, keep[0])
+    assert_equal(out, keep[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode_reads_the_metadata_once_per_step(backend, monkeypatch):
+    """Under ``torch.inference_mode()`` (vLLM, HF generate) the ops run (reading the inference
+    tensors' version counters crashed before) and, the metadata buffers being normal tensors, read
+    their values once per prepared step, not once per call."""
+    reads = []
+    check_offsets = triton_kernels.lora._args.check_offsets
+    monkeypatch.setattr(triton_kernels.lora._args, "check_offsets", lambda *a: reads.append(1) or check_offsets(*a))
+    with torch.inference_mode(), use_backend(backend):
+        mapping, x, a, meta = _shrink_case(6, 24, 8, (16, 8), 3, "interleaved", torch.float32)
+        _, b = lora_weights(3, 8, 24, (16, 8), torch.float32)
+        shrunk, out = torch.zeros(2, 6, 8, device=KERNEL_DEVICE), torch.zeros(6, 24, device=KERNEL_DEVICE)
+        for _ in range(2):
+            lora_shrink(x, a, shrunk, *meta.meta_args(6), 1.0)
+            lora_expand(shrunk, b, out, *meta.meta_args(6))
+        assert len(reads) == 1
+        flipped = mapping.flip(0)
+        meta.prepare_tensors(flipped.to(KERNEL_DEVICE))  # a new step: read again
+        lora_shrink(x, a, shrunk, *meta.meta_args(6), 1.0)
+        assert len(reads) == 2
+    assert_close(shrunk.cpu(), oracle_shrink(x, a, flipped, 1.0).cpu())
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expand_fp32_inputs_beyond_fp16_range(backend):
     """fp32 shrink results past 65504 times small fp16 B give a finite fp16 output on every
@@ -294,7 +376,7 @@ def test_opcheck():
     _, x, a, meta = _shrink_case(5, 16, 8, (6, 4), 3, "interleaved", torch.float32)
     inputs, b, out, _ = _expand_args()
     with use_backend("torch"):
-        args = list(meta.meta_args(5))
+        args = list(meta.meta_args(5)[:6])  # the raw ops take the six tensors
         torch.library.opcheck(torch.ops.ifk.lora_shrink.default, (torch.empty(2, 5, 8), [x, *args, *a], 0.5))
         torch.library.opcheck(torch.ops.ifk.lora_expand.default, (out, [inputs, *args, *b], 1, True))
 
@@ -343,7 +425,7 @@ def test_shrink_expand_bf16_llama_qkv(num_tokens, hidden):
 def test_opcheck_and_compile_triton_on_gpu():
     _, x, a, meta = _shrink_case(64, 512, 16, (256, 128), 4, "interleaved", torch.bfloat16)
     _, b = lora_weights(4, 16, 512, (256, 128), torch.bfloat16)
-    args = meta.meta_args(64)
+    args = meta.meta_args(64)[:6]  # the raw ops take the six tensors
     buf = torch.empty(2, 64, 16, device="cuda")
     torch.library.opcheck(torch.ops.ifk.lora_shrink.default, (buf, [x, *args, *a], 0.5))
     out = torch.randn(64, 384, device="cuda").bfloat16()
