@@ -79,6 +79,40 @@ def test_mixed_adapter_batch_matches_peft_loop(backend):
     assert not seen
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_adapter_batch_under_inference_mode(backend):
+    """HF ``generate`` runs under ``torch.inference_mode()`` (the slots and metadata are then built
+    there; reading their version counters crashed before): same logits, and a weight changed
+    afterwards, outside inference mode, is still picked up."""
+    model, x = peft_model(), ids()
+    expected = logits(model, x)
+    apply_kernels(model)
+    with use_backend(backend), ops_seen() as seen, torch.inference_mode():
+        got = model(x, adapter_names=ROWS).logits
+    assert "ifk::add_lora_linear" in seen
+    assert_close(got, expected, tol=1e-5)
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["small"].weight.mul_(3.0)
+    with use_backend(backend), torch.inference_mode():
+        got = model(x, adapter_names=ROWS).logits
+    revert_kernels(model)
+    assert_close(got, logits(model, x), tol=1e-5)
+
+def test_model_loaded_under_inference_mode():
+    """Adapter weights that are inference tensors keep no version counter (reading it crashed):
+    they are restacked every call, so a change made in place inside inference mode is seen."""
+    x = ids()
+    with torch.inference_mode():
+        model = peft_model()
+        expected = model(x, adapter_names=ROWS).logits
+        apply_kernels(model)
+        assert_close(model(x, adapter_names=ROWS).logits, expected, tol=1e-5)
+        model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["small"].weight.mul_(3.0)
+        got = model(x, adapter_names=ROWS).logits
+        revert_kernels(model)
+        assert_close(got, model(x, adapter_names=ROWS).logits, tol=1e-5)
+        assert (got - expected).abs().max() > 1e-3  # the change matters
+
 def test_rows_equal_their_adapter_merged():
     """Each row of the mixed batch equals the base model with that row's adapter merged in."""
     model, x = peft_model(), ids()
