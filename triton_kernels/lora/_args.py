@@ -90,14 +90,15 @@ def check_weights(
 def check_meta_args(
     meta_args: Sequence[object], num_tokens: int, num_slots: int, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """The six tensors of ``LoRAKernelMeta.meta_args(num_tokens)``, checked against the batch.
+    """The six tensors of ``LoRAKernelMeta.meta_args(num_tokens)`` (without ``num_active_loras``:
+    see :func:`meta_tensors`), checked against the batch.
 
     A metadata table with more groups than the weights have slots (+1 for slot -1) is refused,
     so no slot id the metadata can carry indexes past the weights.
     """
     if len(meta_args) != NUM_META:
         raise TypeError(
-            f"expected the {NUM_META} tensors of LoRAKernelMeta.meta_args(), got {len(meta_args)} arguments"
+            f"expected the {NUM_META} metadata tensors of LoRAKernelMeta.meta_args(), got {len(meta_args)} arguments"
         )
     mapping, order, counts, starts, ids, flag = meta_args
     for name, t in (("token_lora_mapping", mapping), ("token_indices_sorted_by_lora_ids", order)):

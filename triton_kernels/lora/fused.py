@@ -333,7 +333,7 @@ def _add_lora_linear_fake(y, inputs, scale) -> None:
 def _add_lora_linear_op(y: torch.Tensor, inputs: list[torch.Tensor | None], scale: float) -> None:
     """Destination-passing core of :func:`add_lora_linear` and of :func:`lora_linear`'s forward:
     ``y`` ``[T, sum n_s]`` updated at the rows of LoRA tokens; ``inputs`` = ``[x [T, H_in],
-    lora_ranks [L] or None, *meta_args (the six of LoRAKernelMeta.meta_args), *lora_a (S x [L, R,
+    lora_ranks [L] or None, *meta_args (the six tensors of LoRAKernelMeta.meta_args), *lora_a (S x [L, R,
     H_in]), *lora_b (S x [L, n_s, R])]``. Checks every shape (here too, so they hold when the
     wrapper's checks were traced away), then the metadata values, then runs."""
     (x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("add_lora_linear", inputs, *FUSED_INPUTS)

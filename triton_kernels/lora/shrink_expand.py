@@ -346,7 +346,7 @@ def _lora_shrink_fake(output_tensor, inputs, scaling) -> None:
 @destination_op("lora_shrink", mutates_args=("output_tensor",), fake=_lora_shrink_fake)
 def _lora_shrink_op(output_tensor: torch.Tensor, inputs: list[torch.Tensor | None], scaling: float) -> None:
     """Destination-passing core of :func:`lora_shrink`: ``output_tensor`` ``[S, T, R]`` written;
-    ``inputs`` = ``[inputs [T, H_in], *meta_args (the six of LoRAKernelMeta.meta_args), *lora_a_weights
+    ``inputs`` = ``[inputs [T, H_in], *meta_args (the six tensors of LoRAKernelMeta.meta_args), *lora_a_weights
     (S x [L, R, H_in])]``. Checks every shape (here too, so they hold when the wrapper's checks were
     traced away), then the metadata values, then runs."""
     (x,), meta_args, (lora_a_weights,) = split_inputs("lora_shrink", inputs, *SHRINK_INPUTS)
