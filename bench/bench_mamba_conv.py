@@ -115,7 +115,8 @@ def _conv_update_rows(ctx: Context, batch: int, dim: int, dtype: torch.dtype) ->
     case = f"conv-update-B{batch}-D{dim}-W4-{_name(dtype)}"
     rows = ctx.ours_rows(
         FAMILY, case, CAUSAL_CONV1D_UPDATE, [dtype],
-        lambda s: causal_conv1d_update(s["x"], s["state"], s["weight"], s["bias"], "silu", s["slots"]), sets, nbytes,
+        lambda s: causal_conv1d_update(s["x"], s["state"], s["weight"], s["bias"], "silu",
+                                       conv_state_indices=s["slots"]), sets, nbytes,
         graphs=True)
     rows.append(ctx.row(FAMILY, case, "HF causal_conv1d_update",
                         lambda s: hf_update(s["x"][..., None], s["hf_state"], s["weight"], s["bias"], "silu"), sets,

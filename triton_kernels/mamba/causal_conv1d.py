@@ -34,7 +34,13 @@ from triton_kernels._checks import (
 from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu
 from triton_kernels.constants import PAD_SLOT_ID
-from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, check_query_start_loc
+from triton_kernels.mamba._args import (
+    check_default_slots,
+    check_index,
+    check_pad_slot_id,
+    check_query_start_loc,
+    pad_slot_of,
+)
 from triton_kernels.mamba.causal_conv1d_bwd import causal_conv1d_bwd
 from triton_kernels.mamba.reference import (
     causal_conv1d_fn_ref,
@@ -48,6 +54,19 @@ from triton_kernels.registry import CAUSAL_CONV1D, CAUSAL_CONV1D_UPDATE, CAUSAL_
 # element (sm_90 build): 2048-element tiles took 220+ registers, 4096 spilled.
 _TILE = 1024
 _MAX_BLOCK_L = 64
+# Widths 2..8 for the conv ops: causal-conv1d's update kernel takes up to 8 (fp16/bf16) and vLLM's conv
+# is unbounded; the kernels unroll the W taps, and 8 <= _MAX_BLOCK_L keeps the state read in a
+# sequence's first block. The fused mixers (mamba/inner.py, mamba2/split_conv1d_scan.py) keep 2..4.
+_MIN_WIDTH, _MAX_WIDTH, _FUSED_MAX_WIDTH = 2, 8, 4
+
+
+@triton.jit
+def _state_col(p, head, state_len, CIRCULAR: tl.constexpr):
+    """The state column holding sequence position ``p`` (``-S <= p``; ``p < 0`` the old state):
+    ``head + p`` (``head = S``), or with ``CIRCULAR`` ``(head + p) mod S`` (``head >= S``)."""
+    if CIRCULAR:
+        return (head + p) % state_len
+    return head + p
 
 
 @triton.jit(do_not_specialize=["batch", "seqlen", "n_l_blocks"])  # vary per call
@@ -60,7 +79,9 @@ def _causal_conv1d_kernel(
     final_ptr,  # [slots, D, S], written when WRITE_STATE (may be init_ptr)
     slot_ptr,  # [batch] int, when HAS_SLOTS (else sequence b uses slot b)
     has_init_ptr,  # [batch] bool, when INIT_MODE == 2
-    seq_idx_ptr,  # [B, L] int, HAS_SEQ_IDX (uniform only): taps from another sequence read zeros
+    seq_idx_ptr,  # [B, L] int, HAS_SEQ_IDX (uniform only): taps from another sequence read zeros,
+    #               positions with seq_idx < 0 are padding (zero output)
+    cache_seqlens_ptr,  # [batch] int, CIRCULAR: tokens already written to each row's circular state
     seq_start_ptr,  # [batch + 1] int, IS_VARLEN
     block_seq_ptr,  # [n_blocks] int64, IS_VARLEN: the sequence of each L-block (batch: none)
     block_off_ptr,  # [n_blocks] int64, IS_VARLEN: the index of the L-block within its sequence
@@ -89,6 +110,7 @@ def _causal_conv1d_kernel(
     INIT_MODE: tl.constexpr,  # 0: zeros, 1: every sequence has a state, 2: per-sequence flags
     WRITE_STATE: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr,
+    CIRCULAR: tl.constexpr,  # the state is a circular buffer (causal-conv1d's cache_seqlens)
     BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -126,6 +148,11 @@ def _causal_conv1d_kernel(
     else:
         n_init = state_len if INIT_MODE == 1 else 0
     p_init = init_ptr + slot * stride_init_s + d0 * stride_init_d + o_d[:, None] * stride_init_d
+    # the state column of sequence position p < 0: ``S + p`` (the newest input last), or in a circular
+    # buffer ``(head + p) mod S`` with head = cache_seqlens mod S (floor mod: a negative count wraps too)
+    head = state_len
+    if CIRCULAR:
+        head = (tl.load(cache_seqlens_ptr + seq).to(tl.int64) % state_len + state_len) % state_len + state_len
     if active:
         if (slot == pad_slot_id) | (slot < 0) | (slot >= num_slots):  # out-of-range only under capture
             tl.store(p_out, tl.zeros((BLOCK_D, BLOCK_L), dtype=out_ptr.dtype.element_ty), mask=m_out)
@@ -152,11 +179,13 @@ def _causal_conv1d_kernel(
                     pos = o_l + (k - (WIDTH - 1))
                     b_w = tl.load(p_w + k * stride_w_k, mask=m_d).to(tl.float32)
                     m_s = m_d[:, None] & ((pos < 0) & (pos >= -n_init))[None, :]
-                    b_s = tl.load(p_init + (state_len + pos)[None, :] * stride_init_k, mask=m_s,
-                                  other=0.0).to(tl.float32)
+                    b_s = tl.load(p_init + _state_col(pos, head, state_len, CIRCULAR)[None, :] * stride_init_k,
+                                  mask=m_s, other=0.0).to(tl.float32)
                     acc += b_w[:, None] * b_s
             if SILU:
                 acc = silu(acc)
+            if HAS_SEQ_IDX:  # causal-conv1d: a padding position (seq_idx < 0) outputs 0
+                acc = tl.where((b_seq >= 0)[None, :], acc, 0.0)
             tl.store(p_out, acc.to(out_ptr.dtype.element_ty), mask=m_out)
             if WRITE_STATE and i_l == 0:
                 o_s = tl.arange(0, BLOCK_S).to(tl.int64)
@@ -166,11 +195,13 @@ def _causal_conv1d_kernel(
                                 mask=m_col & (col_pos >= 0)[None, :], other=0.0).to(tl.float32)
                 if INIT_MODE != 0:
                     m_old = m_col & ((col_pos < 0) & (col_pos >= -n_init))[None, :]
-                    b_new += tl.load(p_init + (state_len + col_pos)[None, :] * stride_init_k, mask=m_old,
-                                     other=0.0).to(tl.float32)
+                    b_new += tl.load(p_init + _state_col(col_pos, head, state_len, CIRCULAR)[None, :] * stride_init_k,
+                                     mask=m_old, other=0.0).to(tl.float32)
                 tl.debug_barrier()  # every old-state read of this tile precedes the overwrite
+                # the newest input goes last, or (circular) each input to its own column: a permutation
+                o_col = _state_col(col_pos, head, state_len, CIRCULAR) if CIRCULAR else o_s
                 p_final = final_ptr + slot * stride_final_s + d0 * stride_final_d
-                p_final += o_d[:, None] * stride_final_d + o_s[None, :] * stride_final_k
+                p_final += o_d[:, None] * stride_final_d + o_col[None, :] * stride_final_k
                 tl.store(p_final, b_new.to(final_ptr.dtype.element_ty),
                          mask=m_col)
 
@@ -202,17 +233,19 @@ def _launch_triton(
     slots: torch.Tensor | None = None,  # [batch]
     has_init: torch.Tensor | None = None,  # [batch] bool
     seq_idx: torch.Tensor | None = None,  # [B, L] int, uniform only
+    cache_seqlens: torch.Tensor | None = None,  # [batch] int, uniform only: the state is a circular buffer
     query_start_loc: torch.Tensor | None = None,  # [batch + 1], varlen
     pad_slot_id: int = PAD_SLOT_ID,
 ) -> None:
     varlen = query_start_loc is not None
     dim, width = weight.shape
     # BLOCK_L >= W - 1 whenever a sequence spans several blocks, so only block 0 reads the state
+    # (uniform: one block up to _MAX_BLOCK_L >= _MAX_WIDTH positions)
     if varlen:
         batch, length, num_tokens = query_start_loc.shape[0] - 1, 0, x.shape[1]
         x_strides, out_strides = (0, *x.stride()), (0, *out.stride())
         avg = num_tokens // max(batch, 1)
-        block_l = min(_MAX_BLOCK_L, max(4, triton.next_power_of_2(avg)))
+        block_l = min(_MAX_BLOCK_L, max(4, triton.next_power_of_2(width - 1), triton.next_power_of_2(avg)))
     else:
         batch, length = x.shape[0], x.shape[2]
         x_strides, out_strides = x.stride(), out.stride()
@@ -239,14 +272,14 @@ def _launch_triton(
             x if init is None else init, x if final is None else final,
             x if slots is None else slots,
             x if has_init is None else has_init.view(torch.uint8),
-            x if seq_idx is None else seq_idx,
+            x if seq_idx is None else seq_idx, x if cache_seqlens is None else cache_seqlens,
             x if query_start_loc is None else query_start_loc, block_seq, block_off, out,
             batch, length, n_l_blocks, dim, state.shape[0] if state is not None else batch, state_len,
             pad_slot_id,
             *x_strides, *weight.stride(), *strides(init, 3), *strides(final, 3), *out_strides, *strides(seq_idx, 2),
             WIDTH=width, SILU=silu, HAS_BIAS=bias is not None, IS_VARLEN=varlen, HAS_SLOTS=slots is not None,
             INIT_MODE=init_mode, WRITE_STATE=final is not None, HAS_SEQ_IDX=seq_idx is not None,
-            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_S=block_s, num_warps=4,
+            CIRCULAR=cache_seqlens is not None, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_S=block_s, num_warps=4,
         )
 
 
@@ -280,6 +313,7 @@ def _causal_conv1d_varlen(
     ``[x, weight, bias, query_start_loc, cache_indices, has_initial_state]``."""
     x, weight, bias, query_start_loc, slots, has_initial_state = inputs
     batch = query_start_loc.shape[0] - 1
+    pad_slot_id = pad_slot_of(slots, pad_slot_id)  # without cache_indices every sequence is real
     if slots is None:  # here too, not only in the wrapper: a traced call skips the wrapper's eager checks
         check_default_slots("conv_states", conv_states.shape[0], batch, "cache_indices", exact=False)
     _data_checks.check_offsets_and_slots("query_start_loc", query_start_loc, x.shape[1], "cache_indices", slots,
@@ -305,15 +339,16 @@ def _causal_conv1d_update(
     pad_slot_id: int,
 ) -> None:
     """Destination-passing core of :func:`causal_conv1d_update` (metadata validated): ``inputs`` is
-    ``[x, weight, bias, conv_state_indices]``, ``x``/``out`` as ``[B, D, L]``."""
-    x, weight, bias, slots = inputs
+    ``[x, weight, bias, conv_state_indices, cache_seqlens]``, ``x``/``out`` as ``[B, D, L]``."""
+    x, weight, bias, slots, cache_seqlens = inputs
+    pad_slot_id = pad_slot_of(slots, pad_slot_id)  # without conv_state_indices every row is real
     _data_checks.check_slots("conv_state_indices", slots, conv_state.shape[0], pad_slot_id, unique=True)
     if CAUSAL_CONV1D_UPDATE.resolve(x.device) == "torch":
         slots = torch.arange(x.shape[0], device=x.device) if slots is None else slots
-        causal_conv1d_update_ref(x, conv_state, weight, bias, silu, slots, pad_slot_id, out)
+        causal_conv1d_update_ref(x, conv_state, weight, bias, silu, slots, pad_slot_id, out, cache_seqlens)
     else:
         _launch_triton(x, weight, bias, out, silu, init=conv_state, final=conv_state, slots=slots,
-                       pad_slot_id=pad_slot_id)
+                       cache_seqlens=cache_seqlens, pad_slot_id=pad_slot_id)
 
 
 class _CausalConv1dFn(torch.autograd.Function):
@@ -356,12 +391,12 @@ def _silu_flag(activation: object) -> bool:
     raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
 
 
-def _check_weight(weight: object, bias: object, device: torch.device) -> int:
-    """Validate ``weight [D, W]`` (W in 2..4) and ``bias [D]``; return D."""
+def _check_weight(weight: object, bias: object, device: torch.device, max_width: int = _FUSED_MAX_WIDTH) -> int:
+    """Validate ``weight [D, W]`` (W in 2..max_width) and ``bias [D]``; return D."""
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-    if not 2 <= weight.shape[1] <= 4:
-        raise ValueError(
-            f"weight width W must be 2, 3 or 4, got {weight.shape[1]} (shape {list(weight.shape)})")
+    if not _MIN_WIDTH <= weight.shape[1] <= max_width:
+        raise ValueError(f"weight width W must be in {_MIN_WIDTH}..{max_width}, got {weight.shape[1]} "
+                         f"(shape {list(weight.shape)})")
     if check_optional("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
         check_shape("bias", bias, [weight.shape[0]])
     return weight.shape[0]
@@ -389,12 +424,13 @@ def causal_conv1d_fn(
 
     Args:
         x: ``[B, D, L]`` fp32/fp16/bf16, any strides.
-        weight: ``[D, W]``, W in 2..4; bias: optional ``[D]``.
+        weight: ``[D, W]``, W in 2..8; bias: optional ``[D]``.
         activation: ``None`` or ``"silu"``/``"swish"``.
         seq_idx: optional ``[B, L]`` int32/int64, several sequences packed in one row: a tap at a
             position whose ``seq_idx`` differs from the output position's reads zero, so the conv
             never mixes tokens across a change of ``seq_idx`` (not with initial or final states,
-            as in causal-conv1d).
+            as in causal-conv1d). As in causal-conv1d, a position with ``seq_idx < 0`` is padding:
+            its output is 0 (no bias), it feeds no other position, and it gets no gradient.
         initial_states: optional ``[B, D, W-1]``, the inputs before position 0 (default zeros).
         return_final_states: also return the last ``W-1`` inputs, ``[B, D, W-1]`` in x's dtype.
         final_states_out: optional ``[B, D, W-1]`` destination of the final states in x's dtype
@@ -411,7 +447,7 @@ def causal_conv1d_fn(
         (torch.Size([2, 8, 5]), torch.Size([2, 8, 3]))
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
-    dim = _check_weight(weight, bias, x.device)
+    dim = _check_weight(weight, bias, x.device, _MAX_WIDTH)
     if x.shape[1] != dim:
         raise ValueError(f"x has {x.shape[1]} channels but weight has {dim} (x shape {list(x.shape)})")
     state_shape = [x.shape[0], dim, weight.shape[1] - 1]
@@ -456,16 +492,19 @@ def causal_conv1d_varlen(
 
     Args:
         x: ``[D, T]``, the tokens of all sequences side by side.
-        weight: ``[D, W]``, W in 2..4; bias: optional ``[D]``.
+        weight: ``[D, W]``, W in 2..8; bias: optional ``[D]``.
         conv_states: ``[slots, D, S]`` with ``S >= W-1``, updated in place: a sequence starts from
             its slot's state where ``has_initial_state`` (else from zeros) and leaves the last S
             inputs of ``[state, x_seq]`` there.
         query_start_loc: ``[batch + 1]`` int32/int64, sequence i is ``x[:, qsl[i]:qsl[i+1]]``.
-        cache_indices: ``[batch]`` slot of each sequence (default: sequence i uses slot i); a
-            sequence at ``pad_slot_id`` reads and writes no state and gets zero outputs. A slot
-            other than the pad slot may appear once (ValueError otherwise; under CUDA-graph capture
-            the check is skipped and two sequences writing one slot race).
+        cache_indices: ``[batch]`` slot of each sequence (default: sequence i uses slot i); with
+            it, a sequence at ``pad_slot_id`` reads and writes no state and gets zero outputs
+            (without it every sequence is real, whatever ``pad_slot_id``). A slot other than the
+            pad slot may appear once (ValueError otherwise; under CUDA-graph capture the check is
+            skipped and two sequences writing one slot race).
         has_initial_state: ``[batch]`` bool (default: all False).
+        ``cache_indices`` and ``has_initial_state`` may be longer than ``batch`` (vLLM pads them for
+        CUDA graphs): the entries past ``batch`` are never read.
 
     Returns a new ``[D, T]`` tensor in x's dtype (vLLM writes into x; a new tensor keeps x
     reusable and the op functional). Checks ``query_start_loc`` and ``cache_indices`` with one host
@@ -479,7 +518,7 @@ def causal_conv1d_varlen(
         (torch.Size([8, 7]), True)
     """
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    dim = _check_weight(weight, bias, x.device)
+    dim = _check_weight(weight, bias, x.device, _MAX_WIDTH)
     if x.shape[0] != dim:
         raise ValueError(f"x has {x.shape[0]} channels but weight has {dim} (x shape {list(x.shape)})")
     _check_state_cache("conv_states", conv_states, dim, weight.shape[1], x.device)
@@ -502,20 +541,32 @@ def causal_conv1d_update(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    cache_seqlens: torch.Tensor | None = None,
     conv_state_indices: torch.Tensor | None = None,
+    *,
     pad_slot_id: int = PAD_SLOT_ID,
 ) -> torch.Tensor:
-    """Decode step of the causal conv1d (causal-conv1d / vLLM ``causal_conv1d_update``).
+    """Decode step of the causal conv1d (causal-conv1d's ``causal_conv1d_update``: its argument order;
+    vLLM's ``conv_state_indices`` / ``pad_slot_id`` as keywords).
 
     Args:
         x: ``[B, D]`` or ``[B, D, L]`` new tokens.
         conv_state: ``[slots, D, S]`` with ``S >= W-1``, the last S inputs of each slot, updated in
             place to the last S inputs of ``[state, x]``; the conv reads its last W-1 columns.
-        weight: ``[D, W]``, W in 2..4; bias: optional ``[D]``.
+        weight: ``[D, W]``, W in 2..8; bias: optional ``[D]``.
+        cache_seqlens: optional ``[B]`` int32/int64: the state is a circular buffer and row b has
+            written ``cache_seqlens[b]`` tokens so far; the conv reads the W-1 columns before
+            ``cache_seqlens[b] mod S`` (cyclically) and ``x[b, :, t]`` is written to column
+            ``(cache_seqlens[b] + t) mod S`` (when L > S the last S tokens remain). Floor mod: a
+            negative count wraps like a positive one. The caller advances ``cache_seqlens``.
         conv_state_indices: ``[B]`` slot of each row (default: row b uses slot b, and then
-            ``slots == B``); a row at ``pad_slot_id`` reads and writes no state, its output is zero.
-            A slot other than the pad slot may appear once (ValueError otherwise; under CUDA-graph
-            capture the check is skipped and repeated rows race: the result is undefined).
+            ``slots == B``); with it, a row at ``pad_slot_id`` reads and writes no state, its output
+            is zero (without it every row is real, whatever ``pad_slot_id``). A slot other than the
+            pad slot may appear once (ValueError otherwise; under CUDA-graph capture the check is
+            skipped and repeated rows race: the result is undefined). ``conv_state_indices`` and
+            ``cache_seqlens`` may be longer than ``B`` (vLLM pads them for CUDA graphs): the entries
+            past ``B`` are never read.
+        pad_slot_id: keyword only, the slot value of a padded row (vLLM's ``PAD_SLOT_ID``).
 
     Returns a new tensor like ``x`` (its dtype). Validating ``conv_state_indices`` syncs with the
     device once (range and repeats; skipped under CUDA-graph capture, where out-of-range rows are
@@ -527,15 +578,16 @@ def causal_conv1d_update(
         torch.Size([2, 8])
     """
     check_tensor("x", x, ndim=(2, 3), dtypes=FLOAT_DTYPES)
-    dim = _check_weight(weight, bias, x.device)
+    dim = _check_weight(weight, bias, x.device, _MAX_WIDTH)
     if x.shape[1] != dim:
         raise ValueError(f"x has {x.shape[1]} channels but weight has {dim} (x shape {list(x.shape)})")
     _check_state_cache("conv_state", conv_state, dim, weight.shape[1], x.device)
     slots = check_index("conv_state_indices", conv_state_indices, x.shape[0], x.device)
     if slots is None:
         check_default_slots("conv_state", conv_state.shape[0], x.shape[0], "conv_state_indices", exact=True)
+    cache_seqlens = check_index("cache_seqlens", cache_seqlens, x.shape[0], x.device)
     out = _alloc.empty_like(x)
     x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(-1), out.unsqueeze(-1))
-    _causal_conv1d_update(out3, conv_state, [x3, weight, bias, slots], _silu_flag(activation),
+    _causal_conv1d_update(out3, conv_state, [x3, weight, bias, slots, cache_seqlens], _silu_flag(activation),
                           check_pad_slot_id(pad_slot_id))
     return out

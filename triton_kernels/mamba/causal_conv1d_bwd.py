@@ -8,7 +8,8 @@ gradient reaching ``pre`` (``d_out``, times ``silu'(pre)`` with ``pre`` recomput
 - ``d_initial_states[j] = sum_s w[W-1-s] g[j - (W-1) + s]`` (+ ``d_final`` where L < W-1),
 - ``d_weight[k] = sum_{b,t} g[t] xs[t + k]``, ``d_bias = sum_{b,t} g[t]``;
 
-with ``seq_idx``, a tap joins two positions only where both have the same ``seq_idx``. A program
+with ``seq_idx``, a tap joins two positions only where both have the same ``seq_idx``, and ``g`` is 0
+at padding positions (``seq_idx < 0``, whose output is a constant 0, as in causal-conv1d). A program
 owns a ``[BLOCK_D, BLOCK_L]`` tile of ``d_x`` and recomputes ``g`` at the W shifts it needs (loads
 that hit the cache) instead of writing ``g`` out and reading it back. ``d_weight`` and ``d_bias``
 are reductions over batch and length: each program walks up to ``_TILES_PER_PROGRAM`` tiles of one
@@ -80,12 +81,16 @@ def _grad_pre(p_xt, p_it, p_st, p_dot, p_w, b_bias, pos, m_d, seqlen, n_init,
               HAS_SEQ_IDX: tl.constexpr):
     """``g``, the gradient reaching the pre-activation at output positions ``t = pos + SHIFT``, as a
     ``[BLOCK_D, n]`` fp32 tile: ``d_out``, times ``silu'(pre)`` with ``pre`` recomputed; 0 outside
-    ``[0, seqlen)``. Pointers at ``pos`` as in :func:`_tap`, ``p_dot`` into d_out."""
+    ``[0, seqlen)`` and at padding positions (``seq_idx < 0``: a constant 0 output). Pointers at
+    ``pos`` as in :func:`_tap`, ``p_dot`` into d_out."""
     t = pos + SHIFT
     m_t = (t >= 0) & (t < seqlen)
+    b_seq = 0
+    if HAS_SEQ_IDX:
+        b_seq = tl.load(p_st + _off(SHIFT, stride_seq_l), mask=m_t, other=-1)
+        m_t &= b_seq >= 0
     b_g = tl.load(p_dot + _off(SHIFT, stride_do_l), mask=m_d[:, None] & m_t[None, :], other=0.0).to(tl.float32)
     if SILU:
-        b_seq = tl.load(p_st + _off(SHIFT, stride_seq_l), mask=m_t, other=-1) if HAS_SEQ_IDX else 0
         b_pre = tl.zeros_like(b_g) + b_bias[:, None]
         for k in tl.static_range(WIDTH):
             b_w = tl.load(p_w + k * stride_w_k, mask=m_d).to(tl.float32)

@@ -178,14 +178,14 @@ def _same_sequence(seq_idx: torch.Tensor, shift: int) -> torch.Tensor:
 def _conv_seq_idx(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   seq_idx: torch.Tensor) -> torch.Tensor:
     """The pre-activation conv of fp32 ``x [B, D, L]`` when taps across a change of ``seq_idx``
-    read zero: W shifted multiply-adds (W <= 4)."""
+    read zero: W shifted multiply-adds; 0 at padding positions (``seq_idx < 0``, causal-conv1d's)."""
     width, length = weight.shape[1], x.shape[-1]
     res = torch.zeros_like(x) if bias is None else bias.float()[:, None].expand_as(x).clone()
     for k in range(width):
         shift = width - 1 - k
         shifted = F.pad(x, (shift, 0))[..., :length]
         res += weight.float()[:, k, None] * shifted * _same_sequence(seq_idx, shift)
-    return res
+    return res * (seq_idx >= 0)[:, None, :]
 
 
 def causal_conv1d_fn_ref(
@@ -200,7 +200,8 @@ def causal_conv1d_fn_ref(
     """causal-conv1d's ``causal_conv1d_fn``: returns ``out [B, D, L]`` (x's dtype) and the final
     states ``[B, D, W-1]`` (fp32: the last W-1 inputs, initial states included when L < W-1).
     Differentiable in every tensor argument when ``out`` is not given. With ``seq_idx``, a tap at
-    a position of another sequence than the output position reads zero.
+    a position of another sequence than the output position reads zero, and a position with
+    ``seq_idx < 0`` (padding) outputs zero.
 
     Without initial states the conv pads inside ``F.conv1d`` (its last W-1 columns are dropped)
     instead of materialising a padded copy of x; with ``out`` the activation writes into it."""
@@ -270,8 +271,9 @@ def causal_conv1d_bwd_ref(
 
 def _conv_seq_idx_bwd(x, weight, bias, silu, g, d_final, seq_idx):
     """:func:`causal_conv1d_bwd_ref` with ``seq_idx`` (no initial states): tap k's gradient flows
-    back ``W-1-k`` positions where both ends lie in one sequence."""
+    back ``W-1-k`` positions where both ends lie in one sequence; none from a padding output."""
     width, length = weight.shape[1], x.shape[-1]
+    g = g * (seq_idx >= 0)[:, None, :]  # a padding position's output is a constant 0
     if silu:
         pre = _conv_seq_idx(x, weight, bias, seq_idx)
         sig = torch.sigmoid(pre)
@@ -298,22 +300,38 @@ def causal_conv1d_update_ref(
     slots: torch.Tensor,  # [B] int, the slot of each row
     pad_slot_id: int,
     out: torch.Tensor,  # [B, D, L], written
+    cache_seqlens: torch.Tensor | None = None,  # [B] int: the state is a circular buffer
 ) -> None:
     """vLLM's ``causal_conv1d_update``: the state is the window of the last S inputs; the conv reads
-    its last W-1 columns before the new tokens; afterwards it holds ``[state, x][..., -S:]``."""
-    width, state_len = weight.shape[1], conv_state.shape[-1]
+    its last W-1 columns before the new tokens; afterwards it holds ``[state, x][..., -S:]``. With
+    ``cache_seqlens`` (causal-conv1d's circular buffer) the conv reads the W-1 columns before
+    ``head = cache_seqlens mod S`` cyclically and ``x[..., t]`` goes to column ``(head + t) mod S``
+    (the last S tokens when L > S)."""
+    width, state_len, length = weight.shape[1], conv_state.shape[-1], x.shape[-1]
     if conv_state.shape[0] == 0:  # an empty cache: every row is a pad row
         out.zero_()
         return
     valid, idx = _slot_rows(slots, pad_slot_id, conv_state.shape[0])
-    xcat = torch.cat([conv_state.index_select(0, idx).float(), x.float()], dim=-1)  # [B, D, S+L]
+    state = conv_state.index_select(0, idx).float()  # [B, D, S]
+    if cache_seqlens is None:
+        xcat = torch.cat([state, x.float()], dim=-1)  # [B, D, S+L]
+        window, new_state = xcat[..., state_len - (width - 1):], xcat[..., xcat.shape[-1] - state_len:]
+    else:
+        head = cache_seqlens.long().remainder(state_len)[:, None]  # [B, 1]
+
+        def columns(positions: torch.Tensor) -> torch.Tensor:  # [B, D, n] state columns of positions [n]
+            return (head + positions).remainder(state_len)[:, None, :].expand(-1, state.shape[1], -1)
+
+        window = torch.cat([state.gather(2, columns(torch.arange(1 - width, 0, device=x.device))), x.float()], -1)
+        kept = torch.arange(max(length - state_len, 0), length, device=x.device)  # distinct columns
+        new_state = state.scatter(2, columns(kept), x.float().index_select(2, kept))
     # a few new tokens: W multiply-adds over an unfolded [B, D, L, W] view beat a grouped F.conv1d
-    res = (xcat[..., state_len - (width - 1):].unfold(-1, width, 1) * weight.float()[:, None, :]).sum(-1)
+    res = (window.unfold(-1, width, 1) * weight.float()[:, None, :]).sum(-1)
     if bias is not None:
         res += bias.float()[:, None]
     if silu:
         res = F.silu(res)
-    _store_rows(out, res, conv_state, idx, valid, xcat[..., xcat.shape[-1] - state_len:])
+    _store_rows(out, res, conv_state, idx, valid, new_state)
 
 
 def causal_conv1d_varlen_ref(

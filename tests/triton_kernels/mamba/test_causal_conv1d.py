@@ -37,6 +37,9 @@ FN_CASES = [
     pytest.param(1, 70, 131, 3, False, "swish", False, id="B1-D70-L131-W3-multiblock"),
     pytest.param(2, 6, 0, 4, True, "silu", True, id="B2-L0-init"),  # bug 7: torch raised on L = 0
     pytest.param(2, 6, 0, 3, False, None, False, id="B2-L0"),
+    pytest.param(2, 11, 9, 5, True, "silu", True, id="B2-L9-W5-init"),
+    pytest.param(2, 7, 3, 8, True, None, True, id="B2-L3-W8-shorter-than-state"),
+    pytest.param(1, 20, 70, 8, False, "silu", True, id="B1-L70-W8-multiblock"),
 ]
 
 
@@ -144,6 +147,37 @@ def test_fn_seq_idx_matches_oracle(backend, dtype, length, width, cuts):
             assert_close(out[b : b + 1, :, s:e], alone, tol(dtype), name=f"row {b} piece {s}:{e}")
 
 
+def padded_oracle(x, weight, bias, silu_act, seq_idx):
+    """causal-conv1d's padding rule on the oracle: the output is 0 where ``seq_idx < 0`` (a padding
+    position feeds no real one already: its ``seq_idx`` differs)."""
+    return oracle.causal_conv1d(x, weight, bias, silu_act, seq_idx=seq_idx)[0] * (seq_idx >= 0)[:, None, :]
+
+
+SEQ_IDX_PAD = [  # rows of seq_idx; negative = padding
+    pytest.param([[0, 0, 0, 1, 1, 1, 1, -1, -1, -1]], 4, id="L10-W4-tail"),  # the reported case
+    pytest.param([[-1] * 2 + [0] * 60 + [-1] * 5 + [1] * 3, [0] * 63 + [-2] * 4 + [1] * 3], 3,
+                 id="L70-W3-head-middle-across-blocks"),
+    pytest.param([[0, 0, -1, 1, 1, 1, 1, 1, 1, -1, 2]], 8, id="L11-W8"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "width"), SEQ_IDX_PAD)
+def test_fn_seq_idx_padding_outputs_zero(backend, dtype, rows, width):
+    """causal-conv1d: positions with ``seq_idx < 0`` output exactly 0 (no bias, no activation of it)
+    and feed no later position."""
+    seq_idx = torch.tensor(rows, dtype=torch.int32, device=KERNEL_DEVICE)
+    batch, length = seq_idx.shape
+    x, weight, bias = rnd(batch, 10, length, dtype=dtype), rnd(10, width, dtype=dtype), rnd(10, dtype=dtype)
+    for act in (None, "silu"):
+        with use_backend(backend):
+            out = causal_conv1d_fn(x, weight, bias, act, seq_idx=seq_idx)
+        pad = (seq_idx < 0)[:, None, :].expand_as(out)
+        assert_equal(out[pad], torch.zeros_like(out[pad]), f"{act}: padding positions")
+        assert_close(out, padded_oracle(x, weight, bias, act is not None, seq_idx), tol(dtype), name=f"{act}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fn_seq_idx_gradients_match_oracle(backend):
     x, weight, bias = rnd(2, 6, 9).requires_grad_(), rnd(6, 4).requires_grad_(), rnd(6).requires_grad_()
@@ -222,6 +256,10 @@ VARLEN_CASES = [
     pytest.param([1], 2, 1, None, None, None, id="single-token-W2-defaults"),
     pytest.param([2, 9], 3, 3, [2, 1], [True, True], 5, id="W3-state-wider-than-W-1"),
     pytest.param([4, 4, 4], 4, 3, None, [False, True, False], None, id="no-indices"),
+    pytest.param([1, 2, 9, 70], 8, 5, [4, 0, 1, 2], [True, True, True, False], None, id="W8-multiblock"),
+    # 4 tokens a sequence on average: the L-block must still cover the W-1 = 7 state columns
+    pytest.param([2, 1, 9], 8, 3, [1, 2, 0], [True, True, True], 9, id="W8-short-blocks"),
+    pytest.param([6, 3], 6, 2, None, [True, False], None, id="W6-no-indices"),
 ]
 
 
@@ -252,6 +290,8 @@ UPDATE_CASES = [
     pytest.param(1, 5, 1, 2, 1, None, 1, False, id="B1-W2-nobias"),
     pytest.param(2, 16, 3, 3, 6, [0, 2], 3, True, id="L3-W3-state6"),
     pytest.param(2, 70, 2, 4, 3, [1, PAD_SLOT_ID], 2, True, id="L2-D70-blocks"),
+    pytest.param(2, 9, 1, 6, 5, [1, 0], 2, True, id="W6-state5"),
+    pytest.param(3, 12, 3, 8, 10, [2, PAD_SLOT_ID, 0], 3, False, id="L3-W8-state10-pad"),
 ]
 
 
@@ -275,7 +315,7 @@ def test_update_matches_reference(
     ref_out, ref_state = oracle.causal_conv1d_update(x3, state, weight, bias, True, idx, PAD_SLOT_ID)
     before = state.clone()
     with use_backend(backend):
-        out = causal_conv1d_update(x, state, weight, bias, "silu", idx)
+        out = causal_conv1d_update(x, state, weight, bias, "silu", conv_state_indices=idx)
     assert out.shape == x.shape
     assert out.dtype == dtype
     assert_close(out, ref_out.reshape(x.shape), tol(dtype))
@@ -288,7 +328,7 @@ def test_update_matches_reference(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("width", [2, 3, 4, 8])
 def test_prefill_then_decode_equals_whole_sequence(backend, width):
     """varlen over the prompts, then one update per new token == causal_conv1d_fn over everything."""
     dim, prompt, steps, slots = 21, [6, 1, 2], 3, [4, 0, 2]
@@ -310,7 +350,8 @@ def test_prefill_then_decode_equals_whole_sequence(backend, width):
         )
         decoded = [
             causal_conv1d_update(
-                torch.stack([f[:, n + t] for f, n in zip(full, prompt)]), states, weight, bias, "silu", idx
+                torch.stack([f[:, n + t] for f, n in zip(full, prompt)]), states, weight, bias, "silu",
+                conv_state_indices=idx,
             )
             for t in range(steps)
         ]
@@ -343,7 +384,12 @@ def test_torch_library_opcheck():
     torch.library.opcheck(torch.ops.ifk.causal_conv1d_fwd, (torch.empty_like(x), None, [x, w, b, None, seq_idx], False))
     slots = torch.tensor([2, PAD_SLOT_ID], device=KERNEL_DEVICE)
     torch.library.opcheck(
-        torch.ops.ifk.causal_conv1d_update, (torch.empty_like(x), rnd(3, 6, 3), [x, w, b, slots], True, PAD_SLOT_ID)
+        torch.ops.ifk.causal_conv1d_update,
+        (torch.empty_like(x), rnd(3, 6, 3), [x, w, b, slots, None], True, PAD_SLOT_ID),
+    )
+    torch.library.opcheck(
+        torch.ops.ifk.causal_conv1d_update,
+        (torch.empty_like(x), rnd(3, 6, 4), [x, w, b, slots, _dev(5, 2, dtype=torch.int32)], True, PAD_SLOT_ID)
     )
     v = make_varlen([3, 2], 6, 4, 3, [1, 0], [True, False])
     inputs = [v["x"], v["weight"], v["bias"], v["query_start_loc"], v["cache_indices"], v["has_initial_state"]]
@@ -360,8 +406,8 @@ def test_torch_compile_fullgraph_update_and_training():
     state_eager = state.clone()
     step = torch.compile(causal_conv1d_update, fullgraph=True)
     assert_close(
-        step(x, state, weight, bias, "silu", idx),
-        causal_conv1d_update(x, state_eager, weight, bias, "silu", idx),
+        step(x, state, weight, bias, "silu", conv_state_indices=idx),
+        causal_conv1d_update(x, state_eager, weight, bias, "silu", conv_state_indices=idx),
     )
     assert_equal(state, state_eager, "conv_state")
 
@@ -388,9 +434,169 @@ def test_out_of_range_slots_under_capture_count_as_pad(backend, monkeypatch):
     ref_out, ref_state = oracle.causal_conv1d_update(x[..., None], state, weight, None, True,
                                                      _dev(PAD_SLOT_ID, 1), PAD_SLOT_ID)
     with use_backend(backend):
-        out = causal_conv1d_update(x, state, weight, None, "silu", idx)
+        out = causal_conv1d_update(x, state, weight, None, "silu", conv_state_indices=idx)
     assert_close(out, ref_out[..., 0])
     assert_equal(state, ref_state.float(), "conv_state")
+
+
+# ------------------------------------------------------------------ cache_seqlens (circular conv state)
+
+
+def circular_oracle(x, conv_state, weight, bias, silu_act, cache_seqlens, slots=None, pad_slot_id=PAD_SLOT_ID):
+    """causal-conv1d's ``causal_conv1d_update_ref`` with ``cache_seqlens``, token by token in float64:
+    row b reads the W-1 columns before ``head = cache_seqlens[b] mod S`` (cyclically, floor mod),
+    then writes ``x[b, :, t]`` to column ``(head + t) mod S`` in order (a later token wins, as in
+    causal-conv1d's kernel). Returns ``(out [B, D, L], new_state)``; pad rows: zero, state untouched."""
+    width, state_len = weight.shape[1], conv_state.shape[-1]
+    new = conv_state.double().clone()
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for b in range(x.shape[0]):
+        slot = b if slots is None else int(slots[b])
+        if slot == pad_slot_id:
+            continue
+        head = int(cache_seqlens[b]) % state_len
+        prev = new[slot][:, [(head - (width - 1) + j) % state_len for j in range(width - 1)]]
+        out[b] = oracle.causal_conv1d(x[b][None], weight, bias, silu_act, prev[None])[0][0]
+        for t in range(x.shape[-1]):
+            new[slot][:, (head + t) % state_len] = x[b, :, t].double()
+    return out, new
+
+
+CIRCULAR_CASES = [  # batch, dim, L (0: x 2-D), W, S, cache_seqlens, slots, num_slots
+    pytest.param(3, 19, 0, 4, 3, [0, 2, 7], None, 3, id="x2d-W4-S3"),
+    pytest.param(3, 37, 2, 4, 5, [4, 11, 0], [4, PAD_SLOT_ID, 1], 6, id="L2-S5-indices-pad"),
+    pytest.param(2, 16, 7, 3, 4, [1, 6], [0, 2], 3, id="L7-longer-than-S4"),
+    pytest.param(2, 8, 3, 8, 7, [3, -2], None, 2, id="W8-S7-negative-count"),
+    pytest.param(1, 70, 1, 2, 1, [12345], None, 1, id="W2-S1-D70"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "dim", "length", "width", "state_len", "seqlens", "slots", "num_slots"),
+                         CIRCULAR_CASES)
+def test_update_cache_seqlens_matches_oracle(backend, dtype, batch, dim, length, width, state_len, seqlens, slots,
+                                             num_slots):
+    """causal-conv1d's positional order: the sixth argument is cache_seqlens, the seventh the indices."""
+    x = rnd(batch, dim, length, dtype=dtype) if length else rnd(batch, dim, dtype=dtype)
+    weight, bias = rnd(dim, width, dtype=dtype), rnd(dim, dtype=dtype)
+    state = rnd(num_slots, dim, state_len, dtype=dtype)
+    cache_seqlens = _dev(*seqlens, dtype=torch.int32)
+    idx = None if slots is None else _dev(*slots, dtype=torch.int32)
+    x3 = x if length else x[..., None]
+    ref_out, ref_state = circular_oracle(x3, state, weight, bias, True, cache_seqlens, idx)
+    with use_backend(backend):
+        out = causal_conv1d_update(x, state, weight, bias, "silu", cache_seqlens, idx)
+    assert out.shape == x.shape
+    assert_close(out, ref_out.reshape(x.shape), tol(dtype))
+    assert_equal(state, ref_state.to(dtype), "conv_state")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("width", "state_len", "chunk"), [(4, 3, 1), (4, 6, 2), (3, 5, 3)])
+def test_circular_decode_equals_whole_sequence(backend, width, state_len, chunk):
+    """Tokens appended ``chunk`` at a time to a zeroed circular buffer, ``cache_seqlens`` advanced by
+    the caller, give causal_conv1d_fn's outputs over the whole sequences."""
+    dim, steps, slots = 13, 4, [2, 0]
+    seqs = rnd(2, dim, chunk * steps)
+    weight, bias = rnd(dim, width), rnd(dim)
+    state = torch.zeros(3, dim, state_len, device=KERNEL_DEVICE)
+    idx = _dev(*slots, dtype=torch.int32)
+    cache_seqlens = _dev(0, 0, dtype=torch.int32)
+    with use_backend(backend):
+        whole = causal_conv1d_fn(seqs, weight, bias, "silu")
+        pieces = []
+        for t in range(0, chunk * steps, chunk):
+            pieces.append(causal_conv1d_update(seqs[..., t : t + chunk], state, weight, bias, "silu", cache_seqlens,
+                                               idx))
+            cache_seqlens += chunk
+    assert_close(torch.cat(pieces, -1), whole)
+    assert_equal(state[1], torch.zeros_like(state[1]), "untouched slot")
+
+
+# ------------------------------------------------------------------ index tensors longer than the batch (vLLM)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_longer_indices_ignore_the_extra_entries(backend):
+    """vLLM pads cache_indices / has_initial_state for CUDA graphs: the entries past the batch (an
+    unused real slot, out-of-range slots, True flags) are never read."""
+    args = make_varlen([3, 5, 1], 9, 4, 5, [2, 0, PAD_SLOT_ID], [True, False, True])
+    ref_out, ref_states = varlen_expected(args)
+    before = args["conv_states"].clone()
+    args["cache_indices"] = torch.cat([args["cache_indices"], _dev(3, 99, -5)])
+    args["has_initial_state"] = torch.cat([args["has_initial_state"], _dev(True, True, True)])
+    with use_backend(backend):
+        out = causal_conv1d_varlen(**args)
+    assert_close(out, ref_out)
+    assert_equal(args["conv_states"], ref_states.float(), "conv_states")
+    assert_equal(args["conv_states"][[1, 3, 4]], before[[1, 3, 4]], "slots named only past the batch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("circular", [False, True], ids=["linear", "circular"])
+def test_update_longer_indices_ignore_the_extra_entries(backend, circular):
+    x, weight, bias, state = rnd(2, 7), rnd(7, 4), rnd(7), rnd(4, 7, 5)
+    idx, seqlens = _dev(1, 0, dtype=torch.int32), _dev(3, 8, dtype=torch.int32)
+    if circular:
+        ref_out, ref_state = circular_oracle(x[..., None], state, weight, bias, True, seqlens, idx)
+    else:
+        ref_out, ref_state = oracle.causal_conv1d_update(x[..., None], state, weight, bias, True, idx, PAD_SLOT_ID)
+    before = state.clone()
+    long_idx = torch.cat([idx, _dev(2, 3, 77, -9, dtype=torch.int32)])
+    long_seqlens = torch.cat([seqlens, _dev(1, 2, 3, 4, dtype=torch.int32)]) if circular else None
+    with use_backend(backend):
+        out = causal_conv1d_update(x, state, weight, bias, "silu", long_seqlens, long_idx)
+    assert_close(out, ref_out[..., 0])
+    assert_equal(state, ref_state.float(), "conv_state")
+    assert_equal(state[2:], before[2:], "slots named only past the batch")
+
+
+# ------------------------------------------------------------------ pad_slot_id: padding only inside an index tensor
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_pad_slot_id_applies_only_with_cache_indices(backend):
+    """Without cache_indices every sequence is real even when pad_slot_id is one of its slots (0);
+    with them, a sequence at the pad slot (here 1, a real slot number) gets zeros and leaves slot 1."""
+    args = make_varlen([3, 4], 8, 4, 2, None, [True, True])
+    ref_out, ref_states = varlen_expected(args)
+    with use_backend(backend):
+        out = causal_conv1d_varlen(**args, pad_slot_id=0)
+    assert_close(out, ref_out)
+    assert_equal(args["conv_states"], ref_states.float(), "conv_states")
+
+    args = make_varlen([3, 4, 2], 8, 4, 4, [1, 0, 2], [True, True, False])
+    ref_out, ref_states = oracle.causal_conv1d_varlen(
+        args["x"], args["weight"], args["bias"], args["conv_states"], args["query_start_loc"].tolist(),
+        args["cache_indices"], args["has_initial_state"], True, pad_slot_id=1)
+    before = args["conv_states"].clone()
+    with use_backend(backend):
+        out = causal_conv1d_varlen(**args, pad_slot_id=1)
+    assert_equal(out[:, :3], torch.zeros_like(out[:, :3]), "the pad sequence's tokens")
+    assert_close(out, ref_out)
+    assert_equal(args["conv_states"], ref_states.float(), "conv_states")
+    assert_equal(args["conv_states"][[1, 3]], before[[1, 3]], "the pad slot and an unused slot")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_pad_slot_id_applies_only_with_indices(backend):
+    x, weight, bias, state = rnd(2, 6), rnd(6, 4), rnd(6), rnd(2, 6, 3)
+    ref_out, ref_state = oracle.causal_conv1d_update(x[..., None], state, weight, bias, True)
+    with use_backend(backend):
+        out = causal_conv1d_update(x, state, weight, bias, "silu", pad_slot_id=0)
+    assert_close(out, ref_out[..., 0])
+    assert_equal(state, ref_state.float(), "conv_state")
+
+    x, state, idx = rnd(3, 6), rnd(3, 6, 3), _dev(1, 0, 2, dtype=torch.int32)
+    ref_out, ref_state = oracle.causal_conv1d_update(x[..., None], state, weight, bias, True, idx, pad_slot_id=1)
+    before = state.clone()
+    with use_backend(backend):
+        out = causal_conv1d_update(x, state, weight, bias, "silu", conv_state_indices=idx, pad_slot_id=1)
+    assert_equal(out[0], torch.zeros_like(out[0]), "the pad row")
+    assert_close(out, ref_out[..., 0])
+    assert_equal(state, ref_state.float(), "conv_state")
+    assert_equal(state[1], before[1], "the pad slot")
 
 
 # ------------------------------------------------------------------ bad input
@@ -401,8 +607,8 @@ def _dev(*values, dtype=None):
 
 
 FN_BAD = [
-    pytest.param(dict(weight=rnd(6, 5)), ValueError, r"width W must be 2, 3 or 4, got 5", id="W5"),
-    pytest.param(dict(weight=rnd(6, 1)), ValueError, r"width W must be 2, 3 or 4, got 1", id="W1"),
+    pytest.param(dict(weight=rnd(6, 9)), ValueError, r"width W must be in 2\.\.8, got 9", id="W9"),
+    pytest.param(dict(weight=rnd(6, 1)), ValueError, r"width W must be in 2\.\.8, got 1", id="W1"),
     pytest.param(dict(weight=rnd(7, 4)), ValueError, r"x has 6 channels but weight has 7", id="channels"),
     pytest.param(dict(bias=rnd(5)), ValueError, r"bias must have shape \[6\]", id="bias"),
     pytest.param(
@@ -478,7 +684,7 @@ VARLEN_BAD = [
     pytest.param(
         dict(has_initial_state=_dev(1, 0)), TypeError, r"has_initial_state must have dtype", id="init-int"
     ),
-    pytest.param(dict(weight=rnd(6, 5)), ValueError, r"width W must be", id="W5"),
+    pytest.param(dict(weight=rnd(6, 9)), ValueError, r"width W must be in 2\.\.8, got 9", id="W9"),
 ]
 
 
@@ -527,6 +733,11 @@ UPDATE_BAD = [
         r"conv_state_indices must have dtype",
         id="index-float",
     ),
+    pytest.param(dict(cache_seqlens=_dev(1.0, 2.0)), TypeError, r"cache_seqlens must have dtype", id="seqlens-float"),
+    pytest.param(dict(cache_seqlens=_dev(3, dtype=torch.int32)), ValueError,
+                 r"cache_seqlens has 1 entries, expected at least 2", id="seqlens-short"),
+    pytest.param(dict(cache_seqlens=torch.zeros(2, 1, dtype=torch.int32, device=KERNEL_DEVICE)), ValueError,
+                 r"cache_seqlens must be 1-D", id="seqlens-2d"),
 ]
 
 
@@ -627,12 +838,13 @@ def test_gpu_update_graph_capture_compile_and_opcheck():
     idx = torch.arange(batch, device="cuda", dtype=torch.int32) + 16
     torch.library.opcheck(
         torch.ops.ifk.causal_conv1d_update,
-        (torch.empty_like(x).unsqueeze(-1), state.clone(), [x.unsqueeze(-1), weight, bias, idx], True, PAD_SLOT_ID),
+        (torch.empty_like(x).unsqueeze(-1), state.clone(), [x.unsqueeze(-1), weight, bias, idx, None], True,
+         PAD_SLOT_ID),
     )
-    out = causal_conv1d_update(x, state, weight, bias, "silu", idx)  # compile before capture
+    out = causal_conv1d_update(x, state, weight, bias, "silu", conv_state_indices=idx)  # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = causal_conv1d_update(x, state, weight, bias, "silu", idx)
+        captured = causal_conv1d_update(x, state, weight, bias, "silu", conv_state_indices=idx)
     idx[3] = PAD_SLOT_ID
     ref_state = state.clone()
     ref_out = torch.empty(batch, dim, 1, device="cuda")
@@ -642,7 +854,7 @@ def test_gpu_update_graph_capture_compile_and_opcheck():
     assert_close(captured, ref_out[..., 0].to(torch.bfloat16))
     assert_equal(state, ref_state)
     compiled = torch.compile(causal_conv1d_update, fullgraph=True)
-    out = compiled(x, state.clone(), weight, bias, "silu", idx)
+    out = compiled(x, state.clone(), weight, bias, "silu", conv_state_indices=idx)
     assert out.shape == (batch, dim)
 
 

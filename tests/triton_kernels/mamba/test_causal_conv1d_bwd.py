@@ -43,7 +43,8 @@ def _grads(fn, leaves, d_out, d_final):
 
 
 def check_against_oracle(backend, x, weight, bias, act, init=None, seq_idx=None, final=False, tol=None):
-    """Our gradients (``backend``) == autograd through the float64 oracle, for every leaf."""
+    """Our gradients (``backend``) == autograd through the float64 oracle, for every leaf (with
+    causal-conv1d's padding rule: the output is 0 where ``seq_idx < 0``); returns ours."""
     d_out, d_final = rnd(*x.shape, dtype=x.dtype), rnd(*x.shape[:2], weight.shape[1] - 1, dtype=x.dtype)
     leaves = [x, weight, bias, init]
 
@@ -55,6 +56,8 @@ def check_against_oracle(backend, x, weight, bias, act, init=None, seq_idx=None,
 
     def ref():
         out, fin = oracle.causal_conv1d(x, weight, bias, act is not None, init, seq_idx=seq_idx)
+        if seq_idx is not None:
+            out = out * (seq_idx >= 0)[:, None, :]
         return out, fin if final else None
 
     got = _grads(ours, leaves, d_out, d_final)
@@ -63,6 +66,7 @@ def check_against_oracle(backend, x, weight, bias, act, init=None, seq_idx=None,
         if leaf is not None:
             assert g.dtype == leaf.dtype, name
             assert_close(g, r, tol, name=f"d_{name}")
+    return got
 
 
 # ------------------------------------------------------------------ against the oracle
@@ -76,7 +80,7 @@ FLAGS = [  # (bias, activation, initial states, final states with an incoming gr
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("width", [2, 3, 4, 8])
 @pytest.mark.parametrize("length", [0, 1, 7, 65])
 @pytest.mark.parametrize(("has_bias", "act", "has_init", "final"), FLAGS)
 def test_grads_match_oracle(backend, width, length, has_bias, act, has_init, final):
@@ -96,13 +100,27 @@ def test_grads_fp16(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("width", [2, 3, 4, 6])
 @pytest.mark.parametrize("act", [None, "silu"])
 def test_grads_seq_idx(backend, width, act):
     """Cuts inside a tile, at a tile boundary (64) and right after it; a one-token sequence."""
     x, weight, bias = rnd(2, 6, 70, grad=True), rnd(6, width, grad=True), rnd(6, grad=True)
     seq_idx = _seq_idx(2, 70, [[3, 4, 9, 64], [1, 63, 65]])
     check_against_oracle(backend, x, weight, bias, act, seq_idx=seq_idx)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("width", [2, 4, 8])
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_grads_seq_idx_padding(backend, width, act):
+    """causal-conv1d's padding (seq_idx < 0: output 0) at a row start, across the tile boundary at 64
+    and at the end: no gradient reaches a padding position, nor d_weight / d_bias from one."""
+    rows = [[-1] * 3 + [0] * 58 + [-1] * 6 + [1] * 3, [0] * 5 + [1] * 60 + [-3] * 5]
+    seq_idx = torch.tensor(rows, dtype=torch.int32, device=KERNEL_DEVICE)
+    x, weight, bias = rnd(2, 6, 70, grad=True), rnd(6, width, grad=True), rnd(6, grad=True)
+    d_x = check_against_oracle(backend, x, weight, bias, act, seq_idx=seq_idx)[0]
+    pad = (seq_idx < 0)[:, None, :].expand_as(d_x)
+    assert torch.equal(d_x[pad], torch.zeros_like(d_x[pad])), "d_x at padding positions"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

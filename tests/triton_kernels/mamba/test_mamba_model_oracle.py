@@ -41,7 +41,8 @@ def mixer_on_our_ops(run: types.SimpleNamespace):
         else:
             conv_state, ssm_state = run.cache.layer(self.layer_idx)
             if run.decode:
-                x = causal_conv1d_update(x[..., 0], conv_state, weight, bias, "silu", run.slots)[..., None]
+                x = causal_conv1d_update(x[..., 0], conv_state, weight, bias, "silu",
+                                         conv_state_indices=run.slots)[..., None]
             else:
                 packed = x.transpose(0, 1).reshape(x.shape[1], batch * length)  # [D, T], sequence-major
                 qsl = torch.arange(0, batch * length + 1, length, device=x.device, dtype=torch.int32)
