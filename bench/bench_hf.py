@@ -126,8 +126,7 @@ def mamba_rows(ctx: Context, kind: str) -> list[Row]:
             run = _generate(model, new_tokens)
             profile, ran = _profile(lambda run=run, sets=sets: run(sets[0]))
             _check_route(case, impl, ran, patched=model is ours)
-            row = ctx.row(FAMILY, case, impl, run, sets, _param_bytes(model))
-            row.extra["tokens_per_s"] = counted / (row.median_ms * 1e-3)
+            row = ctx.row(FAMILY, case, impl, run, sets, _param_bytes(model), rates={"tokens_per_s": counted})
             if model is ours:
                 row.extra["profile"], row.extra["ifk_ops"] = profile, sorted(ran)
             rows.append(row)
@@ -182,25 +181,25 @@ def _peft_cases(ctx: Context, model, length: int):
 
 
 def peft_rows(ctx: Context) -> list[Row]:
-    from pyiface.integrations.peft import apply_kernels, revert_kernels
+    """peft's loop on one model, ours on a copy with :func:`apply_kernels`, so that the rows of a case
+    are timed together (interleaved); the base layer alone beside them."""
+    from pyiface.integrations.peft import apply_kernels
 
-    model = _peft_model(ctx)
+    loop = _peft_model(ctx)
+    ours = copy.deepcopy(loop)
+    apply_kernels(ours)
     lengths = (1,) if ctx.quick else (1, 32)  # decode-shaped (one token a row) and prefill-shaped
     out = []
-    for impl in ("peft loop", "ours[add_lora_linear]"):
-        if impl.startswith("ours"):
-            apply_kernels(model)
-        for length in lengths:
-            for case, fn, sets, nbytes in _peft_cases(ctx, model, length):
-                if fn.__name__ == "base_only":
-                    if not impl.startswith("ours"):
-                        out.append(ctx.row(FAMILY, case, "base layer alone (no LoRA)", fn, sets, nbytes))
-                    continue
-                row = ctx.row(FAMILY, case, impl, fn, sets, nbytes)
-                if impl.startswith("ours"):
-                    row.extra["profile"] = _profile(lambda fn=fn, sets=sets: fn(sets[0]))[0]
-                out.append(row)
-    revert_kernels(model)
+    for length in lengths:
+        for (case, fn, sets, nbytes), (_, ours_fn, ours_sets, _) in zip(_peft_cases(ctx, loop, length),
+                                                                      _peft_cases(ctx, ours, length)):
+            if fn.__name__ == "base_only":
+                out.append(ctx.row(FAMILY, case, "base layer alone (no LoRA)", fn, sets, nbytes))
+                continue
+            out.append(ctx.row(FAMILY, case, "peft loop", fn, sets, nbytes))
+            row = ctx.row(FAMILY, case, "ours[add_lora_linear]", ours_fn, ours_sets, nbytes)
+            row.extra["profile"] = _profile(lambda fn=ours_fn, sets=ours_sets: fn(sets[0]))[0]
+            out.append(row)
     return out
 
 

@@ -21,7 +21,6 @@ import functools
 
 import torch
 
-from bench.bench_mamba2_norm import _peak_mib as peak_mib
 from bench.harness import Context, Row
 from triton_kernels import selective_scan_fn, selective_scan_varlen, use_backend
 from triton_kernels.mamba.reference import selective_scan_ref
@@ -53,10 +52,9 @@ def _scan_bytes(bsz: int, dim: int, dstate: int, tokens: int, elt: int, states: 
         + 2 * 4 * states * dim * dstate
 
 
-def _row(ctx: Context, case: str, impl: str, fn, sets: list, nbytes: float, exps: float) -> Row:
-    row = ctx.row(FAMILY, case, impl, fn, sets, nbytes, flops=FLOPS_PER_STATE_TOKEN * exps)
-    row.extra["gexp_per_s"] = exps / (row.median_ms * 1e-3) / 1e9
-    return row
+def _row(ctx: Context, case: str, impl: str, fn, sets: list, nbytes: float, exps: float, **kw) -> Row:
+    return ctx.row(FAMILY, case, impl, fn, sets, nbytes, flops=FLOPS_PER_STATE_TOKEN * exps,
+                   rates={"gexp_per_s": exps / 1e9}, **kw)
 
 
 def _hf_loop(a: dict):
@@ -106,13 +104,7 @@ def _train_rows(ctx: Context, dim: int, dstate: int, seqlen: int, dtype: torch.d
         compiled = torch.compile(functools.partial(selective_scan_ref, chunk_size=256))
         impls.append(("torch.compile(reference)", train(lambda a: compiled(**a, delta_softplus=True)[0])))
     impls.append(("HF transformers loop", train(_hf_loop)))
-    rows = []
-    for impl, fn in impls:
-        row = _row(ctx, case, impl, fn, sets, nbytes, exps)
-        if ctx.device.type == "cuda" and "error" not in row.extra:
-            row.extra["peak_mib"] = peak_mib(ctx.device, fn, sets[0])
-        rows.append(row)
-    return rows
+    return [_row(ctx, case, impl, fn, sets, nbytes, exps, peak_memory=True) for impl, fn in impls]
 
 
 def _varlen_rows(ctx: Context, dim: int, dstate: int, lengths: tuple[int, ...],

@@ -59,13 +59,7 @@ def _cost(tokens: int, h: int, p: int, g: int, n: int, chunk: int, elt: int, sta
 
 
 def _row(ctx: Context, case: str, impl: str, fn, sets: list, nbytes: float, flops: float) -> Row:
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-        base = torch.cuda.memory_allocated(ctx.device)
-    row = ctx.row(FAMILY, case, impl, fn, sets, nbytes, flops)
-    if ctx.device.type == "cuda":
-        row.extra["peak_mib"] = (torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20
-    return row
+    return ctx.row(FAMILY, case, impl, fn, sets, nbytes, flops, peak_memory=True)
 
 
 def _ours_rows(ctx: Context, case: str, dtype: torch.dtype, fn, sets: list, nbytes: float, flops: float) -> list[Row]:

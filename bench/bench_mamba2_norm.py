@@ -60,25 +60,9 @@ def _ours(ctx: Context, dtype: torch.dtype, fn) -> list[tuple[str, object]]:
     return impls
 
 
-def _peak_mib(device: torch.device, fn, inputs) -> float:
-    """MiB one call of ``fn(inputs)`` allocates at its peak above what was allocated before (CUDA)."""
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn(inputs)
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
 def _timed_rows(ctx: Context, case: str, impls, sets, nbytes: float) -> list[Row]:
     """One row per implementation; on CUDA with the peak memory of one call (``extra["peak_mib"]``)."""
-    rows = []
-    for impl, fn in impls:
-        row = ctx.row(FAMILY, case, impl, fn, sets, nbytes)
-        if ctx.device.type == "cuda" and "error" not in row.extra:
-            row.extra["peak_mib"] = _peak_mib(ctx.device, fn, sets[0])
-        rows.append(row)
-    return rows
+    return [ctx.row(FAMILY, case, impl, fn, sets, nbytes, peak_memory=True) for impl, fn in impls]
 
 
 def _case_rows(ctx: Context, rows: int, hidden: int, groups: int, dtype: torch.dtype) -> list[Row]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from bench.bench_mamba2_norm import _peak_mib as peak_mib
 from bench.harness import Context, Row
 from triton_kernels import use_backend
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
@@ -88,13 +87,7 @@ def _train_rows(ctx: Context, batch: int, dim: int, length: int, dtype: torch.dt
         compiled = torch.compile(causal_conv1d_fn_ref)
         impls.append(("torch.compile(reference)", train(lambda s: compiled(s["x"], s["weight"], s["bias"], True)[0],
                                                         lambda s: [s["weight"], s["bias"]])))
-    rows = []
-    for impl, fn in impls:
-        row = ctx.row(FAMILY, case, impl, fn, sets, nbytes)
-        if ctx.device.type == "cuda" and "error" not in row.extra:
-            row.extra["peak_mib"] = peak_mib(ctx.device, fn, sets[0])
-        rows.append(row)
-    return rows
+    return [ctx.row(FAMILY, case, impl, fn, sets, nbytes, peak_memory=True) for impl, fn in impls]
 
 
 def _conv_update_rows(ctx: Context, batch: int, dim: int, dtype: torch.dtype) -> list[Row]:

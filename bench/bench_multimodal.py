@@ -16,15 +16,17 @@ PLACEHOLDER = 151655  # Qwen2-VL's image pad id: inside a 152k vocabulary
 VOCAB = 152064
 
 
-def make_inputs(num_tokens, hidden, num_items, mm_fraction, dtype, device):
-    """Ids with ``num_items`` contiguous image spans covering ``mm_fraction`` of the tokens."""
+def make_inputs(num_tokens, hidden, num_items, mm_fraction, dtype, device, weight=None):
+    """Ids with ``num_items`` contiguous image spans covering ``mm_fraction`` of the tokens, items, and
+    the embedding table (``weight`` when given)."""
     rows = int(num_tokens * mm_fraction) // num_items
     ids = torch.randint(0, PLACEHOLDER, (num_tokens,), device=device)
     stride = num_tokens // num_items
     for i in range(num_items):
         ids[i * stride : i * stride + rows] = PLACEHOLDER
     items = [torch.randn(rows, hidden, dtype=dtype, device=device) for _ in range(num_items)]
-    weight = torch.randn(VOCAB, hidden, dtype=dtype, device=device)
+    if weight is None:
+        weight = torch.randn(VOCAB, hidden, dtype=dtype, device=device)
     return ids, weight, items
 
 
@@ -52,11 +54,13 @@ def cases(ctx: Context):
 
 
 def case_rows(ctx: Context, num_tokens: int, hidden: int, num_items: int, dtype: torch.dtype) -> list[Row]:
+    table = torch.randn(VOCAB, hidden, dtype=dtype, device=ctx.device)  # one table, every set's ids index into it
+
     def make():
-        ids, weight, items = make_inputs(num_tokens, hidden, num_items, 0.5, dtype, ctx.device)
+        ids, weight, items = make_inputs(num_tokens, hidden, num_items, 0.5, dtype, ctx.device, table)
         return ids, weight, items, torch.empty(num_tokens, hidden, dtype=dtype, device=ctx.device)
 
-    sets = ctx.input_sets(make)
+    sets = ctx.input_sets(make, shared=table)
     elem, id_bytes = sets[0][1].element_size(), sets[0][0].element_size()
     nbytes = 2 * num_tokens * hidden * elem + num_tokens * id_bytes
     case = f"T{num_tokens}-H{hidden}-{str(dtype)[6:]}-{num_items}items"
