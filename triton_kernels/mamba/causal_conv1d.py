@@ -6,6 +6,8 @@ sequence as ``W`` shifted loads of the input; positions before the sequence star
 sequence's initial state (its last columns), or zeros. The program holding the first L-block of
 a sequence also writes the sequence's final state (the last ``S`` inputs of ``[state, x]``): it
 is the only program that reads the old state, so it may overwrite it in place after a barrier.
+With ``cache_seqlens`` (the decode update only) the state is causal-conv1d's circular buffer: the
+same reads and writes, with position ``p`` at column ``(head + p) mod S`` instead of ``S + p``.
 
 int64 offsets (checked by listing every ``index * stride`` product in the kernel): the sequence
 ``seq``, its start token, the slot and the channel base ``d0`` are int64 scalars, and the in-tile

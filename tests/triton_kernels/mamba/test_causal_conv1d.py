@@ -410,6 +410,10 @@ def test_torch_compile_fullgraph_update_and_training():
         causal_conv1d_update(x, state_eager, weight, bias, "silu", conv_state_indices=idx),
     )
     assert_equal(state, state_eager, "conv_state")
+    seqlens = _dev(5, 0, 2, dtype=torch.int32)  # the circular buffer
+    assert_close(step(x, state, weight, bias, "silu", seqlens, idx),
+                 causal_conv1d_update(x, state_eager, weight, bias, "silu", seqlens, idx))
+    assert_equal(state, state_eager, "conv_state (circular)")
 
     xs = rnd(2, 10, 7).requires_grad_()
     loss = torch.compile(lambda t: causal_conv1d_fn(t, weight, bias, "silu").square().sum(), fullgraph=True)
@@ -869,3 +873,25 @@ def test_gpu_fn_seq_idx_and_final_states_out_bf16():
     _, final = causal_conv1d_fn(x, weight, bias, "silu", return_final_states=True, final_states_out=dest)
     assert final is dest
     assert_equal(dest, x[..., -3:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [4, 8])
+def test_gpu_update_cache_seqlens_seq_idx_padding_bf16(width):
+    """The circular buffer and seq_idx padding at real sizes: Triton against the torch backend."""
+    dim, batch = 4096, 64
+    x = rnd(batch, dim, 2, dtype=torch.bfloat16, device="cuda")
+    weight, bias = rnd(dim, width, dtype=torch.bfloat16, device="cuda"), rnd(dim, dtype=torch.bfloat16, device="cuda")
+    state = rnd(80, dim, width + 3, dtype=torch.bfloat16, device="cuda")
+    idx = torch.randperm(80, device="cuda")[:batch].to(torch.int32)
+    seqlens = torch.randint(0, 1000, (batch,), device="cuda", dtype=torch.int32)
+    ref_state = state.clone()
+    with use_backend("torch"):
+        ref = causal_conv1d_update(x, ref_state, weight, bias, "silu", seqlens, idx)
+    assert_close(causal_conv1d_update(x, state, weight, bias, "silu", seqlens, idx), ref)
+    assert_equal(state, ref_state)
+    seq_idx = torch.tensor([[-1] * 5 + [0] * 1000 + [-1] * 19 + [1] * 1000], dtype=torch.int32, device="cuda")
+    xs = rnd(1, dim, 2024, dtype=torch.bfloat16, device="cuda")
+    out = causal_conv1d_fn(xs, weight, bias, "silu", seq_idx=seq_idx)
+    assert_close(out, causal_conv1d_fn_ref(xs, weight, bias, True, seq_idx=seq_idx)[0])
+    assert not out[..., (seq_idx[0] < 0)].any()
