@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The differentiable ops also take float64, which runs on their torch backend (torch.autograd.gradcheck).
+GRAD_DTYPES = (*FLOAT_DTYPES, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 

@@ -27,6 +27,7 @@ import triton.language as tl
 from triton_kernels import _alloc, _data_checks
 from triton_kernels._checks import (
     FLOAT_DTYPES,
+    GRAD_DTYPES,
     check_distinct_rows,
     check_no_overlap,
     check_optional,
@@ -336,7 +337,7 @@ def _selective_scan(
                                 exact=False)
         _data_checks.check_offsets_and_slots("query_start_loc", query_start_loc, u.shape[1], "cache_indices",
                                              cache_indices, state.shape[0], pad_slot_id, unique=True)
-    backend = SELECTIVE_SCAN.resolve(u.device)
+    backend = SELECTIVE_SCAN.resolve(u.device, {t.dtype for t in (u, delta, A, B, C) if t is not None})
     if backend == "torch":
         if varlen:
             selective_scan_varlen_ref(out, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -369,10 +370,10 @@ def _selective_scan(
 
 
 def _check_bc(name: str, M: object, dim: int, dstate: int, lead: tuple[int, ...], length: int,
-              device: torch.device, per_channel_ok: bool) -> int:
+              device: torch.device, per_channel_ok: bool, dtypes: tuple[torch.dtype, ...]) -> int:
     """Check B or C; return its group count (0 for a per-channel ``[D, N]`` matrix)."""
     ndims = (2, len(lead) + 2, len(lead) + 3) if per_channel_ok else (len(lead) + 3,)
-    check_tensor(name, M, ndim=ndims, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor(name, M, ndim=ndims, dtypes=dtypes, device=device)
     if M.dim() == 2:
         check_shape(name, M, (dim, dstate))
         return 0
@@ -387,26 +388,29 @@ def _check_bc(name: str, M: object, dim: int, dstate: int, lead: tuple[int, ...]
 
 
 def _validated(u, delta, A, B, C, D, z, delta_bias, *, varlen: bool) -> tuple:
-    """Check the arguments the two forms share; return them with unit stride along the sequence."""
-    check_tensor("u", u, ndim=2 if varlen else 3, dtypes=FLOAT_DTYPES)
-    device, dim, length = u.device, u.shape[-2], u.shape[-1]
-    check_tensor("delta", delta, dtypes=FLOAT_DTYPES, device=device)
-    check_shape("delta", delta, u.shape)
+    """Check the arguments the two forms share; return them with unit stride along the sequence.
+    The channel count comes from A (``[D, N]``), so a transposed u is reported as a bad u."""
+    dtypes = FLOAT_DTYPES if varlen else GRAD_DTYPES  # float64: selective_scan_fn on the torch backend
+    check_tensor("u", u, ndim=2 if varlen else 3, dtypes=dtypes)
+    device, length = u.device, u.shape[-1]
     if isinstance(A, torch.Tensor) and A.is_complex():
         raise TypeError(f"A must be real (complex A is not supported), got {A.dtype}")
-    check_tensor("A", A, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-    check_shape("A", A, (dim, None))
+    check_tensor("A", A, ndim=2, dtypes=dtypes, device=device)
+    dim = A.shape[0]
+    check_shape("u", u, (dim, None) if varlen else (None, dim, None))
+    check_tensor("delta", delta, dtypes=dtypes, device=device)
+    check_shape("delta", delta, u.shape)
     dstate = A.shape[1]
     if dstate == 0:
         raise ValueError(f"A must have a state size N >= 1, got shape {list(A.shape)}")
     lead = () if varlen else (u.shape[0],)
-    groups = [_check_bc(n, M, dim, dstate, lead, length, device, not varlen) for n, M in (("B", B), ("C", C))]
+    groups = [_check_bc(n, M, dim, dstate, lead, length, device, not varlen, dtypes) for n, M in (("B", B), ("C", C))]
     if min(groups) > 0 and groups[0] != groups[1]:
         raise ValueError(f"B and C must have the same number of groups, got {groups[0]} and {groups[1]}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if check_optional(name, t, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
+        if check_optional(name, t, ndim=1, dtypes=dtypes, device=device) is not None:
             check_shape(name, t, (dim,))
-    if check_optional("z", z, dtypes=FLOAT_DTYPES, device=device) is not None:
+    if check_optional("z", z, dtypes=dtypes, device=device) is not None:
         check_shape("z", z, u.shape)
     return tuple(None if t is None else unit_stride_last(t) for t in (u, delta, A, B, C, D, z, delta_bias))
 
@@ -414,7 +418,8 @@ def _validated(u, delta, A, B, C, D, z, delta_bias, *, varlen: bool) -> tuple:
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool,
                   tile_states: torch.Tensor | None = None):
     out = _alloc.empty_like(u)
-    last = _alloc.empty((u.shape[0], *A.shape), torch.float32, u.device) if return_last_state else None
+    last = (_alloc.empty((u.shape[0], *A.shape), torch.promote_types(u.dtype, torch.float32), u.device)
+            if return_last_state else None)
     _selective_scan(out, last, tile_states, [u, delta, A, B, C, D, z, delta_bias, None, None, None],
                     bool(delta_softplus), PAD_SLOT_ID)
     return (out, last) if return_last_state else out

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _alloc
-from triton_kernels._checks import FLOAT_DTYPES, check_optional, check_shape, check_tensor, on_device, unit_stride_last
+from triton_kernels._checks import GRAD_DTYPES, check_optional, check_shape, check_tensor, on_device, unit_stride_last
 from triton_kernels._tl_math import silu
 from triton_kernels.registry import RMS_NORM_GATED
 
@@ -402,12 +402,12 @@ class _RMSNormGatedFn(torch.autograd.Function):
 
 def _validated(x, weight, z, eps, group_size) -> int:
     """Metadata checks before anything runs; returns the group size."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=GRAD_DTYPES)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a last dim H >= 1, got shape {list(x.shape)}")
     hidden = x.shape[-1]
-    check_shape("weight", check_tensor("weight", weight, dtypes=FLOAT_DTYPES, device=x.device), [hidden])
-    if check_optional("z", z, dtypes=FLOAT_DTYPES, device=x.device) is not None:
+    check_shape("weight", check_tensor("weight", weight, dtypes=GRAD_DTYPES, device=x.device), [hidden])
+    if check_optional("z", z, dtypes=GRAD_DTYPES, device=x.device) is not None:
         check_shape("z", z, list(x.shape))
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
@@ -430,17 +430,18 @@ def rms_norm_gated(
     """Gated RMSNorm over groups of the last dim (mamba_ssm ``rmsnorm_fn`` without bias).
 
     Args:
-        x: ``[..., H]`` fp32/fp16/bf16, any leading dims (``[B, L, H]`` in a Mamba-2 block).
-        weight: ``[H]``, any float dtype.
-        z: optional gate ``[..., H]`` like x (any float dtype).
+        x: ``[..., H]`` fp32/fp16/bf16 (float64 on the torch backend: gradient checks), any leading dims
+            (``[B, L, H]`` in a Mamba-2 block).
+        weight: ``[H]``, any of those dtypes.
+        z: optional gate ``[..., H]`` like x (any of those dtypes).
         eps: added to the mean square of each group.
         group_size: channels per group, dividing H (default H: one group). Mamba-2 with ``ngroups``
             groups uses ``H // ngroups``.
         norm_before_gate: ``rmsnorm(x) * weight * silu(z)`` (mamba_ssm's default) when True,
-            ``rmsnorm(x * silu(z)) * weight`` (HF's ``MambaRMSNormGated``, Mamba-2 models) when False.
+            ``rmsnorm(x * silu(z)) * weight`` (HF's Mamba-2 ``<Family>RMSNormGated``) when False.
             Ignored without z.
 
-    Returns a new ``[..., H]`` tensor in x's dtype; the arithmetic is fp32. Non-contiguous inputs
+    Returns a new ``[..., H]`` tensor in x's dtype; the arithmetic is fp32 (fp64 for fp64 inputs). Non-contiguous inputs
     are read in place when their last dim has unit stride. Differentiable in x, weight and z on
     every backend (``ifk::rms_norm_gated_bwd``): gradients in each input's dtype, fp32 arithmetic,
     bit-identical from run to run (no atomics).

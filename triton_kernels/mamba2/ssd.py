@@ -35,6 +35,7 @@ import torch
 from triton_kernels import _alloc
 from triton_kernels._checks import (
     FLOAT_DTYPES,
+    GRAD_DTYPES,
     INDEX_DTYPES,
     check_distinct_rows,
     check_no_overlap,
@@ -116,38 +117,42 @@ def _check_dt_limit(dt_limit: object) -> tuple[float, float]:
 
 
 def _check_ssm(x, dt, A, B, C, D, z, dt_bias, lead: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """Check the arguments both forms share (``lead`` = ``(b, l)`` or ``(T,)``); return h, p, g, n."""
-    check_tensor("x", x, ndim=len(lead) + 2, dtypes=FLOAT_DTYPES)
+    """Check the arguments both forms share (``lead`` = ``(b, l)`` or ``(T,)``); return h, p, g, n.
+    The head count comes from A (``[h]``), so a transposed x is reported as a bad x. float64 runs on the
+    torch backend (gradient checks)."""
+    check_tensor("x", x, ndim=len(lead) + 2, dtypes=GRAD_DTYPES)
     device = x.device
-    check_shape("x", x, (*lead, None, None))
-    nheads, headdim = x.shape[-2:]
-    check_tensor("dt", dt, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("A", A, ndim=1, dtypes=GRAD_DTYPES, device=device)
+    nheads = A.shape[0]
+    if tuple(x.shape[:-1]) != (*lead, nheads):
+        raise ValueError(f"x must have shape [{', '.join(map(str, lead))}, {nheads}, *] (h from A {list(A.shape)}), "
+                         f"got {list(x.shape)}")
+    headdim = x.shape[-1]
+    check_tensor("dt", dt, dtypes=GRAD_DTYPES, device=device)
     check_shape("dt", dt, (*lead, nheads))
-    check_tensor("A", A, ndim=1, dtypes=FLOAT_DTYPES, device=device)
-    check_shape("A", A, (nheads,))
-    check_tensor("B", B, ndim=len(lead) + 2, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("B", B, ndim=len(lead) + 2, dtypes=GRAD_DTYPES, device=device)
     check_shape("B", B, (*lead, None, None))
     groups, dstate = B.shape[-2:]
     if groups == 0 or nheads % groups:
         raise ValueError(f"B has {groups} groups, which must divide the {nheads} heads of x")
     if dstate == 0:
         raise ValueError(f"B must have a state size n >= 1, got shape {list(B.shape)}")
-    check_tensor("C", C, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("C", C, dtypes=GRAD_DTYPES, device=device)
     check_shape("C", C, B.shape)
-    if check_optional("D", D, ndim=(1, 2), dtypes=FLOAT_DTYPES, device=device) is not None:
+    if check_optional("D", D, ndim=(1, 2), dtypes=GRAD_DTYPES, device=device) is not None:
         check_shape("D", D, (nheads,) if D.dim() == 1 else (nheads, headdim))
-    if check_optional("z", z, dtypes=FLOAT_DTYPES, device=device) is not None:
+    if check_optional("z", z, dtypes=GRAD_DTYPES, device=device) is not None:
         check_shape("z", z, x.shape)
-    if check_optional("dt_bias", dt_bias, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
+    if check_optional("dt_bias", dt_bias, ndim=1, dtypes=GRAD_DTYPES, device=device) is not None:
         check_shape("dt_bias", dt_bias, (nheads,))
     return nheads, headdim, groups, dstate
 
 
 def _check_combined(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens) -> tuple[int, ...]:
-    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, ndim=4, dtypes=GRAD_DTYPES)
     batch, seqlen = x.shape[:2]
     nheads, headdim, _, dstate = _check_ssm(x, dt, A, B, C, D, z, dt_bias, (batch, seqlen))
-    if check_optional("initial_states", initial_states, ndim=4, dtypes=FLOAT_DTYPES, device=x.device) is not None:
+    if check_optional("initial_states", initial_states, ndim=4, dtypes=GRAD_DTYPES, device=x.device) is not None:
         check_shape("initial_states", initial_states, (batch, nheads, headdim, dstate))
     if check_optional("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES, device=x.device) is not None:
         check_shape("seq_idx", seq_idx, (batch, seqlen))
@@ -234,8 +239,9 @@ def _chunk_scan_op(
     init_index = opens if initial_states is not None else [-1] * len(opens)
     target, final_index = final_states, closes_row if final_states is not None else [-1] * len(opens)
     if varlen_states is not None:  # the row's final state is then the last sequence's
-        target = varlen_states if varlen_states.dtype == torch.float32 else _alloc.empty(
-            varlen_states.shape, torch.float32, x.device)
+        state_dtype = torch.promote_types(x.dtype, torch.float32)
+        target = varlen_states if varlen_states.dtype == state_dtype else _alloc.empty(
+            varlen_states.shape, state_dtype, x.device)
         final_index = closes_seq
 
     def packed(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -260,7 +266,8 @@ def _chunk_scan_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state
                         dt_softplus, dt_limit, return_final_states, return_varlen_states):
     batch, _, nheads, headdim, dstate = x.shape[0], *x.shape[1:], B.shape[-1]
     out = _alloc.empty(x.shape, x.dtype, x.device)
-    final = _alloc.empty((batch, nheads, headdim, dstate), torch.float32, x.device) if return_final_states else None
+    state_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 for fp64 inputs)
+    final = _alloc.empty((batch, nheads, headdim, dstate), state_dtype, x.device) if return_final_states else None
     varlen = None
     if return_varlen_states:
         varlen = _alloc.empty((cu_seqlens.shape[0] - 1, nheads, headdim, dstate), C.dtype, x.device)
@@ -303,12 +310,12 @@ def _chunk_scan_bwd_op(
     _check_grads(dict(dx=(dx, x), ddt=(ddt, dt), dA=(dA, A), dB=(dB, B), dC=(dC, C), dD=(dD, D), dz=(dz, z),
                       ddt_bias=(ddt_bias, dt_bias), dinit=(dinit, initial_states), dout=(dout, x)))
     state_shape = (nheads, headdim, dstate)
-    if check_optional("dfinal", dfinal, ndim=4, dtypes=FLOAT_DTYPES, device=x.device) is not None:
+    if check_optional("dfinal", dfinal, ndim=4, dtypes=GRAD_DTYPES, device=x.device) is not None:
         check_shape("dfinal", dfinal, (batch, *state_shape))
     cu = None if cu_seqlens is None else check_offsets("cu_seqlens", cu_seqlens, seqlen, what="length")
     if cu_seqlens is not None and cu is None:
         raise ValueError("mamba_chunk_scan_combined reads cu_seqlens on the host: it cannot run in a CUDA graph")
-    if check_optional("dvarlen", dvarlen, ndim=4, dtypes=FLOAT_DTYPES, device=x.device) is not None:
+    if check_optional("dvarlen", dvarlen, ndim=4, dtypes=GRAD_DTYPES, device=x.device) is not None:
         if cu is None:
             raise ValueError("dvarlen (the gradient of the varlen states) needs cu_seqlens")
         check_shape("dvarlen", dvarlen, (len(cu) - 1, *state_shape))
@@ -317,7 +324,8 @@ def _chunk_scan_bwd_op(
     init_index = opens if initial_states is not None else [-1] * nseg
     target, final_index = dfinal, closes_row if dfinal is not None else [-1] * nseg
     if dvarlen is not None:  # one gradient row per segment: its row's and its sequence's final state
-        target = torch.zeros((nseg, *state_shape), dtype=torch.float32, device=x.device)
+        target = torch.zeros((nseg, *state_shape), dtype=torch.promote_types(x.dtype, torch.float32),
+                             device=x.device)
         for grad, closes in ((dfinal, closes_row), (dvarlen, closes_seq)):
             if grad is not None:
                 seg = [i for i, c in enumerate(closes) if c >= 0]

@@ -223,7 +223,7 @@ def test_bad_input_with_requires_grad_raises_before_running():
     with pytest.raises(TypeError, match="A must be real"):
         selective_scan_fn(**{**args, "A": bad})
     with pytest.raises(TypeError, match="z"):
-        selective_scan_fn(**{**args, "z": args["z"].detach().double().requires_grad_()})
+        selective_scan_fn(**{**args, "z": args["z"].detach().to(torch.complex64).requires_grad_()})
 
 
 def test_backward_op_rechecks_shapes():

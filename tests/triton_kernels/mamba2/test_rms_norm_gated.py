@@ -201,7 +201,7 @@ BAD = [
     pytest.param(dict(weight=torch.ones(1, 12)), ValueError, r"weight must have shape \[12\]", id="weight-2d"),
     pytest.param(dict(z=torch.ones(3, 6)), ValueError, r"z must have shape \[3, 12\], got \[3, 6\]", id="z-shape"),
     pytest.param(dict(x=torch.ones(3, 12, dtype=torch.int32)), TypeError, r"x must have dtype", id="x-int"),
-    pytest.param(dict(x=torch.ones(3, 12, dtype=torch.float64)), TypeError, r"x must have dtype", id="x-fp64"),
+    pytest.param(dict(x=torch.ones(3, 12, dtype=torch.int64)), TypeError, r"x must have dtype", id="x-int64"),
     pytest.param(dict(z=torch.ones(3, 12, dtype=torch.int64)), TypeError, r"z must have dtype", id="z-int"),
     pytest.param(dict(weight=[1.0] * 12), TypeError, r"weight must be a torch.Tensor, got list", id="weight-list"),
     pytest.param(dict(x=torch.ones(3, 0), weight=torch.ones(0), z=None), ValueError, r"last dim H >= 1",

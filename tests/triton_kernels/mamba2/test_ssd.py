@@ -326,7 +326,7 @@ def test_varlen_bad_input_raises_and_writes_nothing(override, exc, match):
         pytest.param(dict(cu_seqlens=torch.tensor([0, 8])), ValueError, "batch 1", id="cu-seqlens-batch2"),
         pytest.param(dict(return_varlen_states=True), ValueError, "cu_seqlens", id="varlen-states-no-cu"),
         pytest.param(dict(A=torch.randn(3)), ValueError, "A", id="A-shape"),
-        pytest.param(dict(z=torch.randn(2, 8, 4, 8, dtype=torch.float64)), TypeError, "z", id="z-fp64"),
+        pytest.param(dict(z=torch.ones(2, 8, 4, 8, dtype=torch.int32)), TypeError, "z", id="z-int32"),
     ],
 )
 def test_combined_bad_input(override, exc, match):

@@ -255,9 +255,9 @@ def test_activation_checkpointing():
 
 
 @pytest.mark.parametrize(("key", "value", "match"), [
-    ("x", lambda kw: kw["x"].double(), "x"),
+    ("x", lambda kw: kw["x"].to(torch.complex64), "x"),
     ("seq_idx", lambda kw: torch.zeros(1, 20, device=DEV), "seq_idx"),
-], ids=["x-fp64", "seq_idx-float"])
+], ids=["x-complex", "seq_idx-float"])
 def test_differentiable_call_bad_input(key, value, match):
     """A non-float x, or an index tensor that is float (the only kind that can require grad), is
     refused by name before anything runs."""
