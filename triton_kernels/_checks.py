@@ -111,6 +111,23 @@ def check_distinct_rows(name: str, t: torch.Tensor) -> None:
     would have several slots write one location)."""
     if torch.compiler.is_compiling() or t.numel() <= 1:
         return
-    if torch._debug_has_internal_overlap(t) != 0:  # 1: overlaps; 2: too irregular to tell
-        raise ValueError(f"{name} has elements that share memory (strides {t.stride()} for shape "
-                         f"{list(t.shape)}): each slot needs its own memory; pass a contiguous cache")
+    if torch._debug_has_internal_overlap(t) == 0 or _strides_nest(t):  # torch's 2 is "too hard to tell"
+        return
+    raise ValueError(f"{name} has elements that share memory (strides {t.stride()} for shape "
+                     f"{list(t.shape)}): each slot needs its own memory; pass a contiguous cache")
+
+
+def _strides_nest(t: torch.Tensor) -> bool:
+    """Each dim's stride (smallest first) steps past everything the smaller-stride dims span: then no
+    two elements share memory (a slice of a larger cache, say, that torch's quick check calls "too hard")."""
+    span = 0
+    for stride, size in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= span:
+            return False
+        span += (size - 1) * stride
+    return True
+
+
+def dtypes_of(*tensors: torch.Tensor | None) -> set[torch.dtype]:
+    """The dtypes of the given tensors (``None`` skipped): what ``Op.resolve`` routes on (float64 -> torch)."""
+    return {t.dtype for t in tensors if t is not None}

@@ -8,7 +8,8 @@ followed by exactly HF's parameters, and runs our op. :data:`HOOKS` maps each ho
 function; :mod:`pyiface.integrations._hub_layers` turns them into the layer classes the ``kernels``
 package installs.
 
-HF's code still runs for what the ops do not cover: conv widths outside 2..4, activations other
+HF's code still runs for what the ops do not cover: conv widths outside 2..8 (2..4 in the fused training
+functions), activations other
 than SiLU/none, falcon_mamba's B/C/dt RMS norms inside ``mamba_inner_fn``, and packed sequences
 that cannot be kept apart (Mamba-1: its scan has no packed form; a conv given ``cu_seqlens``
 without ``seq_idx``), where HF raises its own "can't keep packed sequences apart" error. Every op
@@ -38,11 +39,13 @@ from triton_kernels import (
 _SILU = (None, "silu", "swish")
 
 
-def _conv_supported(weight: torch.Tensor, activation: object, kwargs: dict, segmented: bool) -> bool:
-    """SiLU or none, width 2..4, and no packed sequences unless ``segmented`` and given by ``seq_idx``."""
+def _conv_supported(weight: torch.Tensor, activation: object, kwargs: dict, segmented: bool,
+                    max_width: int = 8) -> bool:
+    """SiLU or none, width 2..``max_width`` (the conv ops take 8, the fused mixers 4), and no packed
+    sequences unless ``segmented`` and given by ``seq_idx``."""
     packed = kwargs.get("seq_idx") is not None or kwargs.get("cu_seqlens") is not None
     kept_apart = segmented and kwargs.get("seq_idx") is not None
-    return activation in _SILU and 2 <= weight.shape[-1] <= 4 and (not packed or kept_apart)
+    return activation in _SILU and 2 <= weight.shape[-1] <= max_width and (not packed or kept_apart)
 
 
 def hf_selective_scan(hf, hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -98,7 +101,7 @@ def hf_mamba_inner_fn(hf, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_p
     args = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A,
             B, C, D)
     norms = (b_rms_weight, c_rms_weight, dt_rms_weight)
-    if any(w is not None for w in norms) or not _conv_supported(conv1d_weight, None, kwargs, segmented=False):
+    if any(w is not None for w in norms) or not _conv_supported(conv1d_weight, None, kwargs, False, max_width=4):
         return hf(*args, delta_bias, delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps,
                   **kwargs)
     return mamba_inner_fn(*args, delta_bias=delta_bias, delta_softplus=delta_softplus)
@@ -115,7 +118,7 @@ def hf_split_conv1d_scan(hf, zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, 
     options = {"dt_limit": tuple(dt_limit), "return_final_states": return_final_states, "activation": activation,
                "rmsnorm_weight": rmsnorm_weight, "outproj_weight": outproj_weight, "outproj_bias": outproj_bias,
                "headdim": headdim, "ngroups": ngroups, "norm_before_gate": norm_before_gate}
-    if not _conv_supported(conv1d_weight, activation, kwargs, segmented=True):
+    if not _conv_supported(conv1d_weight, activation, kwargs, segmented=True, max_width=4):
         return hf(*args, rmsnorm_eps=rmsnorm_eps, **options, **kwargs)
     return mamba_split_conv1d_scan_combined(*args, seq_idx=kwargs.get("seq_idx"),
                                             rmsnorm_eps=1e-6 if rmsnorm_eps is None else rmsnorm_eps, **options)
