@@ -7,7 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_kernels import LoRAKernelMeta, lora_linear, mamba_chunk_scan_combined, rms_norm_gated, selective_scan_fn
+from triton_kernels import (
+    BackendUnavailableError,
+    LoRAKernelMeta,
+    causal_conv1d_fn,
+    lora_linear,
+    mamba_chunk_scan_combined,
+    mamba_inner_fn,
+    mamba_split_conv1d_scan_combined,
+    rms_norm_gated,
+    selective_scan_fn,
+    use_backend,
+)
 
 F64 = torch.float64
 
@@ -67,9 +78,54 @@ def test_lora_linear_two_slices_and_a_no_lora_token():
                                     (x, a0, a1, b0, b1))
 
 
-def test_float64_is_refused_by_a_forced_kernel_backend():
-    from triton_kernels import BackendUnavailableError, use_backend
+@pytest.mark.parametrize("form", ["initial-and-final-states", "seq-idx", "plain"])
+def test_causal_conv1d_fn(form):
+    x, w, b, init = _leaves((1, 3, 5), (3, 3), (3,), (1, 3, 2))
+    if form == "initial-and-final-states":
+        def f(x, w, b, init):
+            return causal_conv1d_fn(x, w, b, "silu", initial_states=init, return_final_states=True)
+        args = (x, w, b, init)
+    elif form == "seq-idx":  # two sequences and a padding position
+        seq_idx = torch.tensor([[0, 0, 1, 1, -1]])
+        def f(x, w, b):
+            return causal_conv1d_fn(x, w, b, "silu", seq_idx=seq_idx)
+        args = (x, w, b)
+    else:
+        def f(x, w):
+            return causal_conv1d_fn(x, w, return_final_states=True)
+        args = (x, w)
+    assert torch.autograd.gradcheck(f, args)
 
+
+def test_mamba_inner_fn():
+    d, n, r, w = 3, 2, 1, 3
+    xz, conv_w, conv_b, x_proj, dt_proj, out_w, out_b, D, dt_bias, A = _leaves(
+        (1, 2 * d, 4), (d, 1, w), (d,), (r + 2 * n, d), (d, r), (2, d), (2,), (d,), (d,), (d, n), negative=(9,))
+
+    def f(xz, conv_w, conv_b, x_proj, dt_proj, out_w, out_b, D, dt_bias, A):
+        return mamba_inner_fn(xz, conv_w, conv_b, x_proj, dt_proj, out_w, out_b, A, D=D, delta_bias=dt_bias)
+
+    assert torch.autograd.gradcheck(f, (xz, conv_w, conv_b, x_proj, dt_proj, out_w, out_b, D, dt_bias, A))
+
+
+def test_mamba_split_conv1d_scan_combined():
+    h, p, n, w = 2, 2, 2, 3
+    dim, conv = h * p, h * p + 2 * n
+    zxbcdt, conv_w, conv_b, dt_bias, A, D, init, norm_w, out_w = _leaves(
+        (1, 5, dim + conv + h), (conv, w), (conv,), (h,), (h,), (h,), (1, h, p, n), (dim,), (3, dim), negative=(4,))
+
+    def f(zxbcdt, conv_w, conv_b, dt_bias, A, D, init, norm_w, out_w):
+        return mamba_split_conv1d_scan_combined(zxbcdt, conv_w, conv_b, dt_bias, A, D, 4, initial_states=init,
+                                                return_final_states=True, rmsnorm_weight=norm_w,
+                                                outproj_weight=out_w, headdim=p)
+
+    assert torch.autograd.gradcheck(f, (zxbcdt, conv_w, conv_b, dt_bias, A, D, init, norm_w, out_w))
+
+
+def test_float64_is_refused_by_a_forced_kernel_backend():
     x, w = _leaves((2, 8), (8,))
     with use_backend("triton"), pytest.raises(BackendUnavailableError, match="not float64"):
         rms_norm_gated(x, w)
+    x, w = _leaves((1, 3, 5), (3, 4))
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="not float64"):
+        causal_conv1d_fn(x, w)

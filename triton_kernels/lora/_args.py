@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from triton_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, check_no_overlap, check_tensor
 from triton_kernels._data_checks import capturing, check_count, check_offsets, check_once, check_slots
 
 # float64 runs on the torch backend only (gradcheck, oracles); the kernels take the other three.
@@ -160,3 +160,17 @@ def skip_no_lora(no_lora_flag_cpu: torch.Tensor, device_tensor: torch.Tensor) ->
     graph is being captured, so a graph captured on an all -1 step still holds the launch for
     replays with LoRA tokens (the kernels skip slot -1 rows themselves)."""
     return bool(no_lora_flag_cpu.item()) and not capturing(device_tensor)
+
+
+def check_output_apart(name: str, out: torch.Tensor, inputs: dict[str, torch.Tensor | Sequence[torch.Tensor] | None]
+                       ) -> None:
+    """Raise ``ValueError`` when the written ``out`` shares memory with one of ``inputs`` (a list, such as
+    the weights of the slices, is checked entry by entry as ``name[i]``): a kernel writing one while
+    reading the other races on a GPU. Run before anything is written."""
+    named: dict[str, torch.Tensor | None] = {}
+    for key, value in inputs.items():
+        if isinstance(value, (list, tuple)):
+            named.update({f"{key}[{i}]": t for i, t in enumerate(value)})
+        else:
+            named[key] = value
+    check_no_overlap(name, out, named)

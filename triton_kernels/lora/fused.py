@@ -42,6 +42,7 @@ from triton_kernels.lora._args import (
     check_float,
     check_meta_args,
     check_meta_values,
+    check_output_apart,
     check_weights,
     skip_no_lora,
     split_inputs,
@@ -338,6 +339,8 @@ def _add_lora_linear_op(y: torch.Tensor, inputs: list[torch.Tensor | None], scal
     wrapper's checks were traced away), then the metadata values, then runs."""
     (x, lora_ranks), meta, (lora_a, lora_b) = split_inputs("add_lora_linear", inputs, *FUSED_INPUTS)
     lora_a, lora_b = _check_fused(x, lora_a, lora_b, meta, lora_ranks, y)
+    # y itself is read and written (y += delta); reading x or a weight through y's memory would race
+    check_output_apart("y", y, {"x": x, "lora_a_stacked": lora_a, "lora_b_stacked": lora_b, "lora_ranks": lora_ranks})
     if skip_no_lora(meta[5], x):
         return
     _add_into(y, x, lora_a, lora_b, scale, meta, lora_ranks)
@@ -435,7 +438,8 @@ def add_lora_linear(
     """``y[t, slice s] += scale * (x[t] @ A_s[l]^T) @ B_s[l]^T`` for the slot ``l`` of each token.
 
     Args:
-        y: ``[T, sum(output_slices)]``, x's dtype, updated in place at the rows of LoRA tokens.
+        y: ``[T, sum(output_slices)]``, x's dtype, updated in place at the rows of LoRA tokens; must
+            not share memory with x, the weights or lora_ranks (ValueError).
         x: ``[T, H_in]`` fp16/bf16/fp32 (float64 on the torch backend only, e.g. for gradcheck).
         lora_a_stacked: one tensor per slice, ``[L, 1, R, H_in]`` (vLLM's layout) or ``[L, R, H_in]``.
         lora_b_stacked: one tensor per slice, ``[L, 1, n_s, R]`` or ``[L, n_s, R]``.

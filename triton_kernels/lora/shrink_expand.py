@@ -32,6 +32,7 @@ from triton_kernels.lora._args import (
     check_float,
     check_meta_args,
     check_meta_values,
+    check_output_apart,
     check_weights,
     meta_tensors,
     skip_no_lora,
@@ -351,6 +352,7 @@ def _lora_shrink_op(output_tensor: torch.Tensor, inputs: list[torch.Tensor | Non
     traced away), then the metadata values, then runs."""
     (x,), meta_args, (lora_a_weights,) = split_inputs("lora_shrink", inputs, *SHRINK_INPUTS)
     weights = _check_shrink(x, lora_a_weights, output_tensor, meta_args)
+    check_output_apart("output_tensor", output_tensor, {"inputs": x, "lora_a_weights": weights})
     if skip_no_lora(meta_args[5], x):  # a CPU tensor: no device sync
         return
     check_meta_values(meta_args, x.shape[0], weights[0].shape[0])
@@ -376,6 +378,7 @@ def _lora_expand_op(
     *lora_b_weights (S x [L, n_s, R])]``; checks as in :func:`_lora_shrink_op`."""
     (x,), meta_args, (lora_b_weights,) = split_inputs("lora_expand", inputs, *EXPAND_INPUTS)
     weights = _check_expand(x, lora_b_weights, output_tensor, meta_args, offset_start)
+    check_output_apart("output_tensor", output_tensor, {"inputs": x, "lora_b_weights": weights})
     if skip_no_lora(meta_args[5], x):
         return
     check_meta_values(meta_args, x.shape[1], weights[0].shape[0])
@@ -403,7 +406,8 @@ def lora_shrink(
     Args:
         inputs: ``[T, H_in]`` fp16/bf16/fp32 (float64 on the torch backend only).
         lora_a_weights: list of ``S`` tensors ``[L, R, H_in]`` (or ``[L, 1, R, H_in]``), inputs' dtype.
-        output_tensor: ``[S, T, R]`` float32, zeroed then written (rows of slot -1 tokens stay 0).
+        output_tensor: ``[S, T, R]`` float32, zeroed then written (rows of slot -1 tokens stay 0);
+            must not share memory with inputs or the weights (ValueError, nothing written).
             float32 on every backend, so the intermediate never overflows a half dtype.
         *meta_args: ``*meta.meta_args(T)`` of a :class:`LoRAKernelMeta` prepared for these ``T``
             tokens: ``token_lora_mapping [T], token_indices_sorted_by_lora_ids [T],
@@ -453,7 +457,8 @@ def lora_expand(
         output_tensor: ``[T, >= offset_start + sum n_s]`` fp16/bf16/fp32; slice ``s`` lands at
             column ``off_s = offset_start + n_0 + ... + n_{s-1}``. Written (``add_inputs=False``)
             or accumulated (``add_inputs=True``) at the rows of LoRA tokens only, rounded once to
-            its dtype (a result beyond the fp16 range becomes inf, as a cast would make it).
+            its dtype (a result beyond the fp16 range becomes inf, as a cast would make it). Must
+            not share memory with inputs or the weights (ValueError, nothing written).
         *meta_args: ``*meta.meta_args(T)``: the six tensors and ``num_active_loras``, or the six
             tensors alone, as in :func:`lora_shrink`.
         offset_start, add_inputs: keyword only (vLLM passes them so).

@@ -26,10 +26,14 @@ import triton.language as tl
 from triton_kernels import _alloc, _data_checks
 from triton_kernels._checks import (
     FLOAT_DTYPES,
+    GRAD_DTYPES,
     INDEX_DTYPES,
+    check_distinct_rows,
+    check_no_overlap,
     check_optional,
     check_shape,
     check_tensor,
+    dtypes_of,
     on_device,
     strides,
 )
@@ -295,7 +299,7 @@ def _causal_conv1d_fwd(
     """Destination-passing core of :func:`causal_conv1d_fn` (metadata validated): ``inputs`` is
     ``[x, weight, bias, initial_states, seq_idx]``."""
     x, weight, bias, initial_states, seq_idx = inputs
-    if CAUSAL_CONV1D.resolve(x.device) == "torch":
+    if CAUSAL_CONV1D.resolve(x.device, dtypes_of(x, weight, bias, initial_states)) == "torch":
         _, fin = causal_conv1d_fn_ref(x, weight, bias, silu, initial_states, out=out, seq_idx=seq_idx)
         if final_states is not None:
             final_states.copy_(fin)
@@ -393,22 +397,27 @@ def _silu_flag(activation: object) -> bool:
     raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
 
 
-def _check_weight(weight: object, bias: object, device: torch.device, max_width: int = _FUSED_MAX_WIDTH) -> int:
-    """Validate ``weight [D, W]`` (W in 2..max_width) and ``bias [D]``; return D."""
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+def _check_weight(weight: object, bias: object, device: torch.device, max_width: int = _FUSED_MAX_WIDTH,
+                  dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> int:
+    """Validate ``weight [D, W]`` (W in 2..max_width) and ``bias [D]`` (``dtypes``); return D."""
+    check_tensor("weight", weight, ndim=2, dtypes=dtypes, device=device)
     if not _MIN_WIDTH <= weight.shape[1] <= max_width:
         raise ValueError(f"weight width W must be in {_MIN_WIDTH}..{max_width}, got {weight.shape[1]} "
                          f"(shape {list(weight.shape)})")
-    if check_optional("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
+    if check_optional("bias", bias, ndim=1, dtypes=dtypes, device=device) is not None:
         check_shape("bias", bias, [weight.shape[0]])
     return weight.shape[0]
 
 
-def _check_state_cache(name: str, states: object, dim: int, width: int, device: torch.device) -> None:
+def _check_state_cache(name: str, states: object, dim: int, width: int, device: torch.device,
+                       inputs: dict[str, torch.Tensor | None]) -> None:
+    """A ``[slots, D, >= W-1]`` cache written in place: each slot its own memory, none shared with ``inputs``."""
     check_tensor(name, states, ndim=3, dtypes=FLOAT_DTYPES, device=device)
     if states.shape[1] != dim or states.shape[2] < width - 1:
         raise ValueError(f"{name} must have shape [slots, {dim}, >= {width - 1}] (D, W - 1), "
                          f"got {list(states.shape)}")
+    check_distinct_rows(name, states)
+    check_no_overlap(name, states, inputs)
 
 
 def causal_conv1d_fn(
@@ -425,8 +434,8 @@ def causal_conv1d_fn(
     """Depthwise causal conv1d over whole sequences (causal-conv1d's ``causal_conv1d_fn``).
 
     Args:
-        x: ``[B, D, L]`` fp32/fp16/bf16, any strides.
-        weight: ``[D, W]``, W in 2..8; bias: optional ``[D]``.
+        x: ``[B, D, L]`` fp32/fp16/bf16, any strides (float64 runs on the torch backend: gradient checks).
+        weight: ``[D, W]``, W in 2..8; bias: optional ``[D]`` (any of those dtypes).
         activation: ``None`` or ``"silu"``/``"swish"``.
         seq_idx: optional ``[B, L]`` int32/int64, several sequences packed in one row: a tap at a
             position whose ``seq_idx`` differs from the output position's reads zero, so the conv
@@ -436,7 +445,8 @@ def causal_conv1d_fn(
         initial_states: optional ``[B, D, W-1]``, the inputs before position 0 (default zeros).
         return_final_states: also return the last ``W-1`` inputs, ``[B, D, W-1]`` in x's dtype.
         final_states_out: optional ``[B, D, W-1]`` destination of the final states in x's dtype
-            (any strides), written and returned; needs ``return_final_states``.
+            (any strides), written and returned; needs ``return_final_states``; must not overlap x,
+            weight, bias or initial_states in memory (ValueError).
 
     Returns ``out [B, D, L]`` in x's dtype, ``out[b, d, t] = act(bias[d] + sum_k weight[d, k] *
     x[b, d, t - W + 1 + k])``, or ``(out, final_states)``. Differentiable in x, weight, bias and
@@ -448,12 +458,12 @@ def causal_conv1d_fn(
         >>> out.shape, fin.shape
         (torch.Size([2, 8, 5]), torch.Size([2, 8, 3]))
     """
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
-    dim = _check_weight(weight, bias, x.device, _MAX_WIDTH)
+    check_tensor("x", x, ndim=3, dtypes=GRAD_DTYPES)
+    dim = _check_weight(weight, bias, x.device, _MAX_WIDTH, GRAD_DTYPES)
     if x.shape[1] != dim:
         raise ValueError(f"x has {x.shape[1]} channels but weight has {dim} (x shape {list(x.shape)})")
     state_shape = [x.shape[0], dim, weight.shape[1] - 1]
-    if check_optional("initial_states", initial_states, ndim=3, dtypes=FLOAT_DTYPES, device=x.device) is not None:
+    if check_optional("initial_states", initial_states, ndim=3, dtypes=GRAD_DTYPES, device=x.device) is not None:
         check_shape("initial_states", initial_states, state_shape)
     if check_optional("seq_idx", seq_idx, ndim=2, dtypes=INDEX_DTYPES, device=x.device) is not None:
         check_shape("seq_idx", seq_idx, [x.shape[0], x.shape[2]])
@@ -465,6 +475,8 @@ def causal_conv1d_fn(
         check_shape("final_states_out", final_states_out, state_shape)
         if not return_final_states:
             raise ValueError("final_states_out is given but return_final_states is False")
+        check_no_overlap("final_states_out", final_states_out,
+                         {"x": x, "weight": weight, "bias": bias, "initial_states": initial_states})
     silu = _silu_flag(activation)
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias, initial_states)):
@@ -497,7 +509,8 @@ def causal_conv1d_varlen(
         weight: ``[D, W]``, W in 2..8; bias: optional ``[D]``.
         conv_states: ``[slots, D, S]`` with ``S >= W-1``, updated in place: a sequence starts from
             its slot's state where ``has_initial_state`` (else from zeros) and leaves the last S
-            inputs of ``[state, x_seq]`` there.
+            inputs of ``[state, x_seq]`` there. Each slot its own memory (not an ``expand``), none
+            shared with x, weight or bias (ValueError otherwise).
         query_start_loc: ``[batch + 1]`` int32/int64, sequence i is ``x[:, qsl[i]:qsl[i+1]]``.
         cache_indices: ``[batch]`` slot of each sequence (default: sequence i uses slot i); with
             it, a sequence at ``pad_slot_id`` reads and writes no state and gets zero outputs
@@ -523,7 +536,8 @@ def causal_conv1d_varlen(
     dim = _check_weight(weight, bias, x.device, _MAX_WIDTH)
     if x.shape[0] != dim:
         raise ValueError(f"x has {x.shape[0]} channels but weight has {dim} (x shape {list(x.shape)})")
-    _check_state_cache("conv_states", conv_states, dim, weight.shape[1], x.device)
+    _check_state_cache("conv_states", conv_states, dim, weight.shape[1], x.device,
+                       {"x": x, "weight": weight, "bias": bias})
     batch = check_query_start_loc(query_start_loc, x.device)
     slots = check_index("cache_indices", cache_indices, batch, x.device)
     if slots is None:
@@ -554,7 +568,8 @@ def causal_conv1d_update(
     Args:
         x: ``[B, D]`` or ``[B, D, L]`` new tokens.
         conv_state: ``[slots, D, S]`` with ``S >= W-1``, the last S inputs of each slot, updated in
-            place to the last S inputs of ``[state, x]``; the conv reads its last W-1 columns.
+            place to the last S inputs of ``[state, x]``; the conv reads its last W-1 columns. Each
+            slot its own memory, none shared with x, weight or bias (ValueError otherwise).
         weight: ``[D, W]``, W in 2..8; bias: optional ``[D]``.
         cache_seqlens: optional ``[B]`` int32/int64: the state is a circular buffer and row b has
             written ``cache_seqlens[b]`` tokens so far; the conv reads the W-1 columns before
@@ -583,7 +598,8 @@ def causal_conv1d_update(
     dim = _check_weight(weight, bias, x.device, _MAX_WIDTH)
     if x.shape[1] != dim:
         raise ValueError(f"x has {x.shape[1]} channels but weight has {dim} (x shape {list(x.shape)})")
-    _check_state_cache("conv_state", conv_state, dim, weight.shape[1], x.device)
+    _check_state_cache("conv_state", conv_state, dim, weight.shape[1], x.device,
+                       {"x": x, "weight": weight, "bias": bias})
     slots = check_index("conv_state_indices", conv_state_indices, x.shape[0], x.device)
     if slots is None:
         check_default_slots("conv_state", conv_state.shape[0], x.shape[0], "conv_state_indices", exact=True)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _alloc
-from triton_kernels._checks import check_shape, on_device, strides
+from triton_kernels._checks import check_shape, dtypes_of, on_device, strides
 from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu_grad
 from triton_kernels.mamba.reference import causal_conv1d_bwd_ref
@@ -286,7 +286,7 @@ def causal_conv1d_bwd(
     check_shape("d_out", d_out, list(x.shape))
     if d_final is not None:
         check_shape("d_final", d_final, [*x.shape[:2], weight.shape[1] - 1])
-    if CAUSAL_CONV1D.resolve(x.device) == "torch":
+    if CAUSAL_CONV1D.resolve(x.device, dtypes_of(x, weight, bias, initial_states)) == "torch":
         grads = causal_conv1d_bwd_ref(x, weight, bias, silu, initial_states, d_out, d_final, seq_idx)
         for dest, grad in zip((d_x, d_weight, d_bias, d_initial_states), grads):
             if dest is not None:

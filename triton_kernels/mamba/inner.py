@@ -17,13 +17,13 @@ import torch
 from torch.nn import functional
 
 from triton_kernels import _alloc
-from triton_kernels._checks import FLOAT_DTYPES, check_optional, check_shape, check_tensor
+from triton_kernels._checks import GRAD_DTYPES, check_optional, check_shape, check_tensor
 from triton_kernels.backend import interpreter_enabled
 from triton_kernels.mamba.causal_conv1d import _check_weight, _conv_forward
 from triton_kernels.mamba.reference import causal_conv1d_bwd_ref
-from triton_kernels.mamba.scan_backward import selective_scan_bwd
 from triton_kernels.mamba.selective_scan import _as_groups, _scan_forward
 from triton_kernels.mamba.selective_scan import _validated as _scan_args
+from triton_kernels.mamba.selective_scan_bwd import selective_scan_bwd
 from triton_kernels.mamba.tiles import tile_states_shape
 
 
@@ -107,32 +107,32 @@ def _validated(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                A, B, C, B_proj_bias, C_proj_bias, checkpoint_lvl) -> torch.Tensor:
     """Metadata checks of the fused call (the scan checks its own arguments again); returns the
     conv weight as ``[D, W]``."""
-    check_tensor("xz", xz, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("xz", xz, ndim=3, dtypes=GRAD_DTYPES)
     device = xz.device
     if xz.shape[1] % 2:
         raise ValueError(f"xz must be [b, 2 D, l] (x then z), got an odd channel count: shape {list(xz.shape)}")
     dim = xz.shape[1] // 2
-    check_tensor("conv1d_weight", conv1d_weight, ndim=(2, 3), dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("conv1d_weight", conv1d_weight, ndim=(2, 3), dtypes=GRAD_DTYPES, device=device)
     if conv1d_weight.dim() == 3:
         check_shape("conv1d_weight", conv1d_weight, (dim, 1, None))
         conv1d_weight = conv1d_weight[:, 0]
-    if _check_weight(conv1d_weight, conv1d_bias, device) != dim:
+    if _check_weight(conv1d_weight, conv1d_bias, device, dtypes=GRAD_DTYPES) != dim:
         raise ValueError(f"conv1d_weight has {conv1d_weight.shape[0]} channels, xz has D={dim}")
-    check_tensor("delta_proj_weight", delta_proj_weight, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("delta_proj_weight", delta_proj_weight, ndim=2, dtypes=GRAD_DTYPES, device=device)
     check_shape("delta_proj_weight", delta_proj_weight, (dim, None))
-    check_tensor("A", A, ndim=2, dtypes=FLOAT_DTYPES, device=device)  # complex A raises here
+    check_tensor("A", A, ndim=2, dtypes=GRAD_DTYPES, device=device)  # complex A raises here
     check_shape("A", A, (dim, None))
     for name, bias, given in (("B_proj_bias", B_proj_bias, B), ("C_proj_bias", C_proj_bias, C)):
-        if check_optional(name, bias, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
+        if check_optional(name, bias, ndim=1, dtypes=GRAD_DTYPES, device=device) is not None:
             if given is not None:
                 raise ValueError(f"{name} applies to the projected {name[0]}: pass {name[0]}=None with it")
             check_shape(name, bias, (A.shape[1],))
     rows = delta_proj_weight.shape[1] + A.shape[1] * ((B is None) + (C is None))
-    check_tensor("x_proj_weight", x_proj_weight, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("x_proj_weight", x_proj_weight, ndim=2, dtypes=GRAD_DTYPES, device=device)
     check_shape("x_proj_weight", x_proj_weight, (rows, dim))
-    check_tensor("out_proj_weight", out_proj_weight, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("out_proj_weight", out_proj_weight, ndim=2, dtypes=GRAD_DTYPES, device=device)
     check_shape("out_proj_weight", out_proj_weight, (None, dim))
-    if check_optional("out_proj_bias", out_proj_bias, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
+    if check_optional("out_proj_bias", out_proj_bias, ndim=1, dtypes=GRAD_DTYPES, device=device) is not None:
         check_shape("out_proj_bias", out_proj_bias, (out_proj_weight.shape[0],))
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
@@ -165,7 +165,8 @@ def mamba_inner_fn(
     D, z, delta_bias, delta_softplus)`` (gated by ``silu(z)``); returns ``out_proj(y)``.
 
     Args:
-        xz: ``[b, 2 D, l]`` fp32/fp16/bf16 (in_proj's output transposed; any strides).
+        xz: ``[b, 2 D, l]`` fp32/fp16/bf16 (in_proj's output transposed; any strides); float64 runs on
+            the torch backend (gradient checks).
         conv1d_weight: ``[D, 1, W]`` (nn.Conv1d's) or ``[D, W]``, W in 2..4; conv1d_bias ``[D]`` or None.
         x_proj_weight: ``[R + N (B projected) + N (C projected), D]``. delta_proj_weight: ``[D, R]``.
         out_proj_weight: ``[out, D]``; out_proj_bias ``[out]`` or None. Weights are cast to xz's dtype.

@@ -135,9 +135,15 @@ def selective_scan_varlen_ref(
 # ---- decode state update and causal conv1d ------------------------------------------------------
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The arithmetic dtype of the conv references: fp32, fp64 for fp64 inputs (gradient checks)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _conv(xcat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
-    """Depthwise valid conv of fp32 ``xcat [B, D, W-1+L]`` with ``weight [D, W]`` -> ``[B, D, L]``."""
-    out = F.conv1d(xcat, weight.float().unsqueeze(1), None if bias is None else bias.float(),
+    """Depthwise valid conv of fp32/fp64 ``xcat [B, D, W-1+L]`` with ``weight [D, W]`` -> ``[B, D, L]``
+    in xcat's dtype."""
+    out = F.conv1d(xcat, weight.to(xcat.dtype).unsqueeze(1), None if bias is None else bias.to(xcat.dtype),
                    groups=weight.shape[0])
     return F.silu(out) if silu else out
 
@@ -177,14 +183,14 @@ def _same_sequence(seq_idx: torch.Tensor, shift: int) -> torch.Tensor:
 
 def _conv_seq_idx(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   seq_idx: torch.Tensor) -> torch.Tensor:
-    """The pre-activation conv of fp32 ``x [B, D, L]`` when taps across a change of ``seq_idx``
+    """The pre-activation conv of fp32/fp64 ``x [B, D, L]`` when taps across a change of ``seq_idx``
     read zero: W shifted multiply-adds; 0 at padding positions (``seq_idx < 0``, causal-conv1d's)."""
     width, length = weight.shape[1], x.shape[-1]
-    res = torch.zeros_like(x) if bias is None else bias.float()[:, None].expand_as(x).clone()
+    res = torch.zeros_like(x) if bias is None else bias.to(x.dtype)[:, None].expand_as(x).clone()
     for k in range(width):
         shift = width - 1 - k
         shifted = F.pad(x, (shift, 0))[..., :length]
-        res += weight.float()[:, k, None] * shifted * _same_sequence(seq_idx, shift)
+        res += weight.to(x.dtype)[:, k, None] * shifted * _same_sequence(seq_idx, shift)
     return res * (seq_idx >= 0)[:, None, :]
 
 
@@ -198,7 +204,7 @@ def causal_conv1d_fn_ref(
     seq_idx: torch.Tensor | None = None,  # [B, L] int, without initial_states
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """causal-conv1d's ``causal_conv1d_fn``: returns ``out [B, D, L]`` (x's dtype) and the final
-    states ``[B, D, W-1]`` (fp32: the last W-1 inputs, initial states included when L < W-1).
+    states ``[B, D, W-1]`` (fp32, fp64 for fp64 x: the last W-1 inputs, initial states included when L < W-1).
     Differentiable in every tensor argument when ``out`` is not given. With ``seq_idx``, a tap at
     a position of another sequence than the output position reads zero, and a position with
     ``seq_idx < 0`` (padding) outputs zero.
@@ -206,22 +212,22 @@ def causal_conv1d_fn_ref(
     Without initial states the conv pads inside ``F.conv1d`` (its last W-1 columns are dropped)
     instead of materialising a padded copy of x; with ``out`` the activation writes into it."""
     width, length = weight.shape[1], x.shape[-1]
+    xc = x.to(_compute_dtype(x))  # the arithmetic dtype
     if seq_idx is not None and length:
-        res = _conv_seq_idx(x.float(), weight, bias, seq_idx)
-        tail = x.float()[..., max(length - (width - 1), 0):]
+        res = _conv_seq_idx(xc, weight, bias, seq_idx)
+        tail = xc[..., max(length - (width - 1), 0):]
         final = F.pad(tail, (width - 1 - tail.shape[-1], 0))
     elif length == 0:  # F.conv1d refuses an empty sequence: no output, the state passes through
-        res = x.float()
-        final = (x.new_zeros((*x.shape[:2], width - 1), dtype=torch.float32) if initial_states is None
-                 else initial_states.to(torch.float32, copy=True))
+        res = xc
+        final = (xc.new_zeros((*x.shape[:2], width - 1)) if initial_states is None
+                 else initial_states.to(xc.dtype, copy=True))
     elif initial_states is None:
-        xf = x.float()
-        res = F.conv1d(xf, weight.float().unsqueeze(1), None if bias is None else bias.float(),
+        res = F.conv1d(xc, weight.to(xc.dtype).unsqueeze(1), None if bias is None else bias.to(xc.dtype),
                        padding=width - 1, groups=weight.shape[0])[..., :length]
-        tail = xf[..., max(length - (width - 1), 0):]
+        tail = xc[..., max(length - (width - 1), 0):]
         final = F.pad(tail, (width - 1 - tail.shape[-1], 0)) if tail.shape[-1] < width - 1 else tail
     else:
-        xcat = torch.cat([initial_states.float(), x.float()], dim=-1)
+        xcat = torch.cat([initial_states.to(xc.dtype), xc], dim=-1)
         res = _conv(xcat, weight, bias, False)
         final = xcat[..., xcat.shape[-1] - (width - 1):]
     if out is None:
@@ -243,26 +249,27 @@ def causal_conv1d_bwd_ref(
     d_final: torch.Tensor | None,  # [B, D, W-1]
     seq_idx: torch.Tensor | None = None,  # [B, L] int, without initial states
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of :func:`causal_conv1d_fn_ref` in closed form (fp32, recomputing the conv):
+    """Gradients of :func:`causal_conv1d_fn_ref` in closed form (fp32, fp64 for fp64 x; recomputing the conv):
     ``(d_x, d_weight, d_bias, d_initial_states)``, ``None`` for an absent bias / initial state."""
     width, length = weight.shape[1], x.shape[-1]
+    cdt = _compute_dtype(x)
     if seq_idx is not None and length:
-        return _conv_seq_idx_bwd(x.float(), weight, bias, silu, d_out.float(), d_final, seq_idx)
+        return _conv_seq_idx_bwd(x.to(cdt), weight, bias, silu, d_out.to(cdt), d_final, seq_idx)
     if initial_states is None:
-        xcat = F.pad(x.float(), (width - 1, 0))
+        xcat = F.pad(x.to(cdt), (width - 1, 0))
     else:
-        xcat = torch.cat([initial_states.float(), x.float()], dim=-1)
-    g = d_out.float()
+        xcat = torch.cat([initial_states.to(cdt), x.to(cdt)], dim=-1)
+    g = d_out.to(cdt)
     if silu and length:
         pre = _conv(xcat, weight, bias, False)
         sig = torch.sigmoid(pre)
         g = g * sig * (1 + pre * (1 - sig))
     if length:
-        d_xcat = F.conv_transpose1d(g, weight.float().unsqueeze(1), groups=weight.shape[0])  # [B, D, W-1+L]
+        d_xcat = F.conv_transpose1d(g, weight.to(cdt).unsqueeze(1), groups=weight.shape[0])  # [B, D, W-1+L]
     else:  # F.conv_transpose1d refuses an empty sequence
         d_xcat = torch.zeros_like(xcat)
     if d_final is not None:
-        d_xcat[..., length:] += d_final.float()
+        d_xcat[..., length:] += d_final.to(cdt)
     d_weight = torch.stack([(g * xcat[..., k : k + length]).sum((0, 2)) for k in range(width)], dim=1)
     d_bias = None if bias is None else g.sum((0, 2))
     d_init = None if initial_states is None else d_xcat[..., : width - 1]
@@ -279,15 +286,15 @@ def _conv_seq_idx_bwd(x, weight, bias, silu, g, d_final, seq_idx):
         sig = torch.sigmoid(pre)
         g = g * sig * (1 + pre * (1 - sig))
     d_x = torch.zeros_like(x)
-    d_weight = torch.empty_like(weight, dtype=torch.float32)
+    d_weight = torch.empty_like(weight, dtype=x.dtype)
     for k in range(width):
         shift = width - 1 - k
         g_k = g * _same_sequence(seq_idx, shift)  # [B, D, L]: output t reads x[t - shift]
-        d_x += weight.float()[:, k, None] * F.pad(g_k, (0, shift))[..., shift:]
+        d_x += weight.to(x.dtype)[:, k, None] * F.pad(g_k, (0, shift))[..., shift:]
         d_weight[:, k] = (g_k * F.pad(x, (shift, 0))[..., :length]).sum((0, 2))
     if d_final is not None:  # the last W-1 inputs (zeros before the row start)
         tail = min(width - 1, length)
-        d_x[..., length - tail:] += d_final.float()[..., width - 1 - tail:]
+        d_x[..., length - tail:] += d_final.to(x.dtype)[..., width - 1 - tail:]
     return d_x, d_weight, None if bias is None else g.sum((0, 2)), None
 
 

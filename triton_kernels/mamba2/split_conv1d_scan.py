@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional
 
 from triton_kernels import _alloc
-from triton_kernels._checks import FLOAT_DTYPES, check_optional, check_shape, check_tensor
+from triton_kernels._checks import GRAD_DTYPES, check_optional, check_shape, check_tensor
 from triton_kernels.mamba.causal_conv1d import _causal_conv1d_fwd, _check_weight, _silu_flag
 from triton_kernels.mamba.reference import causal_conv1d_bwd_ref
 from triton_kernels.mamba2.rms_norm_gated import _backward as _norm_bwd
@@ -157,9 +157,9 @@ class _SplitConv1dScanFn(torch.autograd.Function):
 def _validated(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, activation,
                rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups) -> _Dims:
     """Metadata checks of the fused call (the inner ops check their own arguments again)."""
-    check_tensor("zxbcdt", zxbcdt, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("zxbcdt", zxbcdt, ndim=3, dtypes=GRAD_DTYPES)
     device = zxbcdt.device
-    check_tensor("D", D, ndim=(1, 2), dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("D", D, ndim=(1, 2), dtypes=GRAD_DTYPES, device=device)
     if D.dim() == 2:
         nheads, headdim = D.shape
     elif isinstance(headdim, bool) or not isinstance(headdim, int) or headdim < 1:
@@ -168,7 +168,7 @@ def _validated(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, in
         nheads = D.shape[0]
     if isinstance(ngroups, bool) or not isinstance(ngroups, int) or ngroups < 1 or nheads % ngroups:
         raise ValueError(f"ngroups must be a positive int dividing the {nheads} heads, got {ngroups!r}")
-    conv_dim = _check_weight(conv1d_weight, conv1d_bias, device)
+    conv_dim = _check_weight(conv1d_weight, conv1d_bias, device, dtypes=GRAD_DTYPES)
     dim = nheads * headdim
     if conv_dim <= dim or (conv_dim - dim) % (2 * ngroups):
         raise ValueError(f"conv1d_weight has {conv_dim} channels, expected dim + 2 * ngroups * dstate with "
@@ -178,23 +178,23 @@ def _validated(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, in
         raise ValueError(f"zxbcdt's last dim {zxbcdt.shape[-1]} must be 2 * d_nonssm + 2 * dim + 2 * ngroups * "
                          f"dstate + nheads (dim={dim}, conv dim={conv_dim}, nheads={nheads}, d_nonssm >= 0)")
     for name, t in (("dt_bias", dt_bias), ("A", A)):
-        check_shape(name, check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES, device=device), (nheads,))
+        check_shape(name, check_tensor(name, t, ndim=1, dtypes=GRAD_DTYPES, device=device), (nheads,))
     _check_chunk_size(chunk_size)
     dims = _Dims(zxbcdt, conv_dim, nheads, headdim, ngroups)
     state = (dims.batch, nheads, headdim, dims.dstate)
-    if check_optional("initial_states", initial_states, ndim=4, dtypes=FLOAT_DTYPES, device=device) is not None:
+    if check_optional("initial_states", initial_states, ndim=4, dtypes=GRAD_DTYPES, device=device) is not None:
         check_shape("initial_states", initial_states, state)
     if check_optional("seq_idx", seq_idx, ndim=2, dtypes=(torch.int32, torch.int64), device=device) is not None:
         check_shape("seq_idx", seq_idx, (dims.batch, dims.seqlen))
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
-    if check_optional("rmsnorm_weight", rmsnorm_weight, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
+    if check_optional("rmsnorm_weight", rmsnorm_weight, ndim=1, dtypes=GRAD_DTYPES, device=device) is not None:
         check_shape("rmsnorm_weight", rmsnorm_weight, (dim,))
         if not isinstance(rmsnorm_eps, (int, float)) or not (math.isfinite(rmsnorm_eps) and rmsnorm_eps >= 0):
             raise ValueError(f"rmsnorm_eps must be a finite number >= 0, got {rmsnorm_eps!r}")
-    if check_optional("outproj_weight", outproj_weight, ndim=2, dtypes=FLOAT_DTYPES, device=device) is not None:
+    if check_optional("outproj_weight", outproj_weight, ndim=2, dtypes=GRAD_DTYPES, device=device) is not None:
         check_shape("outproj_weight", outproj_weight, (None, dims.d_nonssm + dim))
-        if check_optional("outproj_bias", outproj_bias, ndim=1, dtypes=FLOAT_DTYPES, device=device) is not None:
+        if check_optional("outproj_bias", outproj_bias, ndim=1, dtypes=GRAD_DTYPES, device=device) is not None:
             check_shape("outproj_bias", outproj_bias, (outproj_weight.shape[0],))
     elif outproj_bias is not None:
         raise ValueError("outproj_bias is given without outproj_weight")
@@ -232,7 +232,8 @@ def mamba_split_conv1d_scan_combined(
     put in front when ``d_nonssm > 0``; then ``out_proj`` applies when ``outproj_weight`` is given.
 
     Args:
-        zxbcdt: ``[b, l, 2 d_nonssm + 2 dim + 2 g n + h]`` fp32/fp16/bf16, dim = h p.
+        zxbcdt: ``[b, l, 2 d_nonssm + 2 dim + 2 g n + h]`` fp32/fp16/bf16, dim = h p; float64 runs on the
+            torch backend (gradient checks).
         conv1d_weight: ``[dim + 2 g n, W]`` (W in 2..4); conv1d_bias: ``[dim + 2 g n]`` or None.
         dt_bias, A: ``[h]``. D: ``[h]`` (then ``headdim`` is needed) or ``[h, p]``.
         chunk_size: the SSD chunk length, a power of two.

@@ -1,6 +1,8 @@
 """add_lora_linear (fused, per-slot ranks) and lora_linear (training) against the package reference
 in float64."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,9 +10,11 @@ from hypothesis import strategies as st
 
 import triton_kernels._data_checks
 import triton_kernels.lora.batched
+from tests.triton_kernels.aliasing import sharing
 from tests.triton_kernels.lora.helpers import lora_weights, oracle_delta, prepared_meta, token_mapping
-from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal
+from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, backends
 from triton_kernels import LoRAKernelMeta, add_lora_linear, lora_linear, use_backend
+from triton_kernels.registry import ADD_LORA_LINEAR
 
 BACKENDS = ["triton", "torch"]
 
@@ -238,6 +242,23 @@ def test_bad_inputs_raise_before_writing():
             with use_backend(backend), pytest.raises(exc, match=match):
                 add_lora_linear(**kwargs)
             assert_equal(y, keep)
+
+
+@pytest.mark.parametrize("backend", backends(ADD_LORA_LINEAR))
+@pytest.mark.parametrize("other", ["x", "lora_a_stacked[0]", "lora_b_stacked[1]"])
+def test_y_overlapping_an_input_is_refused_before_writing(other, backend):
+    """``y += delta`` reads y itself (fine) but must not read x or a weight through y's memory: that passed
+    validation and raced on a GPU."""
+    _, x, a, b, ranks, meta = _small()
+    shapes = {"x": x.shape, "lora_a_stacked[0]": a[0].shape, "lora_b_stacked[1]": b[1].shape}
+    buffer, y, shared = sharing((6, 10), shapes[other])
+    x = shared if other == "x" else x
+    a = [shared, a[1]] if other == "lora_a_stacked[0]" else a
+    b = [b[0], shared] if other == "lora_b_stacked[1]" else b
+    before = buffer.clone()
+    with use_backend(backend), pytest.raises(ValueError, match=re.escape(f"y overlaps {other} in memory")):
+        add_lora_linear(y, x, a, b, 1.0, (6, 4), meta, lora_ranks=ranks)
+    assert_equal(buffer, before)
 
 
 def test_lora_linear_no_lora_batch_is_zero():

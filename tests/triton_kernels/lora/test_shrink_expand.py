@@ -1,14 +1,18 @@
 """lora_shrink / lora_expand against the package reference in float64 (vLLM semantics)."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import triton_kernels._data_checks
+from tests.triton_kernels.aliasing import sharing
 from tests.triton_kernels.lora.helpers import lora_weights, oracle_expand, oracle_shrink, prepared_meta, token_mapping
-from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, poisoned
+from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, backends, poisoned
 from triton_kernels import LoRAKernelMeta, lora_expand, lora_shrink, use_backend
+from triton_kernels.registry import LORA_EXPAND, LORA_SHRINK
 
 BACKENDS = ["triton", "torch"]
 
@@ -174,6 +178,32 @@ def test_expand_bad_inputs_raise_before_writing():
             call()
         assert_equal(out, keep)
 
+
+
+@pytest.mark.parametrize("backend", backends(LORA_SHRINK))
+@pytest.mark.parametrize("other", ["inputs", "lora_a_weights[1]"])
+def test_shrink_output_overlapping_an_input_is_refused_before_writing(other, backend):
+    """output_tensor sharing memory with inputs or a weight passed validation (the kernel raced on a GPU)."""
+    _, x, a, meta = _shrink_case(5, 16, 8, (6, 4), 3, "interleaved", torch.float32)
+    buffer, out, shared = sharing((2, 5, 8), x.shape if other == "inputs" else a[1].shape)
+    x, a = (shared, a) if other == "inputs" else (x, [a[0], shared])
+    before = buffer.clone()
+    with use_backend(backend), pytest.raises(ValueError, match=re.escape(f"output_tensor overlaps {other} in")):
+        lora_shrink(x, a, out, *meta.meta_args(5), 1.0)
+    assert_equal(buffer, before)
+
+
+@pytest.mark.parametrize("backend", backends(LORA_EXPAND))
+@pytest.mark.parametrize("other", ["inputs", "lora_b_weights[0]"])
+@pytest.mark.parametrize("add_inputs", [False, True])
+def test_expand_output_overlapping_an_input_is_refused_before_writing(other, add_inputs, backend):
+    inputs, b, out, meta = _expand_args()
+    buffer, out, shared = sharing(out.shape, inputs.shape if other == "inputs" else b[0].shape)
+    inputs, b = (shared, b) if other == "inputs" else (inputs, [shared, b[1]])
+    before = buffer.clone()
+    with use_backend(backend), pytest.raises(ValueError, match=re.escape(f"output_tensor overlaps {other} in")):
+        lora_expand(inputs, b, out, *meta.meta_args(5), add_inputs=add_inputs)
+    assert_equal(buffer, before)
 
 
 # --- vLLM's two forms of the metadata arguments --------------------------------------------------

@@ -9,11 +9,13 @@ import itertools
 import pytest
 import torch
 
+from tests.triton_kernels.aliasing import sharing
 from tests.triton_kernels.mamba import oracle
-from tests.utils import KERNEL_DEVICE, assert_close, assert_equal
+from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, backends
 from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen
 from triton_kernels.mamba.reference import causal_conv1d_fn_ref, causal_conv1d_update_ref
+from triton_kernels.registry import CAUSAL_CONV1D, CAUSAL_CONV1D_UPDATE, CAUSAL_CONV1D_VARLEN
 
 BACKENDS = ["triton", "torch"]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
@@ -754,6 +756,69 @@ def test_update_bad_input_writes_nothing(backend, change, exc, match):
     with use_backend(backend), pytest.raises(exc, match=match):
         causal_conv1d_update(**args)
     assert_equal(args["conv_state"], before, "conv_state")
+
+
+# ------------------------------------------------------------------ aliasing: states written in place
+
+
+def _varlen(x=None, weight=None, bias=None, conv_states=None):
+    """causal_conv1d_varlen on two sequences of a [6, 5] input with W 4 and 4 slots (defaults random)."""
+    return causal_conv1d_varlen(rnd(6, 5) if x is None else x, rnd(6, 4) if weight is None else weight,
+                                rnd(6) if bias is None else bias,
+                                rnd(4, 6, 3) if conv_states is None else conv_states, _dev(0, 3, 5),
+                                cache_indices=_dev(2, 0), has_initial_state=_dev(True, False))
+
+
+def _update(x=None, weight=None, bias=None, conv_state=None):
+    """causal_conv1d_update of 2 rows [2, 6, 2] with W 4 and 3 slots (defaults random)."""
+    return causal_conv1d_update(rnd(2, 6, 2) if x is None else x, rnd(3, 6, 3) if conv_state is None else conv_state,
+                                rnd(6, 4) if weight is None else weight, rnd(6) if bias is None else bias,
+                                conv_state_indices=_dev(2, 0))
+
+
+STATE_OPS = {"varlen": (CAUSAL_CONV1D_VARLEN, _varlen, "conv_states", (4, 6, 3)),
+             "update": (CAUSAL_CONV1D_UPDATE, _update, "conv_state", (3, 6, 3))}
+STATE_INPUTS = {"varlen": {"x": (6, 5), "weight": (6, 4), "bias": (6,)},
+                "update": {"x": (2, 6, 2), "weight": (6, 4), "bias": (6,)}}
+ALIAS_PARAMS = [pytest.param(name, other, b, id=f"{name}-{other}-{b}") for name, (op, *_) in STATE_OPS.items()
+                for other in STATE_INPUTS[name] for b in backends(op)]
+
+
+@pytest.mark.parametrize(("name", "other", "backend"), ALIAS_PARAMS)
+def test_state_cache_overlapping_an_input_is_refused_before_writing(name, other, backend):
+    """The conv state cache is written in place while x, weight and bias are read: a cache sharing memory
+    with one of them passed validation (and raced on a GPU); now ValueError, nothing written."""
+    _, run, state_name, state_shape = STATE_OPS[name]
+    buffer, state, inp = sharing(state_shape, STATE_INPUTS[name][other])
+    before = buffer.clone()
+    with use_backend(backend), pytest.raises(ValueError, match=f"{state_name} overlaps {other} in memory"):
+        run(**{state_name: state, other: inp})
+    assert_equal(buffer, before, "the shared buffer")
+
+
+@pytest.mark.parametrize(("name", "backend"), [pytest.param(n, b, id=f"{n}-{b}") for n, (op, *_) in STATE_OPS.items()
+                                               for b in backends(op)])
+def test_state_cache_whose_slots_share_memory_is_refused(name, backend):
+    """A cache made with ``expand`` (stride 0 over slots): every slot would write one location."""
+    _, run, state_name, state_shape = STATE_OPS[name]
+    shared = rnd(1, *state_shape[1:]).expand(state_shape)
+    before = shared.clone()
+    with use_backend(backend), pytest.raises(ValueError, match=f"{state_name} has elements that share memory"):
+        run(**{state_name: shared})
+    assert_equal(shared, before, "conv state")
+
+
+@pytest.mark.parametrize("other", ["x", "weight", "initial_states"])
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D))
+def test_fn_final_states_out_overlapping_an_input_is_refused(backend, other):
+    shapes = {"x": (2, 6, 5), "weight": (6, 4), "initial_states": (2, 6, 3)}
+    buffer, dest, inp = sharing((2, 6, 3), shapes[other])
+    args = {"x": rnd(2, 6, 5), "weight": rnd(6, 4), "initial_states": rnd(2, 6, 3), other: inp}
+    before = buffer.clone()
+    with use_backend(backend), pytest.raises(ValueError, match=f"final_states_out overlaps {other} in memory"):
+        causal_conv1d_fn(args.pop("x"), args.pop("weight"), None, "silu", **args, return_final_states=True,
+                         final_states_out=dest)
+    assert_equal(buffer, before, "the shared buffer")
 
 
 # ------------------------------------------------------------------ oracles: HF transformers' Mamba pieces
