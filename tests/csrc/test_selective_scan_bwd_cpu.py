@@ -1,5 +1,5 @@
 """The C++ CPU selective scan backward (csrc/mamba/selective_scan_cpu.cpp, launched by
-triton_kernels/mamba/scan_backward_cpu.py) against autograd through the float64 sequential oracle
+triton_kernels/mamba/selective_scan_bwd_cpu.py) against autograd through the float64 sequential oracle
 (tests/triton_kernels/mamba/oracle.py): every B/C form, each optional input on and off, dlast,
 awkward lengths around the kernel's 64-token chunks, empty batch and length, and bit-identical
 gradients run to run and across OpenMP thread counts."""
@@ -13,7 +13,7 @@ from tests.triton_kernels.mamba import oracle
 from tests.triton_kernels.mamba.test_selective_scan import make_batched, rnd
 from tests.utils import assert_close
 from triton_kernels import _csrc
-from triton_kernels.mamba.scan_backward_cpu import scan_bwd_cpu
+from triton_kernels.mamba.selective_scan_bwd_cpu import scan_bwd_cpu
 
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")  # the order of scan_bwd_cpu's grads
 

@@ -72,8 +72,8 @@ def test_cpu_kernel_varlen_with_cache(state_dtype):
 def test_cpu_is_the_default_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     calls = []
-    launch = scan_module._launch_cpu
-    monkeypatch.setattr(scan_module, "_launch_cpu", lambda *a: calls.append(1) or launch(*a))
+    launch = scan_module.scan_fwd_cpu
+    monkeypatch.setattr(scan_module, "scan_fwd_cpu", lambda *a: calls.append(1) or launch(*a))
     args = make_batched(1, 5, 4, 9, device="cpu")
     assert_close(selective_scan_fn(**args), ref64(args)[0])
     assert calls == [1]
@@ -86,7 +86,7 @@ def test_falls_back_to_torch_with_a_warning_when_the_build_fails(monkeypatch):
         raise _csrc.ExtensionBuildError(f"could not build csrc extension {name!r} (test)")
 
     monkeypatch.setattr(_csrc, "load", broken)
-    monkeypatch.setattr(scan_module, "_launch_cpu", lambda *a: pytest.fail("the cpu kernel ran"))
+    monkeypatch.setattr(scan_module, "scan_fwd_cpu", lambda *a: pytest.fail("the cpu kernel ran"))
     args = make_batched(1, 5, 4, 9, device="cpu")
     with pytest.warns(RuntimeWarning, match="falling back to the torch backend"):
         out = selective_scan_fn(**args)

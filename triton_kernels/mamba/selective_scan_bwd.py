@@ -31,7 +31,7 @@ from triton_kernels import _alloc
 from triton_kernels._checks import check_shape, check_tensor
 from triton_kernels._ops import destination_op
 from triton_kernels.mamba.reference import CHUNK_TOKENS, per_channel, scan_chunk
-from triton_kernels.mamba.scan_backward_cpu import scan_bwd_cpu
+from triton_kernels.mamba.selective_scan_bwd_cpu import scan_bwd_cpu
 from triton_kernels.mamba.tiles import check_tile_states
 from triton_kernels.registry import SELECTIVE_SCAN
 
@@ -182,7 +182,7 @@ def _selective_scan_bwd(
     dtypes = [t.dtype for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
     backend = SELECTIVE_SCAN.resolve(u.device, dtypes)
     if backend == "triton":
-        from triton_kernels.mamba.scan_backward_triton import scan_bwd_triton
+        from triton_kernels.mamba.selective_scan_bwd_triton import scan_bwd_triton
 
         grads = scan_bwd_triton(*args, tile_states=tile_states)
     else:

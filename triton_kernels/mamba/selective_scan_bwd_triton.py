@@ -1,5 +1,5 @@
 """The Mamba-1 selective scan backward as a Triton kernel: ``scan_bwd_triton`` (the contract is in
-:mod:`.scan_backward`).
+:mod:`.selective_scan_bwd`).
 
 Each program owns one batch row and a block of channels of one group (the forward's grid) and walks
 the sequence tile by tile from the end, with the forward's tiles (``tile_length(N)`` tokens). Per
@@ -28,7 +28,7 @@ import triton.language as tl
 from triton_kernels import _alloc
 from triton_kernels._checks import on_device, strides, unit_stride_last
 from triton_kernels._tl_math import softplus
-from triton_kernels.mamba.selective_scan import _combine, _launch_triton, _load_bc
+from triton_kernels.mamba.selective_scan_triton import combine, load_bc, scan_fwd_triton
 from triton_kernels.mamba.tiles import tile_length, tile_states_shape
 
 # Elements of one [BLOCK_D, BLOCK_N, BLOCK_L] fp32 tile. The backward keeps about three times the
@@ -152,15 +152,15 @@ def _selective_scan_bwd_kernel(
                 b_dt = b_pre
                 b_dt_next = b_pre_next
             b_dt = tl.where(m_t[None, :], b_dt, 0.0)
-            b_B = _load_bc(B_ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_B_b, stride_B_g, stride_B_n,
+            b_B = load_bc(B_ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_B_b, stride_B_g, stride_B_n,
                            B_PER_CHANNEL)
-            b_C = _load_bc(C_ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_C_b, stride_C_g, stride_C_n,
+            b_C = load_bc(C_ptr, i_b, i_g, o_d, o_n, o_t, m_d, m_n, m_t, stride_C_b, stride_C_g, stride_C_n,
                            C_PER_CHANNEL)
             # the tile's states, from the saved state entering it
             b_h0 = tl.load(p_tile + k.to(tl.int64) * dim * dstate + o_dn, mask=m_dn, other=0.0)
             b_dAt = tl.exp2(b_dt[:, None, :] * b_A2[:, :, None])  # 1 past the end (dt = 0 there)
             b_dBu = (b_dt * b_u)[:, None, :] * b_B
-            b_a, b_b = tl.associative_scan((b_dAt, b_dBu), axis=2, combine_fn=_combine)
+            b_a, b_b = tl.associative_scan((b_dAt, b_dBu), axis=2, combine_fn=combine)
             b_hs = b_a * b_h0[:, :, None] + b_b  # h_t
             b_dy = tl.load(dout_ptr + i_b * stride_do_b + o_d[:, None] * stride_do_d + o_t[None, :], mask=m_dt,
                            other=0.0).to(tl.float32)
@@ -176,7 +176,7 @@ def _selective_scan_bwd_kernel(
                 b_dy = b_dy * b_z * b_sig
             # the adjoint lambda_t = dy_t C_t + a_{t+1} lambda_{t+1}: reverse scan, then the carry
             b_an = tl.where(m_next[:, None, :], tl.exp2(b_dt_next[:, None, :] * b_A2[:, :, None]), 1.0)
-            b_p, b_v = tl.associative_scan((b_an, b_dy[:, None, :] * b_C), axis=2, combine_fn=_combine,
+            b_p, b_v = tl.associative_scan((b_an, b_dy[:, None, :] * b_C), axis=2, combine_fn=combine,
                                            reverse=True)
             b_lam = tl.where(m_t[None, None, :], b_v + b_p * b_carry[:, :, None], 0.0)
             b_carry = tl.sum(tl.where(is_first, b_lam, 0.0), axis=2)
@@ -237,14 +237,14 @@ def _bwd_launch_shape(dstate: int, dim_per_group: int, batch: int, groups: int,
 def _saved_tile_states(u, delta, A, B, C, D, z, delta_bias, delta_softplus, groups) -> torch.Tensor:
     """The state entering each tile, by a forward launch (when the forward ran on another backend)."""
     tile_states = _alloc.empty(tile_states_shape(u, A), torch.float32, u.device)
-    _launch_triton(torch.empty_like(u), None, u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, None,
+    scan_fwd_triton(torch.empty_like(u), None, u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, None,
                    None, 0, u.shape[0], groups, tile_states)
     return tile_states
 
 
 def scan_bwd_triton(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool,
                     tile_states: torch.Tensor | None = None) -> tuple:
-    """The Triton backend of the backward (contract in :mod:`.scan_backward`). ``tile_states``
+    """The Triton backend of the backward (contract in :mod:`.selective_scan_bwd`). ``tile_states``
     ``[Bt, n_tiles + 1, D, N]`` fp32 contiguous from the Triton forward, or None (then one forward
     launch recomputes them). Tensors along L without a unit stride are copied."""
     bsz, dim, seqlen = u.shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+
 def _as_f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 

@@ -18,9 +18,9 @@ packed T can pass 2^31 / D), the slot and the state index ``o_n`` (``o_n * strid
 (``i_g * stride_g`` with ``stride_g = N T``; an int64 ``i_g`` everywhere cost 8 bytes of stack on
 sm_90). Nothing else is multiplied by a stride.
 """
+
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

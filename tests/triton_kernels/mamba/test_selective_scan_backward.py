@@ -1,4 +1,4 @@
-"""selective_scan_fn's backward (triton_kernels/mamba/scan_backward.py, scan_backward_triton.py): every
+"""selective_scan_fn's backward (triton_kernels/mamba/selective_scan_bwd.py, selective_scan_bwd_triton.py): every
 backend's gradients against autograd through the float64 sequential oracle (the Triton kernel under the
 interpreter, the torch backend, the cpu backend), gradcheck of the torch backend in float64,
 determinism, the grouped-dB/dC accumulation across channel blocks, opcheck of ifk::selective_scan_bwd,
@@ -17,8 +17,8 @@ from tests.triton_kernels.mamba import oracle
 from tests.triton_kernels.mamba.test_selective_scan import make_batched
 from tests.utils import KERNEL_DEVICE, assert_close
 from triton_kernels import selective_scan_fn, use_backend
-from triton_kernels.mamba import scan_backward_triton
-from triton_kernels.mamba.scan_backward import scan_bwd_torch
+from triton_kernels.mamba import selective_scan_bwd_triton
+from triton_kernels.mamba.selective_scan_bwd import scan_bwd_torch
 
 F32, F16, F64 = torch.float32, torch.float16, torch.float64
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -141,10 +141,10 @@ def test_backward_is_deterministic(backend):
 def test_triton_grouped_dbc_summed_over_channel_blocks(monkeypatch):
     """Small tiles and one program per group: each program adds several channel blocks' dB/dC into its
     workspace slot (the path real sizes take), and B given per token besides grouped C."""
-    monkeypatch.setattr(scan_backward_triton, "BWD_TILE_ELEMENTS", 64)
-    monkeypatch.setattr(scan_backward_triton, "BWD_PROGRAMS", 1)
+    monkeypatch.setattr(selective_scan_bwd_triton, "BWD_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(selective_scan_bwd_triton, "BWD_PROGRAMS", 1)
     args = make_batched(2, 14, 4, 40, bc="group2")
-    assert scan_backward_triton._bwd_launch_shape(4, 7, 2, 2, False)[4] > 1  # blocks per program
+    assert selective_scan_bwd_triton._bwd_launch_shape(4, 7, 2, 2, False)[4] > 1  # blocks per program
     dout = torch.randn(2, 28, 40, device=KERNEL_DEVICE)[:, ::2]  # non-contiguous dout
     with use_backend("triton"):
         got = our_grads(args, dout, None)
@@ -165,7 +165,7 @@ def test_triton_backward_after_another_backends_forward():
     assert_grads_close(dict(zip(ref, grads)), ref, GRAD_TOL[F32])
     inputs = [args[k] for k in ("u", "delta", "A")] + [args["B"][:, None], args["C"][:, None]] + [
         args[k] for k in ("D", "z", "delta_bias")]
-    direct = scan_backward_triton.scan_bwd_triton(dout, None, *inputs, True, tile_states=None)
+    direct = selective_scan_bwd_triton.scan_bwd_triton(dout, None, *inputs, True, tile_states=None)
     for k, g, r in zip(NAMES, direct, grads):
         assert_close(g.view(r.shape), r.double(), GRAD_TOL[F32], name=f"d{k}")
 
