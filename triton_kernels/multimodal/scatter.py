@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _alloc
-from triton_kernels._checks import on_device
+from triton_kernels._checks import check_no_overlap, on_device
 from triton_kernels._data_checks import capturing
 from triton_kernels.multimodal._args import (
     MultiModalItems,
@@ -284,7 +284,7 @@ def merge_multimodal_embeddings(
     Args:
         input_ids: ``[T]`` int32/int64 token ids.
         inputs_embeds: ``[T, H]`` fp32/fp16/bf16, any strides, written in place at placeholder
-            rows only.
+            rows only; must not share memory with ``input_ids`` (ValueError).
         multimodal_embeddings: a list/tuple of ``[rows_i, H]`` tensors (any lengths, taken in
             order) or one ``[n, rows, H]`` tensor, in any float dtype (cast to
             ``inputs_embeds.dtype``); an item that is a view of ``inputs_embeds`` is copied first.
@@ -304,6 +304,7 @@ def merge_multimodal_embeddings(
     """
     ids = check_ids(input_ids)
     embeds = check_rows("inputs_embeds", inputs_embeds, ids.shape[0], ids.device)
+    check_no_overlap("inputs_embeds", embeds, {"input_ids": ids})
     mask = placeholder_mask(ids, placeholder_token_id)
     _scatter(embeds, None, None, mask, multimodal_embeddings, num_placeholders)
     return inputs_embeds
@@ -316,9 +317,11 @@ def merge_multimodal_embeddings_by_mask(
     *,
     num_placeholders: int | None = None,
 ) -> torch.Tensor:
-    """:func:`merge_multimodal_embeddings` with a ``[T]`` bool position mask instead of token ids."""
+    """:func:`merge_multimodal_embeddings` with a ``[T]`` bool position mask instead of token ids
+    (``is_multimodal`` must not share memory with ``inputs_embeds``: ValueError)."""
     embeds = check_rows("inputs_embeds", inputs_embeds)
     mask = check_mask(is_multimodal, embeds.shape[0], embeds.device)
+    check_no_overlap("inputs_embeds", embeds, {"is_multimodal": mask})
     _scatter(embeds, None, None, mask, multimodal_embeddings, num_placeholders)
     return inputs_embeds
 
@@ -344,7 +347,9 @@ def embed_multimodal_tokens(
             differ; an item that is a view of ``out`` is copied first.
         is_multimodal / placeholder_token_id: exactly one says where the placeholders are
             (``[T]`` bool, or an id / list of ids that fit ``input_ids``' dtype).
-        out: optional ``[T, H]`` destination in the table's dtype, any strides.
+        out: optional ``[T, H]`` destination in the table's dtype, any strides; must not share memory
+            with ``input_ids`` or ``is_multimodal`` (ValueError; the table and the items may: they are
+            copied first).
         num_placeholders: the number of placeholders, when the caller already holds it on the
             host (vLLM's scheduler does). Then nothing is read back from the device: the count
             is checked against the items on the host, and text ids are not range-checked (an
@@ -383,5 +388,6 @@ def embed_multimodal_tokens(
         mask = check_mask(is_multimodal, ids.shape[0], ids.device)
     else:
         mask = placeholder_mask(ids, placeholder_token_id)
+    check_no_overlap("out", out, {"input_ids": ids, "is_multimodal": mask})
     _scatter(out, ids.contiguous(), weight, mask, multimodal_embeddings, num_placeholders)
     return out

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tests.utils import KERNEL_DEVICE, assert_equal, poison_, poisoned
+from tests.triton_kernels.aliasing import sharing
+from tests.utils import KERNEL_DEVICE, assert_equal, backends, poison_, poisoned
 from triton_kernels import (
     _alloc,
     embed_multimodal_tokens,
@@ -17,6 +18,7 @@ from triton_kernels import (
     use_backend,
 )
 from triton_kernels.multimodal import scatter
+from triton_kernels.registry import MULTIMODAL_SCATTER
 
 PLACEHOLDER = 7
 VOCAB = 50
@@ -344,6 +346,39 @@ def test_item_that_is_a_view_of_the_target(backend):
     with use_backend(backend):
         embed_multimodal_tokens(ids, weight, [out[:6]], placeholder_token_id=PLACEHOLDER, out=out)
     assert_equal(out, expected(ids, weight[ids], [before[:6]]))
+
+
+OVERLAP_CALLS = {
+    # (dtype of the index tensor, the call with (ids or mask, target), the names in the message)
+    "merge-ids": (torch.int64, lambda ids, t: merge_multimodal_embeddings(ids, t, [torch.randn(3, 8)], PLACEHOLDER),
+                  "inputs_embeds overlaps input_ids"),
+    "by-mask": (torch.bool, lambda mask, t: merge_multimodal_embeddings_by_mask(t, [torch.randn(3, 8)], mask),
+                "inputs_embeds overlaps is_multimodal"),
+    "embed-ids": (torch.int64, lambda ids, t: embed_multimodal_tokens(ids, torch.randn(VOCAB, 8), [torch.randn(3, 8)],
+                                                                      placeholder_token_id=PLACEHOLDER, out=t),
+                  "out overlaps input_ids"),
+    "embed-mask": (torch.bool, lambda mask, t: embed_multimodal_tokens(torch.zeros(12, dtype=torch.int64),
+                                                                       torch.randn(VOCAB, 8), [torch.randn(3, 8)],
+                                                                       is_multimodal=mask, out=t),
+                   "out overlaps is_multimodal"),
+}
+
+
+@pytest.mark.parametrize("backend", backends(MULTIMODAL_SCATTER))
+@pytest.mark.parametrize("name", list(OVERLAP_CALLS))
+def test_target_overlapping_the_ids_or_mask_is_refused_before_writing(name, backend):
+    """The target is written while the ids / mask are read (items and the table are copied when they
+    overlap it: see above; the ids and the mask are not): that passed validation, now ValueError."""
+    index_dtype, call, message = OVERLAP_CALLS[name]
+    buffer, target, index = sharing((12, 8), (12,), torch.float32, index_dtype)
+    if index_dtype == torch.bool:
+        index.copy_(torch.arange(12) % 4 == 1)  # 3 placeholders
+    else:
+        index.copy_(torch.tensor([0, 1, 7, 7, 7, 2, 3, 4, 5, 6, 8, 9]))
+    before = buffer.clone()
+    with use_backend(backend), pytest.raises(ValueError, match=message):
+        call(index, target)
+    assert_equal(buffer, before)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
