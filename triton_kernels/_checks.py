@@ -81,13 +81,13 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(storage address, first byte, one past the last byte) that ``t`` can touch; None when empty."""
+def _byte_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """(first address, one past the last) of the bytes ``t`` can touch (torch strides are never
+    negative); None when empty. Addresses, not storages: two storages over one buffer overlap too."""
     if t.numel() == 0:
         return None
-    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-    first = t.storage_offset() * t.element_size()
-    return t.untyped_storage().data_ptr(), first, first + (extent + 1) * t.element_size()
+    first = t.data_ptr()
+    return first, first + (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
 def check_no_overlap(name: str, written: torch.Tensor, others: dict[str, torch.Tensor | None]) -> None:
@@ -102,7 +102,7 @@ def check_no_overlap(name: str, written: torch.Tensor, others: dict[str, torch.T
         return
     for other_name, other in others.items():
         other_span = None if other is None else _byte_span(other)
-        if other_span is not None and other_span[0] == span[0] and other_span[1] < span[2] and span[1] < other_span[2]:
+        if other_span is not None and other_span[0] < span[1] and span[0] < other_span[1]:
             raise ValueError(f"{name} overlaps {other_name} in memory; pass a separate tensor for {name}")
 
 
