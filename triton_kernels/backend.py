@@ -3,7 +3,8 @@ rules that pick the backend that runs it.
 
 Backends:
     ``triton``  the Triton kernel; default for CUDA tensors, and for CPU tensors when
-                ``TRITON_INTERPRET=1`` (the interpreter, slow, used by CI).
+                ``TRITON_INTERPRET=1`` (the interpreter, slow, used by CI; set before importing the
+                package, and a warning, once per op, where a ``cpu`` kernel would run instead).
     ``cuda``    a hand-written CUDA kernel from ``csrc/`` (built on first use), where one exists
                 and a committed measurement says it wins (``Op.prefer_cuda``).
     ``cpu``     a C++ kernel from ``csrc/`` for CPU tensors, where one exists.
@@ -23,6 +24,7 @@ import contextvars
 import dataclasses
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -67,8 +69,27 @@ def forced_backend() -> str | None:
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton kernels were decorated under ``TRITON_INTERPRET=1``."""
+    """True when ``TRITON_INTERPRET=1`` is set now (see :data:`_KERNELS_INTERPRETED` for when it counts)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, that is when triton_kernels is imported (this
+# module first, the kernel modules right after): setting it later leaves GPU kernels, which fail on CPU
+# tensors with Triton's "0 active drivers". Tests may patch this.
+_KERNELS_INTERPRETED = interpreter_enabled()
+_LATE_INTERPRETER = (
+    "TRITON_INTERPRET=1 was set after triton_kernels was imported, and Triton reads it when the kernels "
+    "are decorated (at import), so they were built for a GPU; set TRITON_INTERPRET=1 before importing "
+    "triton_kernels (or triton), or run the torch/cpu backend (IFK_BACKEND=torch or use_backend('torch'))"
+)
+_warned_slow: set[str] = set()  # ops already warned about the interpreter shadowing their cpu kernel
+
+
+def _late_interpreter(device: torch.device) -> bool:
+    """CPU tensors, the interpreter on now but not when the kernels were decorated, and no GPU: the
+    kernels cannot run. (With a GPU, tests/sm90.py records launches of GPU-built kernels this way.)"""
+    return (device.type == "cpu" and not _KERNELS_INTERPRETED and interpreter_enabled()
+            and not torch.cuda.is_available())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +129,8 @@ class Op:
         if odd:
             return f"the {backend} kernel takes {', '.join(map(str, self.kernel_dtypes))}, not {', '.join(odd)}"
         if backend == "triton":
+            if _late_interpreter(device):
+                return _LATE_INTERPRETER
             if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
                 return None
             return f"triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (got {device})"
@@ -133,6 +156,13 @@ class Op:
         if device.type == "cuda":
             return "cuda" if self.prefer_cuda and "cuda" in self.native else "triton"
         if interpreter_enabled():
+            if _late_interpreter(device):
+                raise BackendUnavailableError(f"{self.name}: {_LATE_INTERPRETER}")
+            if device.type == "cpu" and "cpu" in self.native and self.name not in _warned_slow:
+                _warned_slow.add(self.name)
+                warnings.warn(f"{self.name}: TRITON_INTERPRET=1 runs its Triton kernel in the interpreter on CPU "
+                              "tensors, seconds where its cpu kernel takes milliseconds; IFK_BACKEND=cpu or "
+                              "use_backend('cpu') runs the cpu kernel", RuntimeWarning, stacklevel=3)
             return "triton"
         return "cpu" if "cpu" in self.native else "torch"
 

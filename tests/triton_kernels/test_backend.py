@@ -1,10 +1,17 @@
 """Backend choice: automatic by device and dtype, IFK_BACKEND, use_backend, forced-backend errors, and
 the registry every op is declared in."""
 
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
-from triton_kernels import BackendUnavailableError, _csrc, registry, use_backend
+from triton_kernels import BackendUnavailableError, _csrc, backend, registry, use_backend
 from triton_kernels.backend import BACKENDS, Op, forced_backend
 
 CPU = torch.device("cpu")
@@ -37,6 +44,7 @@ def no_env(monkeypatch):
 )
 def test_automatic_choice(no_env, monkeypatch, device, interpret, native, prefer_cuda, dtypes, expected):
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.setattr(backend, "_warned_slow", {"my_op"})  # the interpreter warning: tested below
     assert _op(native, prefer_cuda).select(device, dtypes) == expected
 
 
@@ -108,3 +116,82 @@ def test_registry_declares_runnable_ops(name):
 
     assert any(n == name or n.startswith(name + "_") for n in dir(torch.ops.ifk)), \
         f"no torch.ops.ifk.{name}* custom op registered"
+
+
+# ---- TRITON_INTERPRET: set too late, and shadowing a cpu kernel -------------------------------------
+
+
+@pytest.fixture
+def late_interpreter(no_env, monkeypatch):
+    """TRITON_INTERPRET=1 now, but the kernels were decorated without it, on a machine without CUDA."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "_KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_interpreter_set_after_import_is_explained(late_interpreter):
+    with pytest.raises(BackendUnavailableError, match="set TRITON_INTERPRET=1 before importing triton_kernels"):
+        _op().select(CPU)
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="was set after triton_kernels"):
+        _op().select(CPU)
+    with use_backend("torch"):
+        assert _op().select(CPU) == "torch"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the finding is a CPU-only machine's: no GPU driver")
+def test_interpreter_set_after_import_end_to_end():
+    """The finding: setting TRITON_INTERPRET=1 after ``import triton_kernels`` gave Triton's raw "0 active
+    drivers" on a CPU tensor."""
+    code = ("import os, torch, triton_kernels\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "try:\n"
+            "    triton_kernels.rms_norm_gated(torch.randn(2, 8), torch.ones(8))\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__, e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "IFK_BACKEND")}
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(root)}, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert "BackendUnavailableError" in res.stdout, res.stdout + res.stderr
+    assert "set TRITON_INTERPRET=1 before importing triton_kernels" in res.stdout
+
+
+@pytest.fixture
+def interpreter(no_env, monkeypatch):
+    """The interpreter on (and on when the kernels were decorated), no op warned yet."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "_KERNELS_INTERPRETED", True)
+    monkeypatch.setattr(backend, "_warned_slow", set())
+
+
+def test_interpreter_shadowing_a_cpu_kernel_warns_once_per_op(interpreter):
+    """The finding: TRITON_INTERPRET=1 exported for a shell made a small CPU scan take 72 s instead of
+    0.05 s, silently. Now the automatic choice warns, once per op."""
+    op, other = _op(native=("cpu",)), Op("other_op", reference="triton_kernels.registry:OPS", native={"cpu": "x"})
+    with pytest.warns(RuntimeWarning, match=r"my_op: TRITON_INTERPRET=1 .* IFK_BACKEND=cpu or use_backend\('cpu'\)"):
+        assert op.select(CPU) == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert op.select(CPU) == "triton"  # once per op
+    with pytest.warns(RuntimeWarning, match="other_op"):
+        other.select(CPU)
+
+
+@pytest.mark.parametrize("case", ["forced-triton", "no-cpu-kernel", "float64"])
+def test_interpreter_warning_only_for_an_automatic_choice_with_a_cpu_kernel(interpreter, case):
+    """Tests that force the backend (the suite's own interpreter runs) and ops without a cpu kernel stay quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if case == "forced-triton":
+            with use_backend("triton"):
+                assert _op(native=("cpu",)).select(CPU) == "triton"
+        elif case == "no-cpu-kernel":
+            assert _op().select(CPU) == "triton"
+        else:
+            assert _op(native=("cpu",)).select(CPU, (torch.float64,)) == "torch"
+
+
+def test_suite_does_not_turn_warnings_into_errors():
+    """The interpreter warning must stay a warning in this suite's own runs (pyproject's filterwarnings)."""
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert not re.search(r"filterwarnings\s*=.*\berror\b", text, re.S)
