@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.triton_kernels.mamba import oracle
-from tests.triton_kernels.mamba.test_selective_scan import make_batched, rnd
-from tests.utils import assert_close
+from tests.triton_kernels.mamba.scan_inputs import make_batched
+from tests.utils import assert_close, rnd
 from triton_kernels import _csrc
 from triton_kernels.mamba.selective_scan_bwd_cpu import scan_bwd_cpu
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import triton_kernels.mamba.selective_scan as scan_module
-from tests.triton_kernels.mamba.test_selective_scan import make_batched, make_varlen, ref64, varlen_expected
+from tests.triton_kernels.mamba.scan_inputs import make_batched, make_varlen, ref64, varlen_expected
 from tests.utils import assert_close, assert_equal, poisoned
 from triton_kernels import PAD_SLOT_ID, _csrc, selective_scan_fn, selective_scan_varlen, use_backend
 

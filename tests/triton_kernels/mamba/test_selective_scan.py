@@ -8,41 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triton_kernels.mamba import oracle
+from tests.triton_kernels.mamba.scan_inputs import make_batched, make_varlen, ref64, varlen_expected
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
 from triton_kernels import PAD_SLOT_ID, selective_scan_fn, selective_scan_varlen, use_backend
 from triton_kernels.mamba.reference import selective_scan_ref
 
 F32, F16 = torch.float32, torch.float16
-
-
-def rnd(*shape, dtype=F32, scale=1.0, device=KERNEL_DEVICE):
-    return (torch.randn(*shape, device=device) * scale).to(dtype)
-
-
-def make_batched(bsz, dim, dstate, seqlen, *, bc="token", dtype=F32, z=True, D=True, bias=True,
-                 softplus=True, device=KERNEL_DEVICE):
-    """Random signed inputs of ``selective_scan_fn``; ``bc`` is token | group2 | channel. Without
-    softplus, delta is made positive (a step size; negative steps with A < 0 grow without bound)."""
-    shape = {"token": (bsz, dstate, seqlen), "group2": (bsz, 2, dstate, seqlen), "channel": (dim, dstate)}[bc]
-    return dict(
-        u=rnd(bsz, dim, seqlen, dtype=dtype, device=device),
-        delta=rnd(bsz, dim, seqlen, dtype=dtype, scale=0.5, device=device).abs_() if not softplus
-        else rnd(bsz, dim, seqlen, dtype=dtype, scale=0.5, device=device),
-        A=-torch.rand(dim, dstate, device=device) - 0.1,
-        B=rnd(*shape, dtype=dtype, device=device),
-        C=rnd(*(shape if bc != "channel" else (bsz, dstate, seqlen)), dtype=dtype, device=device),
-        D=rnd(dim, device=device) if D else None,
-        z=rnd(bsz, dim, seqlen, dtype=dtype, device=device) if z else None,
-        delta_bias=rnd(dim, scale=0.5, device=device) if bias else None,
-        delta_softplus=softplus,
-    )
-
-
-def ref64(args, initial_state=None):
-    """The float64 oracle: ``(out, last_state)``."""
-    return oracle.selective_scan(**args, initial_state=initial_state)
-
 
 BATCHED = [
     pytest.param(dict(bsz=2, dim=5, dstate=4, seqlen=1), {}, id="L1-D5-N4-token"),
@@ -91,38 +62,6 @@ def test_softplus_keeps_tiny_steps(backend):
 
 
 # ---- packed sequences with a state cache -------------------------------------------------------
-
-
-def make_varlen(lengths, dim, dstate, groups, num_slots, *, dtype=F32, state_dtype=F32, device=KERNEL_DEVICE):
-    total = sum(lengths)
-    qsl = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    return dict(
-        u=rnd(dim, total, dtype=dtype, device=device),
-        ssm_states=rnd(num_slots, dim, dstate, dtype=state_dtype, device=device),
-        delta=rnd(dim, total, dtype=dtype, scale=0.5, device=device),
-        A=-torch.rand(dim, dstate, device=device) - 0.1,
-        B=rnd(groups, dstate, total, dtype=dtype, device=device),
-        C=rnd(groups, dstate, total, dtype=dtype, device=device),
-        D=rnd(dim, device=device), z=rnd(dim, total, dtype=dtype, device=device),
-        delta_bias=rnd(dim, scale=0.5, device=device), delta_softplus=True, query_start_loc=qsl,
-    )
-
-
-def varlen_expected(args, slots, has_init):
-    """Each sequence alone through the fp64 reference: ``(out [D, T], states)`` (pad columns NaN)."""
-    out = torch.full(args["u"].shape, float("nan"), dtype=torch.float64, device=args["u"].device)
-    states = args["ssm_states"].clone()
-    starts = args["query_start_loc"].tolist()
-    for b, slot in enumerate(slots):
-        if slot == PAD_SLOT_ID:
-            continue
-        s, e = starts[b], starts[b + 1]
-        one = {k: args[k][..., s:e][None] for k in ("u", "delta", "B", "C", "z")}
-        one.update({k: args[k] for k in ("A", "D", "delta_bias", "delta_softplus")})
-        y, last = ref64(one, states[slot][None] if has_init[b] else None)
-        out[:, s:e] = y[0]
-        states[slot] = last[0].to(states.dtype)
-    return out, states
 
 
 VARLEN = [

@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tests.triton_kernels.mamba import oracle
-from tests.triton_kernels.mamba.test_selective_scan import make_batched
+from tests.triton_kernels.mamba.scan_inputs import make_batched
 from tests.utils import KERNEL_DEVICE, assert_close
 from triton_kernels import selective_scan_fn, use_backend
 from triton_kernels.mamba import selective_scan_bwd_triton
@@ -253,7 +253,7 @@ def test_hf_tiny_mamba_parameter_grads_and_adamw_steps(backend, monkeypatch):
     transformers = pytest.importorskip("transformers")
     from transformers.models.mamba.modeling_mamba import MambaMixer
 
-    from tests.triton_kernels.mamba import test_mamba_model_oracle as mo
+    from tests.triton_kernels.mamba import hf_mixer
 
     def make_model():
         torch.manual_seed(0)
@@ -279,8 +279,8 @@ def test_hf_tiny_mamba_parameter_grads_and_adamw_steps(backend, monkeypatch):
         return losses, first
 
     ref_losses, ref_grads = run()
-    monkeypatch.setattr(mo, "SCAN_BACKEND", backend)
-    monkeypatch.setattr(MambaMixer, "forward", mo.mixer_on_our_ops(types.SimpleNamespace(cache=None)))
+    monkeypatch.setattr(hf_mixer, "SCAN_BACKEND", backend)
+    monkeypatch.setattr(MambaMixer, "forward", hf_mixer.mixer_on_our_ops(types.SimpleNamespace(cache=None)))
     with use_backend(backend):
         losses, grads = run()
     for name, g in ref_grads.items():

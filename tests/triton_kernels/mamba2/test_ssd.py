@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.triton_kernels.mamba2.oracle import ssd_oracle
+from tests.triton_kernels.mamba2.ssd_inputs import batched, make
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
 from triton_kernels import PAD_SLOT_ID, mamba_chunk_scan_combined, mamba_chunk_scan_varlen, use_backend
 
@@ -28,23 +29,6 @@ def rnd(*shape, dtype=F32, scale=1.0, device=DEV):
     return (torch.randn(*shape, device=device) * scale).to(dtype)
 
 
-def make(tokens, h, p, g, n, *, dtype=F32, D="h", z=True, bias=True, softplus=True, device=DEV):
-    """Random packed inputs ``[T, ...]`` of the core (signed, never zeros). Without softplus dt is
-    positive (a step size)."""
-    dt = rnd(tokens, h, scale=0.5, device=device)
-    return dict(
-        x=rnd(tokens, h, p, dtype=dtype, device=device),
-        dt=(dt if softplus else dt.abs() + 0.01).to(dtype),
-        A=-(torch.rand(h, device=device) + 0.05),
-        B=rnd(tokens, g, n, dtype=dtype, device=device),
-        C=rnd(tokens, g, n, dtype=dtype, device=device),
-        D={"h": rnd(h, device=device), "hp": rnd(h, p, device=device), None: None}[D],
-        z=rnd(tokens, h, p, dtype=dtype, device=device) if z else None,
-        dt_bias=rnd(h, scale=0.5, device=device) if bias else None,
-        dt_softplus=softplus,
-    )
-
-
 def oracle(args, seq_starts, init=None, init_index=None, final_rows=None, dt_limit=(0.0, math.inf)):
     """The float64 oracle over packed sequences: ``(out [T, h, p], finals [nseq, h, p, n])``."""
     T, h, p = args["x"].shape
@@ -56,14 +40,6 @@ def oracle(args, seq_starts, init=None, init_index=None, final_rows=None, dt_lim
                args["dt_softplus"], dt_limit, seq_starts, None, init,
                None if init_index is None else torch.tensor(init_index), finals, index, 64)
     return out, finals
-
-
-def batched(args, b):
-    """The packed inputs as mamba_chunk_scan_combined's ``[b, l, ...]`` keyword arguments."""
-    def view(t):
-        return None if t is None else t.reshape(b, t.shape[0] // b, *t.shape[1:])
-
-    return {k: (view(v) if k in ("x", "dt", "B", "C", "z") else v) for k, v in args.items()}
 
 
 COMBINED = [
