@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import utils
 from tests.triton_kernels.mamba import oracle
 from tests.utils import KERNEL_DEVICE, assert_close
 from triton_kernels import use_backend
@@ -18,8 +19,9 @@ BACKENDS = ["triton", "torch"]
 NAMES = ["x", "weight", "bias", "initial_states"]
 
 
-def rnd(*shape, dtype=torch.float32, device=KERNEL_DEVICE, grad=False):
-    return torch.randn(*shape, device=device).to(dtype).requires_grad_(grad)
+def rnd(*shape, grad=False, **kwargs):
+    """:func:`tests.utils.rnd`, a leaf that requires grad when ``grad``."""
+    return utils.rnd(*shape, **kwargs).requires_grad_(grad)
 
 
 def _seq_idx(batch, length, cuts, device=KERNEL_DEVICE):

@@ -14,7 +14,7 @@ from torch.nn import functional
 
 from tests.triton_kernels.mamba.oracle import causal_conv1d as conv_oracle
 from tests.triton_kernels.mamba.oracle import selective_scan as scan_oracle
-from tests.utils import KERNEL_DEVICE, assert_close, mixer_output_and_grads
+from tests.utils import KERNEL_DEVICE, assert_close, mixer_output_and_grads, rnd
 from triton_kernels import causal_conv1d_fn, mamba_inner_fn, selective_scan_fn, use_backend
 from triton_kernels.backend import interpreter_enabled
 from triton_kernels.mamba.tiles import tile_states_shape
@@ -35,10 +35,6 @@ CASES = {
     "given-C-only": (1, 5, 9, 3, 2, 2, dict(C="batch", D=True, delta_bias=True, C_proj_bias=False)),
     "L1": (2, 6, 1, 4, 2, 4, dict(D=True, delta_bias=True, out_proj_bias=True)),
 }
-
-
-def rnd(*shape, scale=1.0):
-    return (torch.randn(*shape, dtype=F32) * scale).to(DEV)
 
 
 def make(b, dim, seqlen, n, rank, width, opt) -> dict:

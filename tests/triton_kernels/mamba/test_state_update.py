@@ -3,11 +3,13 @@ oracle, pad and untouched slots, awkward sizes, bad input, the HF transformers o
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
+from tests import utils
 from tests.triton_kernels.mamba import oracle
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
 from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
@@ -33,11 +35,10 @@ def make_case(
     row = (dim,) if heads is None else (heads, dim)
     bc = (batch, dstate) if heads is None else (batch, groups, dstate)
 
-    def rnd(*shape, dt=dtype):
-        return torch.randn(*shape, device=device).to(dt)
+    rnd = functools.partial(utils.rnd, dtype=dtype, device=device)
 
     args = {
-        "state": rnd(num_slots, *row, dstate, dt=state_dtype),
+        "state": rnd(num_slots, *row, dstate, dtype=state_dtype),
         "x": rnd(batch, *row),
         "dt": rnd(batch, *row) * 0.5,
         "A": -torch.rand(*row, dstate, device=device) - 0.1,

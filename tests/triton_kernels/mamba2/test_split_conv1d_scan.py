@@ -13,7 +13,7 @@ from torch.nn import functional
 
 from tests.triton_kernels.mamba.oracle import causal_conv1d as conv_oracle
 from tests.triton_kernels.mamba2.oracle import ssd_oracle_fn
-from tests.utils import KERNEL_DEVICE, assert_close, mixer_output_and_grads
+from tests.utils import KERNEL_DEVICE, assert_close, mixer_output_and_grads, rnd
 from triton_kernels import (
     causal_conv1d_fn,
     mamba_chunk_scan_combined,
@@ -40,10 +40,6 @@ CASES = {
     "nonssm": (1, 7, 2, 4, 1, 4, 2, 3, dict(rmsnorm=True, outproj=True, outproj_bias=True)),
     "no-activation-L1": (2, 1, 2, 4, 1, 4, 4, 0, dict(activation=None, outproj=True, init=True, final=True)),
 }
-
-
-def rnd(*shape, scale=1.0):
-    return (torch.randn(*shape, dtype=F32) * scale).to(DEV)
 
 
 def make(b, seqlen, h, p, g, n, width, d_nonssm, opt) -> dict:

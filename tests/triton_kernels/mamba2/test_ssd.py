@@ -12,7 +12,7 @@ import torch
 
 from tests.triton_kernels.mamba2.oracle import ssd_oracle
 from tests.triton_kernels.mamba2.ssd_inputs import batched, make
-from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
+from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned, rnd
 from triton_kernels import PAD_SLOT_ID, mamba_chunk_scan_combined, mamba_chunk_scan_varlen, use_backend
 
 F32, F16 = torch.float32, torch.float16
@@ -23,10 +23,6 @@ BACKENDS = [
 ]
 # fp32 budgets against the float64 oracle: torch tight; Triton's tl.dot may sum in another order
 FP32_TOL = {"torch": 1e-5, "triton": 1e-4}
-
-
-def rnd(*shape, dtype=F32, scale=1.0, device=DEV):
-    return (torch.randn(*shape, device=device) * scale).to(dtype)
 
 
 def oracle(args, seq_starts, init=None, init_index=None, final_rows=None, dt_limit=(0.0, math.inf)):

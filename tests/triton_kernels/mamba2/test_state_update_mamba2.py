@@ -5,9 +5,12 @@ decode math as an oracle from another project, and the gpu tier at real sizes.""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from tests import utils
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
 from triton_kernels import PAD_SLOT_ID, selective_state_update, use_backend
 from triton_kernels.mamba.state_update import _tie_hdim
@@ -50,8 +53,7 @@ def make_mamba2(batch, num_slots, heads, dim, dstate, groups, *, dtype=torch.flo
     ``[H, P]``, mamba_ssm's ``D_has_hdim``), ``tied-no-bias`` (no dt_bias, D or z), ``untied`` (every
     tensor full), ``A-tied-only`` (A expanded, dt per channel: the general path).
     """
-    def rnd(*shape):
-        return torch.randn(*shape, device=device).to(dtype)
+    rnd = functools.partial(utils.rnd, dtype=dtype, device=device)
 
     a_h = -torch.rand(heads, device=device) * 4 - 0.1
     args = {
