@@ -8,6 +8,7 @@ from triton_kernels.backend import BackendUnavailableError, use_backend
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.lora import LoRAKernelMeta, add_lora_linear, lora_expand, lora_linear, lora_shrink
 from triton_kernels.mamba import (
+    MambaVarlenMeta,
     causal_conv1d_fn,
     causal_conv1d_update,
     causal_conv1d_varlen,
@@ -32,6 +33,7 @@ __all__ = [
     "PAD_SLOT_ID",
     "BackendUnavailableError",
     "LoRAKernelMeta",
+    "MambaVarlenMeta",
     "add_lora_linear",
     "causal_conv1d_fn",
     "causal_conv1d_update",

@@ -48,6 +48,7 @@ from triton_kernels.mamba._args import (
     pad_slot_of,
 )
 from triton_kernels.mamba.causal_conv1d_bwd import causal_conv1d_bwd
+from triton_kernels.mamba.metadata import MambaVarlenMeta, varlen_arguments
 from triton_kernels.mamba.reference import (
     causal_conv1d_fn_ref,
     causal_conv1d_update_ref,
@@ -314,16 +315,19 @@ def _causal_conv1d_varlen(
     inputs: list[torch.Tensor | None],
     silu: bool,
     pad_slot_id: int,
+    values_checked: bool = False,
 ) -> None:
-    """Destination-passing core of :func:`causal_conv1d_varlen` (metadata validated): ``inputs`` is
+    """Destination-passing core of :func:`causal_conv1d_varlen` (metadata validated; ``values_checked``:
+    the offsets and slots too, once per step by :class:`MambaVarlenMeta`): ``inputs`` is
     ``[x, weight, bias, query_start_loc, cache_indices, has_initial_state]``."""
     x, weight, bias, query_start_loc, slots, has_initial_state = inputs
     batch = query_start_loc.shape[0] - 1
     pad_slot_id = pad_slot_of(slots, pad_slot_id)  # without cache_indices every sequence is real
     if slots is None:  # here too, not only in the wrapper: a traced call skips the wrapper's eager checks
         check_default_slots("conv_states", conv_states.shape[0], batch, "cache_indices", exact=False)
-    _data_checks.check_offsets_and_slots("query_start_loc", query_start_loc, x.shape[1], "cache_indices", slots,
-                                         conv_states.shape[0], pad_slot_id, unique=True)
+    if not values_checked:
+        _data_checks.check_offsets_and_slots("query_start_loc", query_start_loc, x.shape[1], "cache_indices", slots,
+                                             conv_states.shape[0], pad_slot_id, unique=True)
     if CAUSAL_CONV1D_VARLEN.resolve(x.device) == "torch":
         slots = torch.arange(batch, device=x.device) if slots is None else slots
         if has_initial_state is None:
@@ -501,6 +505,8 @@ def causal_conv1d_varlen(
     has_initial_state: torch.Tensor | None = None,
     activation: str | None = "silu",
     pad_slot_id: int = PAD_SLOT_ID,
+    *,
+    metadata: MambaVarlenMeta | None = None,
 ) -> torch.Tensor:
     """Causal conv1d over packed sequences with a state cache (vLLM's varlen ``causal_conv1d_fn``).
 
@@ -520,6 +526,9 @@ def causal_conv1d_varlen(
         has_initial_state: ``[batch]`` bool (default: all False).
         ``cache_indices`` and ``has_initial_state`` may be longer than ``batch`` (vLLM pads them for
         CUDA graphs): the entries past ``batch`` are never read.
+        metadata: the step's :class:`~triton_kernels.MambaVarlenMeta` in place of query_start_loc (pass
+            None), cache_indices, has_initial_state and pad_slot_id: checked once per step, so no host
+            read here in eager mode.
 
     Returns a new ``[D, T]`` tensor in x's dtype (vLLM writes into x; a new tensor keeps x
     reusable and the op functional). Checks ``query_start_loc`` and ``cache_indices`` with one host
@@ -536,6 +545,9 @@ def causal_conv1d_varlen(
     dim = _check_weight(weight, bias, x.device, _MAX_WIDTH)
     if x.shape[0] != dim:
         raise ValueError(f"x has {x.shape[0]} channels but weight has {dim} (x shape {list(x.shape)})")
+    if metadata is not None:
+        query_start_loc, cache_indices, has_initial_state, pad_slot_id = varlen_arguments(
+            metadata, (query_start_loc, cache_indices, has_initial_state), x.shape[1], "conv_states", conv_states)
     _check_state_cache("conv_states", conv_states, dim, weight.shape[1], x.device,
                        {"x": x, "weight": weight, "bias": bias})
     batch = check_query_start_loc(query_start_loc, x.device)
@@ -547,6 +559,7 @@ def causal_conv1d_varlen(
     _causal_conv1d_varlen(
         out, conv_states, [x, weight, bias, query_start_loc.contiguous(), slots, has_initial_state],
         _silu_flag(activation), check_pad_slot_id(pad_slot_id),
+        metadata is not None and not torch.compiler.is_compiling(),
     )
     return out
 

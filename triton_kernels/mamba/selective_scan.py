@@ -32,6 +32,7 @@ from triton_kernels.mamba._args import (
     check_query_start_loc,
     pad_slot_of,
 )
+from triton_kernels.mamba.metadata import MambaVarlenMeta, varlen_arguments
 from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
 from triton_kernels.mamba.selective_scan_bwd import selective_scan_bwd
 from triton_kernels.mamba.selective_scan_cpu import scan_fwd_cpu
@@ -53,8 +54,10 @@ def _selective_scan(
     inputs: list[torch.Tensor | None],
     delta_softplus: bool,
     pad_slot_id: int,
+    values_checked: bool = False,
 ) -> None:
-    """Destination-passing core of both public ops (metadata validated). ``inputs`` is
+    """Destination-passing core of both public ops (metadata validated; ``values_checked``: the offsets
+    and slots too, once per step by :class:`MambaVarlenMeta`, so nothing is read back). ``inputs`` is
     ``[u, delta, A, B, C, D, z, delta_bias, query_start_loc, cache_indices, has_initial_state]``.
 
     Batched: u ``[B, D, L]``, state the ``[B, D, N]`` last state or None, no query_start_loc;
@@ -73,8 +76,9 @@ def _selective_scan(
         if cache_indices is None:
             check_default_slots("ssm_states", state.shape[0], query_start_loc.shape[0] - 1, "cache_indices",
                                 exact=False)
-        _data_checks.check_offsets_and_slots("query_start_loc", query_start_loc, u.shape[1], "cache_indices",
-                                             cache_indices, state.shape[0], pad_slot_id, unique=True)
+        if not values_checked:
+            _data_checks.check_offsets_and_slots("query_start_loc", query_start_loc, u.shape[1], "cache_indices",
+                                                 cache_indices, state.shape[0], pad_slot_id, unique=True)
     backend = SELECTIVE_SCAN.resolve(u.device, {t.dtype for t in (u, delta, A, B, C) if t is not None})
     if backend == "torch":
         if varlen:
@@ -246,6 +250,8 @@ def selective_scan_varlen(
     has_initial_state: torch.Tensor | None = None,
     pad_slot_id: int = PAD_SLOT_ID,
     out: torch.Tensor | None = None,
+    *,
+    metadata: MambaVarlenMeta | None = None,
 ) -> torch.Tensor:
     """vLLM's packed selective scan with a state cache (prefill of several sequences in one call).
 
@@ -265,6 +271,9 @@ def selective_scan_varlen(
             skipped and two sequences writing one row race: the result is undefined).
         has_initial_state: ``[batch]`` bool (None: every sequence starts from zeros).
         out: optional ``[D, T]`` destination in u's dtype (unit stride along T).
+        metadata: the step's :class:`~triton_kernels.MambaVarlenMeta` in place of query_start_loc,
+            cache_indices, has_initial_state and pad_slot_id (checked once per step: no host read here
+            in eager mode).
 
     Returns ``out`` (a new tensor when not given: zeros where pad sequences were skipped).
     Checks query_start_loc and cache_indices against T and the slot count with one host sync,
@@ -280,6 +289,9 @@ def selective_scan_varlen(
     """
     u, delta, A, B, C, D, z, delta_bias = _validated(u, delta, A, B, C, D, z, delta_bias, varlen=True)
     dim, num_tokens = u.shape
+    if metadata is not None:
+        query_start_loc, cache_indices, has_initial_state, pad_slot_id = varlen_arguments(
+            metadata, (query_start_loc, cache_indices, has_initial_state), num_tokens, "ssm_states", ssm_states)
     check_tensor("ssm_states", ssm_states, ndim=3, dtypes=FLOAT_DTYPES, device=u.device)
     check_shape("ssm_states", ssm_states, (None, dim, A.shape[1]))
     if query_start_loc is None:
@@ -303,5 +315,6 @@ def selective_scan_varlen(
             raise ValueError(f"out must have unit stride along T, got strides {out.stride()}")
         check_no_overlap("out", out, {**inputs, "ssm_states": ssm_states})
     _selective_scan(out, ssm_states, None, [u, delta, A, B, C, D, z, delta_bias, query_start_loc.contiguous(),
-                                      cache_indices, has_initial_state], bool(delta_softplus), pad_slot_id)
+                                      cache_indices, has_initial_state], bool(delta_softplus), pad_slot_id,
+                   metadata is not None and not torch.compiler.is_compiling())
     return out

@@ -47,6 +47,7 @@ from triton_kernels._checks import (
 from triton_kernels._data_checks import check_offsets, check_slots
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba._args import check_index, check_pad_slot_id, check_query_start_loc, pad_slot_of
+from triton_kernels.mamba.metadata import MambaVarlenMeta, unpack_host, varlen_arguments
 from triton_kernels.mamba2.ssd_bwd_reference import ssd_core_bwd_torch
 from triton_kernels.mamba2.ssd_bwd_triton import ssd_core_bwd_triton
 from triton_kernels.mamba2.ssd_reference import ssd_core_torch
@@ -464,21 +465,26 @@ def _chunk_scan_varlen_op(
     dt_max: float,
     chunk_size: int,
     pad_slot_id: int,
+    host: list[int] | None = None,
 ) -> None:
     """Destination-passing core of :func:`mamba_chunk_scan_varlen`: out ``[T, h, p]``, the
     ``[slots, h, p, n]`` cache; inputs = ``[x, dt, A, B, C, D, z, dt_bias, query_start_loc,
-    cache_indices, has_initial_state]``."""
+    cache_indices, has_initial_state]``; ``host``: their values, read and checked once per step
+    (:meth:`MambaVarlenMeta.host`), or None to read them here."""
     x, dt, A, B, C, D, z, dt_bias, qsl, cache_indices, has_init = inputs
     batch = _check_varlen(x, ssm_states, *inputs[1:])
     _check_chunk_size(chunk_size)
     num_tokens, num_slots = x.shape[0], ssm_states.shape[0]
-    parts = [qsl.long()] + [t.long() for t in (cache_indices, has_init) if t is not None]
-    values = torch.cat(parts).tolist()  # one host read of all three
-    starts = check_offsets("query_start_loc", torch.tensor(values[: batch + 1]), num_tokens)
-    slots = values[batch + 1: 2 * batch + 1] if cache_indices is not None else list(range(batch))
-    check_slots("cache_indices", torch.tensor(slots, dtype=torch.long), num_slots, pad_slot_id,
-                what="the slots of ssm_states", unique=True)
-    init = values[-batch:] if has_init is not None and batch else [0] * batch
+    if host is not None:
+        starts, slots, init = unpack_host(host, batch)
+    else:
+        parts = [qsl.long()] + [t.long() for t in (cache_indices, has_init) if t is not None]
+        values = torch.cat(parts).tolist()  # one host read of all three
+        starts = check_offsets("query_start_loc", torch.tensor(values[: batch + 1]), num_tokens)
+        slots = values[batch + 1: 2 * batch + 1] if cache_indices is not None else list(range(batch))
+        check_slots("cache_indices", torch.tensor(slots, dtype=torch.long), num_slots, pad_slot_id,
+                    what="the slots of ssm_states", unique=True)
+        init = values[-batch:] if has_init is not None and batch else [0] * batch
     # runs of live sequences between pad sequences that own tokens: one core call each
     b = 0
     while b < batch:
@@ -502,7 +508,7 @@ def _chunk_scan_varlen_op(
 
 
 @_chunk_scan_varlen_op.register_fake
-def _(out, ssm_states, inputs, dt_softplus, dt_min, dt_max, chunk_size, pad_slot_id) -> None:
+def _(out, ssm_states, inputs, dt_softplus, dt_min, dt_max, chunk_size, pad_slot_id, host=None) -> None:
     return None
 
 
@@ -524,6 +530,8 @@ def mamba_chunk_scan_varlen(
     has_initial_state: torch.Tensor | None = None,
     pad_slot_id: int = PAD_SLOT_ID,
     out: torch.Tensor | None = None,
+    *,
+    metadata: MambaVarlenMeta | None = None,
 ) -> torch.Tensor:
     """Mamba-2 prefill of packed sequences with a state cache (vLLM's layout).
 
@@ -543,6 +551,9 @@ def mamba_chunk_scan_varlen(
             without cache_indices).
         has_initial_state: ``[batch]`` bool (None: every sequence starts from zeros).
         out: optional ``[T, h, p]`` destination in x's dtype.
+        metadata: the step's :class:`~triton_kernels.MambaVarlenMeta` (offsets, slots and flags read and
+            checked once per step, for every layer) in place of query_start_loc, cache_indices,
+            has_initial_state and pad_slot_id: then nothing is read back here in eager mode.
 
     Returns ``out`` (a new tensor when not given: zeros in the rows of pad sequences). Reads
     query_start_loc, cache_indices and has_initial_state on the host (one sync on a GPU).
@@ -556,6 +567,9 @@ def mamba_chunk_scan_varlen(
         torch.Size([10, 4, 16])
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    if metadata is not None:
+        query_start_loc, cache_indices, has_initial_state, pad_slot_id = varlen_arguments(
+            metadata, (query_start_loc, cache_indices, has_initial_state), x.shape[0], "ssm_states", ssm_states)
     if query_start_loc is None:
         query_start_loc = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
     batch = check_query_start_loc(query_start_loc, x.device)
@@ -576,5 +590,6 @@ def mamba_chunk_scan_varlen(
         check_no_overlap("out", out, {**inputs, "ssm_states": ssm_states})
     torch.ops.ifk.mamba_chunk_scan_varlen(
         out, ssm_states, [x, dt, A, B, C, D, z, dt_bias, query_start_loc, cache_indices, has_initial_state],
-        bool(dt_softplus), *dt_limit, chunk_size, pad_slot_id)
+        bool(dt_softplus), *dt_limit, chunk_size, pad_slot_id, None if metadata is None else metadata.host())
     return out
+
