@@ -69,10 +69,13 @@ def mixer_output_and_grads(mixer: torch.nn.Module, hidden: torch.Tensor, cot: to
     return [out.detach(), h.grad] + [p.grad.clone() for p in mixer.parameters()]
 
 
-def backends(op) -> list[str]:
+def backends(op, *more) -> list[str]:
     """The backends of a registry :class:`~triton_kernels.backend.Op` that run here: each one it has,
-    ``cuda`` only on a GPU (the ``triton`` backend runs under the interpreter on CPU)."""
-    return [b for b in op.backends if b != "cuda" or torch.cuda.is_available()]
+    ``cuda`` only on a GPU (the ``triton`` backend runs under the interpreter on CPU). With ``more``
+    ops (a composite such as ``mamba_inner_fn`` forces one backend on each op it calls): the backends
+    every one of them has."""
+    return [b for b in op.backends if (b != "cuda" or torch.cuda.is_available())
+            and all(b in other.backends for other in more)]
 
 
 def rnd(*shape, dtype: torch.dtype = torch.float32, scale: float = 1.0, generator: torch.Generator | None = None,

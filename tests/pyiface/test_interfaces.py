@@ -31,8 +31,9 @@ from pyiface.interfaces import (
     supports_v0_only,
 )
 from pyiface.intermediate_tensors import IntermediateTensors, make_empty_intermediate_tensors_factory
-from tests.utils import assert_equal
+from tests.utils import assert_equal, backends
 from triton_kernels import use_backend
+from triton_kernels.registry import MULTIMODAL_SCATTER
 
 # --------------------------------------------------------------------------------------------
 # Flags and predicates on classes and instances
@@ -476,7 +477,7 @@ def _reference(weight, ids, items, is_multimodal):
     return out
 
 
-BACKENDS = [pytest.param("triton", id="triton-interp"), pytest.param("torch", id="torch")]
+BACKENDS = backends(MULTIMODAL_SCATTER)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyiface.lora import LoRABatchWrapper, LoRAEmbeddingSlots, LoRASlots
-from tests.utils import KERNEL_DEVICE, assert_equal
+from tests.utils import KERNEL_DEVICE, assert_equal, backends
 from triton_kernels import (
     LoRAKernelMeta,
     add_lora_linear,
@@ -34,8 +34,10 @@ from triton_kernels import (
     selective_state_update,
     use_backend,
 )
+from triton_kernels.registry import OPS
 
-BACKENDS = ["torch", "triton"]
+# Each case runs under one forced backend and some call several ops: the backends every op has.
+BACKENDS = backends(*OPS.values())
 
 
 def _randn(*shape: int) -> torch.Tensor:

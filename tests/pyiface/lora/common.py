@@ -3,13 +3,15 @@ package's reference)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
+from tests.utils import backends
 from triton_kernels.lora.reference import add_lora_linear_ref, mapping_segments
+from triton_kernels.registry import ADD_LORA_LINEAR, LORA_EXPAND
 
-# The torch reference, and the Triton kernels (under the interpreter on this machine).
-BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
+# Every backend of the ops the wrapper calls (add_lora_linear / lora_linear, lora_expand): the torch
+# reference and the Triton kernels (under the interpreter on this machine).
+BACKENDS = backends(ADD_LORA_LINEAR, LORA_EXPAND)
 
 Adapter = tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[float]]
 

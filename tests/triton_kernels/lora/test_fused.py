@@ -16,7 +16,7 @@ from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, back
 from triton_kernels import LoRAKernelMeta, add_lora_linear, lora_linear, use_backend
 from triton_kernels.registry import ADD_LORA_LINEAR
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = backends(ADD_LORA_LINEAR)
 
 # (T, H_in, R capacity, slice widths, slot ranks or None, mapping kind)
 CASES = [

@@ -14,8 +14,6 @@ from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, back
 from triton_kernels import LoRAKernelMeta, lora_expand, lora_shrink, use_backend
 from triton_kernels.registry import LORA_EXPAND, LORA_SHRINK
 
-BACKENDS = ["triton", "torch"]
-
 # (T, H_in, R, slice widths, slots, mapping kind)
 CASES = [
     pytest.param(7, 67, 12, (20, 9, 9), 4, "interleaved", id="T7-H67-R12-qkv-interleaved"),
@@ -37,7 +35,7 @@ def _shrink_case(num_tokens, hidden, rank, widths, slots, kind, dtype, four_d=Fa
     return mapping, x, a, prepared_meta(mapping, slots)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(LORA_SHRINK))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(("num_tokens", "hidden", "rank", "widths", "slots", "kind"), CASES)
 def test_shrink(num_tokens, hidden, rank, widths, slots, kind, dtype, backend):
@@ -53,7 +51,7 @@ def test_shrink(num_tokens, hidden, rank, widths, slots, kind, dtype, backend):
         assert_close(out.cpu(), oracle_shrink(x, a, mapping, 0.7).cpu(), REL_TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(LORA_EXPAND))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(("add_inputs", "offset_start"), [(False, 0), (True, 0), (False, 5), (True, 3)])
 @pytest.mark.parametrize(("num_tokens", "hidden", "rank", "widths", "slots", "kind"), CASES)
@@ -75,7 +73,7 @@ def test_expand(num_tokens, hidden, rank, widths, slots, kind, add_inputs, offse
     assert_close(out[written], expected[written], REL_TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(LORA_SHRINK, LORA_EXPAND))
 def test_strided_inputs(backend):
     """A transposed x and a column slice of a wider output are read/written through their strides."""
     mapping, _, a, meta = _shrink_case(6, 40, 8, (16, 8), 3, "interleaved", torch.float32)
@@ -223,7 +221,7 @@ def _call(form: str, x, a, b, shrunk, out, meta) -> None:
         lora_expand(shrunk, b, out, *seven, offset_start=1, add_inputs=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(LORA_SHRINK, LORA_EXPAND))
 @pytest.mark.parametrize("form", ["seven", "six", "scaling-keyword"])
 def test_both_vllm_forms_of_the_metadata_arguments(form, backend):
     mapping, x, a, meta = _shrink_case(7, 40, 8, (16, 9), 3, "interleaved", torch.float32)
@@ -237,7 +235,7 @@ def test_both_vllm_forms_of_the_metadata_arguments(form, backend):
     assert_close(out.cpu(), expected.float())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(LORA_SHRINK, LORA_EXPAND))
 def test_bad_num_active_loras_and_argument_counts_raise_before_writing(backend):
     _, x, a, meta = _shrink_case(5, 16, 8, (6, 4), 3, "interleaved", torch.float32)
     inputs, b, out, _ = _expand_args()
@@ -265,7 +263,7 @@ def test_bad_num_active_loras_and_argument_counts_raise_before_writing(backend):
     assert_equal(out, keep[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(LORA_SHRINK, LORA_EXPAND))
 def test_inference_mode_reads_the_metadata_once_per_step(backend, monkeypatch):
     """Under ``torch.inference_mode()`` (vLLM, HF generate) the ops run (reading the inference
     tensors' version counters crashed before) and, the metadata buffers being normal tensors, read
@@ -287,7 +285,7 @@ def test_inference_mode_reads_the_metadata_once_per_step(backend, monkeypatch):
         assert len(reads) == 2
     assert_close(shrunk.cpu(), oracle_shrink(x, a, flipped, 1.0).cpu())
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(LORA_EXPAND))
 def test_expand_fp32_inputs_beyond_fp16_range(backend):
     """fp32 shrink results past 65504 times small fp16 B give a finite fp16 output on every
     backend: the product runs in fp32, never on inputs rounded to fp16."""
@@ -326,7 +324,7 @@ def _run_both(backend, compiled, x, a, b, args, shrunk, out):
             expand(shrunk, out, args)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(LORA_SHRINK, LORA_EXPAND))
 @pytest.mark.parametrize(
     ("prepared", "compiled"),
     [pytest.param(8, False, id="prepared8-eager"), pytest.param(8, True, id="prepared8-compiled"),
@@ -356,7 +354,7 @@ def _corrupt(meta: LoRAKernelMeta, what: str) -> None:
         meta.lora_token_start_loc[2] = 6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(LORA_SHRINK, LORA_EXPAND))
 @pytest.mark.parametrize(
     ("what", "match"),
     [

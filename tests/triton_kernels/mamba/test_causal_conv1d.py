@@ -17,7 +17,6 @@ from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_u
 from triton_kernels.mamba.reference import causal_conv1d_fn_ref, causal_conv1d_update_ref
 from triton_kernels.registry import CAUSAL_CONV1D, CAUSAL_CONV1D_UPDATE, CAUSAL_CONV1D_VARLEN
 
-BACKENDS = ["triton", "torch"]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
 
@@ -41,7 +40,7 @@ FN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("batch", "dim", "length", "width", "has_bias", "act", "has_init"), FN_CASES)
 def test_fn_matches_oracle(backend, dtype, batch, dim, length, width, has_bias, act, has_init):
@@ -71,7 +70,7 @@ def test_fn_reference_writes_into_out(has_init):
     assert_close(into, oracle.causal_conv1d(x, weight, bias, True, init)[0])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D))
 def test_fn_noncontiguous_input(backend):
     """x as a slice of the ``[B, L, 2D]`` in_proj output, transposed (vLLM/HF layout): no copy needed."""
     proj = rnd(2, 11, 2 * 24)
@@ -82,7 +81,7 @@ def test_fn_noncontiguous_input(backend):
     assert_close(out, oracle.causal_conv1d(x, weight, None, True)[0])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D))
 def test_fn_gradients_match_reference_autograd(backend):
     x = rnd(2, 12, 7).requires_grad_()
     weight, bias, init = rnd(12, 4).requires_grad_(), rnd(12).requires_grad_(), rnd(2, 12, 3).requires_grad_()
@@ -102,7 +101,7 @@ def test_fn_gradients_match_reference_autograd(backend):
     assert_close(g_x, r_x)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D))
 def test_fn_gradients_of_an_empty_sequence(backend):
     """L = 0: no output; the final states are the initial states, so their gradient passes through."""
     x, weight, bias = rnd(2, 6, 0).requires_grad_(), rnd(6, 4).requires_grad_(), rnd(6).requires_grad_()
@@ -125,7 +124,7 @@ def _seq_idx(batch, length, cuts):
     return torch.tensor(rows, dtype=torch.int32, device=KERNEL_DEVICE)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("length", "width", "cuts"), [
     pytest.param(11, 4, [[3, 4, 9], []], id="L11-W4-cuts"),
@@ -159,7 +158,7 @@ SEQ_IDX_PAD = [  # rows of seq_idx; negative = padding
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "width"), SEQ_IDX_PAD)
 def test_fn_seq_idx_padding_outputs_zero(backend, dtype, rows, width):
@@ -176,7 +175,7 @@ def test_fn_seq_idx_padding_outputs_zero(backend, dtype, rows, width):
         assert_close(out, padded_oracle(x, weight, bias, act is not None, seq_idx), tol(dtype), name=f"{act}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D))
 def test_fn_seq_idx_gradients_match_oracle(backend):
     x, weight, bias = rnd(2, 6, 9).requires_grad_(), rnd(6, 4).requires_grad_(), rnd(6).requires_grad_()
     seq_idx, d_out = _seq_idx(2, 9, [[2, 3], [5]]), rnd(2, 6, 9)
@@ -189,7 +188,7 @@ def test_fn_seq_idx_gradients_match_oracle(backend):
         assert_close(g, r, name=f"d_{name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D))
 def test_fn_final_states_out_is_written_and_returned(backend):
     """A caller-given destination (here a strided view) receives the final states."""
     x, weight, init = rnd(2, 6, 5).requires_grad_(), rnd(6, 4), rnd(2, 6, 3)
@@ -261,7 +260,7 @@ VARLEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_VARLEN))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("lengths", "width", "num_slots", "slots", "has_init", "state_len"), VARLEN_CASES)
 def test_varlen_matches_reference(backend, dtype, lengths, width, num_slots, slots, has_init, state_len):
@@ -293,7 +292,7 @@ UPDATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_UPDATE))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("batch", "dim", "length", "width", "state_len", "slots", "num_slots", "has_bias"), UPDATE_CASES
@@ -325,7 +324,7 @@ def test_update_matches_reference(
         assert_equal(out[pad], torch.zeros_like(out[pad]), "pad rows")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D, CAUSAL_CONV1D_VARLEN, CAUSAL_CONV1D_UPDATE))
 @pytest.mark.parametrize("width", [2, 3, 4, 8])
 def test_prefill_then_decode_equals_whole_sequence(backend, width):
     """varlen over the prompts, then one update per new token == causal_conv1d_fn over everything."""
@@ -420,7 +419,7 @@ def test_torch_compile_fullgraph_update_and_training():
     assert_close(g_compiled, g_eager)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_VARLEN, CAUSAL_CONV1D_UPDATE))
 def test_out_of_range_slots_under_capture_count_as_pad(backend, monkeypatch):
     """With the value checks skipped (as under CUDA-graph capture), a slot outside the cache reads
     and writes no state and gets a zero output, in the varlen conv and the update."""
@@ -473,7 +472,7 @@ CIRCULAR_CASES = [  # batch, dim, L (0: x 2-D), W, S, cache_seqlens, slots, num_
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_UPDATE))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("batch", "dim", "length", "width", "state_len", "seqlens", "slots", "num_slots"),
                          CIRCULAR_CASES)
@@ -494,7 +493,7 @@ def test_update_cache_seqlens_matches_oracle(backend, dtype, batch, dim, length,
     assert_equal(state, ref_state.to(dtype), "conv_state")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D, CAUSAL_CONV1D_UPDATE))
 @pytest.mark.parametrize(("width", "state_len", "chunk"), [(4, 3, 1), (4, 6, 2), (3, 5, 3)])
 def test_circular_decode_equals_whole_sequence(backend, width, state_len, chunk):
     """Tokens appended ``chunk`` at a time to a zeroed circular buffer, ``cache_seqlens`` advanced by
@@ -519,7 +518,7 @@ def test_circular_decode_equals_whole_sequence(backend, width, state_len, chunk)
 # ------------------------------------------------------------------ index tensors longer than the batch (vLLM)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_VARLEN))
 def test_varlen_longer_indices_ignore_the_extra_entries(backend):
     """vLLM pads cache_indices / has_initial_state for CUDA graphs: the entries past the batch (an
     unused real slot, out-of-range slots, True flags) are never read."""
@@ -535,7 +534,7 @@ def test_varlen_longer_indices_ignore_the_extra_entries(backend):
     assert_equal(args["conv_states"][[1, 3, 4]], before[[1, 3, 4]], "slots named only past the batch")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_UPDATE))
 @pytest.mark.parametrize("circular", [False, True], ids=["linear", "circular"])
 def test_update_longer_indices_ignore_the_extra_entries(backend, circular):
     x, weight, bias, state = rnd(2, 7), rnd(7, 4), rnd(7), rnd(4, 7, 5)
@@ -557,7 +556,7 @@ def test_update_longer_indices_ignore_the_extra_entries(backend, circular):
 # ------------------------------------------------------------------ pad_slot_id: padding only inside an index tensor
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_VARLEN))
 def test_varlen_pad_slot_id_applies_only_with_cache_indices(backend):
     """Without cache_indices every sequence is real even when pad_slot_id is one of its slots (0);
     with them, a sequence at the pad slot (here 1, a real slot number) gets zeros and leaves slot 1."""
@@ -581,7 +580,7 @@ def test_varlen_pad_slot_id_applies_only_with_cache_indices(backend):
     assert_equal(args["conv_states"][[1, 3]], before[[1, 3]], "the pad slot and an unused slot")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_UPDATE))
 def test_update_pad_slot_id_applies_only_with_indices(backend):
     x, weight, bias, state = rnd(2, 6), rnd(6, 4), rnd(6), rnd(2, 6, 3)
     ref_out, ref_state = oracle.causal_conv1d_update(x[..., None], state, weight, bias, True)
@@ -690,7 +689,7 @@ VARLEN_BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_VARLEN))
 @pytest.mark.parametrize(("change", "exc", "match"), VARLEN_BAD)
 def test_varlen_bad_input_writes_nothing(backend, change, exc, match):
     args = dict(
@@ -743,7 +742,7 @@ UPDATE_BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends(CAUSAL_CONV1D_UPDATE))
 @pytest.mark.parametrize(("change", "exc", "match"), UPDATE_BAD)
 def test_update_bad_input_writes_nothing(backend, change, exc, match):
     args = dict(x=rnd(2, 6), conv_state=rnd(3, 6, 3), weight=rnd(6, 4), conv_state_indices=_dev(2, 0))

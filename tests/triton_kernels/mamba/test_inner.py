@@ -14,14 +14,16 @@ from torch.nn import functional
 
 from tests.triton_kernels.mamba.oracle import causal_conv1d as conv_oracle
 from tests.triton_kernels.mamba.oracle import selective_scan as scan_oracle
-from tests.utils import KERNEL_DEVICE, assert_close, mixer_output_and_grads, rnd
+from tests.utils import KERNEL_DEVICE, assert_close, backends, mixer_output_and_grads, rnd
 from triton_kernels import causal_conv1d_fn, mamba_inner_fn, selective_scan_fn, use_backend
 from triton_kernels.backend import interpreter_enabled
 from triton_kernels.mamba.tiles import tile_states_shape
+from triton_kernels.registry import CAUSAL_CONV1D, SELECTIVE_SCAN
 
 F32, F64 = torch.float32, torch.float64
 DEV = KERNEL_DEVICE
-BACKENDS = ["torch", "triton"]
+# The composite forces one backend on the conv and the scan: those both have (not the scan's cpu).
+BACKENDS = backends(CAUSAL_CONV1D, SELECTIVE_SCAN)
 TOL = {"torch": 1e-5, "triton": 1e-4}  # fp32 against the float64 composition
 TENSORS = ("xz", "conv1d_weight", "conv1d_bias", "x_proj_weight", "delta_proj_weight", "out_proj_weight",
            "out_proj_bias", "A", "B", "C", "D", "delta_bias", "B_proj_bias", "C_proj_bias")

@@ -6,17 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.utils import KERNEL_DEVICE, assert_close
+from tests.utils import KERNEL_DEVICE, assert_close, backends
 from triton_kernels import mamba_chunk_scan_combined, use_backend
+from triton_kernels.registry import MAMBA_CHUNK_SCAN
 
 modeling_mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
 
 pytestmark = pytest.mark.oracle
 
-BACKENDS = [
-    pytest.param("torch"),
-    "triton",
-]
+BACKENDS = backends(MAMBA_CHUNK_SCAN)
 TOL = 2e-5  # both sides fp32 (HF casts to fp32), summed in different orders
 
 

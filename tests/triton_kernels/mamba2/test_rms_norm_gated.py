@@ -12,10 +12,11 @@ import importlib
 import pytest
 import torch
 
-from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close
+from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, backends
 from triton_kernels import BackendUnavailableError, rms_norm_gated, use_backend
+from triton_kernels.registry import RMS_NORM_GATED
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = backends(RMS_NORM_GATED)
 # the module (the package attribute of the same name is the function)
 RMS = importlib.import_module("triton_kernels.mamba2.rms_norm_gated")
 

@@ -13,7 +13,7 @@ from torch.nn import functional
 
 from tests.triton_kernels.mamba.oracle import causal_conv1d as conv_oracle
 from tests.triton_kernels.mamba2.oracle import ssd_oracle_fn
-from tests.utils import KERNEL_DEVICE, assert_close, mixer_output_and_grads, rnd
+from tests.utils import KERNEL_DEVICE, assert_close, backends, mixer_output_and_grads, rnd
 from triton_kernels import (
     causal_conv1d_fn,
     mamba_chunk_scan_combined,
@@ -21,10 +21,12 @@ from triton_kernels import (
     rms_norm_gated,
     use_backend,
 )
+from triton_kernels.registry import CAUSAL_CONV1D, MAMBA_CHUNK_SCAN, RMS_NORM_GATED
 
 F32, F64 = torch.float32, torch.float64
 DEV = KERNEL_DEVICE
-BACKENDS = ["torch", "triton"]
+# The composite forces one backend on each op it calls: those all three have.
+BACKENDS = backends(CAUSAL_CONV1D, MAMBA_CHUNK_SCAN, RMS_NORM_GATED)
 TOL = {"torch": 1e-5, "triton": 1e-4}  # fp32 against the float64 composition
 TENSORS = ("zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D", "initial_states", "rmsnorm_weight",
            "outproj_weight", "outproj_bias")

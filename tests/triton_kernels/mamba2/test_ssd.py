@@ -12,15 +12,13 @@ import torch
 
 from tests.triton_kernels.mamba2.oracle import ssd_oracle
 from tests.triton_kernels.mamba2.ssd_inputs import batched, make
-from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned, rnd
+from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, backends, poisoned, rnd
 from triton_kernels import PAD_SLOT_ID, mamba_chunk_scan_combined, mamba_chunk_scan_varlen, use_backend
+from triton_kernels.registry import MAMBA_CHUNK_SCAN
 
 F32, F16 = torch.float32, torch.float16
 DEV = KERNEL_DEVICE
-BACKENDS = [
-    pytest.param("torch"),
-    "triton",
-]
+BACKENDS = backends(MAMBA_CHUNK_SCAN)
 # fp32 budgets against the float64 oracle: torch tight; Triton's tl.dot may sum in another order
 FP32_TOL = {"torch": 1e-5, "triton": 1e-4}
 

@@ -14,14 +14,15 @@ from torch.nn import functional
 
 from tests.triton_kernels.mamba2.oracle import ssd_oracle_fn
 from tests.triton_kernels.mamba2.ssd_inputs import batched, make
-from tests.utils import KERNEL_DEVICE, assert_close, poisoned, rnd
+from tests.utils import KERNEL_DEVICE, assert_close, backends, poisoned, rnd
 from triton_kernels import mamba_chunk_scan_combined, use_backend
 from triton_kernels.mamba2.ssd_bwd_reference import ssd_core_bwd_torch
 from triton_kernels.mamba2.ssd_reference import ssd_core_torch
+from triton_kernels.registry import MAMBA_CHUNK_SCAN
 
 F32 = torch.float32
 DEV = KERNEL_DEVICE
-BACKENDS = ["torch", "triton"]
+BACKENDS = backends(MAMBA_CHUNK_SCAN)
 GRAD_TOL = {"torch": 1e-5, "triton": 1e-4}  # fp32 gradients against the float64 oracle
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from tests import utils
-from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
+from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, backends, poisoned
 from triton_kernels import PAD_SLOT_ID, selective_state_update, use_backend
 from triton_kernels.mamba.state_update import _tie_hdim
+from triton_kernels.registry import SELECTIVE_STATE_UPDATE
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = backends(SELECTIVE_STATE_UPDATE)
 
 
 def oracle(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None,
