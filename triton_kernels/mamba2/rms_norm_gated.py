@@ -24,6 +24,7 @@ import triton.language as tl
 
 from triton_kernels import _alloc
 from triton_kernels._checks import GRAD_DTYPES, check_optional, check_shape, check_tensor, on_device, unit_stride_last
+from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu
 from triton_kernels.registry import RMS_NORM_GATED
 
@@ -295,7 +296,7 @@ def _check_shapes(x, weight, z, group_size: int, **like_x: torch.Tensor | None) 
     _check_unit_stride(x=x, weight=weight, z=z, **like_x)
 
 
-@torch.library.custom_op("ifk::rms_norm_gated", mutates_args=("out",))
+@destination_op("rms_norm_gated", mutates_args=("out",))
 def _rms_norm_gated(
     out: torch.Tensor,
     inputs: list[torch.Tensor | None],
@@ -316,12 +317,8 @@ def _rms_norm_gated(
         _launch_triton(out, x, weight, z, eps, group_size, norm_before_gate)
 
 
-@_rms_norm_gated.register_fake
-def _(out, inputs, eps, group_size, norm_before_gate) -> None:
-    return None
 
-
-@torch.library.custom_op("ifk::rms_norm_gated_bwd", mutates_args=("dx", "dz", "dweight"))
+@destination_op("rms_norm_gated_bwd", mutates_args=("dx", "dz", "dweight"))
 def _rms_norm_gated_bwd(
     dx: torch.Tensor,
     dz: torch.Tensor | None,
@@ -353,10 +350,6 @@ def _rms_norm_gated_bwd(
         _launch_triton_bwd(dx, dz, dweight, dy, x, weight, z, eps, group_size, norm_before_gate)
 
 
-@_rms_norm_gated_bwd.register_fake
-def _(dx, dz, dweight, inputs, eps, group_size, norm_before_gate) -> None:
-    return None
-
 
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
     """``[..., H]`` as ``[M, H]`` with a unit channel stride (a view when the layout allows)."""
@@ -365,7 +358,7 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _forward(x, weight, z, eps: float, group_size: int, norm_before_gate: bool) -> torch.Tensor:
     out = _alloc.empty(x.shape, x.dtype, x.device)
-    torch.ops.ifk.rms_norm_gated(
+    _rms_norm_gated(
         out.view(-1, x.shape[-1]), [_rows(x), weight.contiguous(), _rows(z)], eps, group_size, norm_before_gate
     )
     return out
@@ -377,7 +370,7 @@ def _backward(dy, x, weight, z, eps: float, group_size: int, norm_before_gate: b
     dz = None if z is None else _alloc.empty_like(z)
     dweight = _alloc.empty_like(weight)
     hidden = x.shape[-1]
-    torch.ops.ifk.rms_norm_gated_bwd(
+    _rms_norm_gated_bwd(
         dx.view(-1, hidden), None if dz is None else dz.view(-1, hidden), dweight,
         [_rows(dy), _rows(x), weight.contiguous(), _rows(z)], eps, group_size, norm_before_gate,
     )

@@ -45,6 +45,7 @@ from triton_kernels._checks import (
     on_device,
 )
 from triton_kernels._data_checks import check_offsets, check_slots
+from triton_kernels._ops import destination_op
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba._args import check_index, check_pad_slot_id, check_query_start_loc, pad_slot_of
 from triton_kernels.mamba.metadata import MambaVarlenMeta, unpack_host, varlen_arguments
@@ -213,7 +214,7 @@ def _segments(batch: int, seqlen: int, seq_idx: torch.Tensor | None, cu: list[in
     return starts, opens, closes_row, closes_seq
 
 
-@torch.library.custom_op("ifk::mamba_chunk_scan", mutates_args=("out", "final_states", "varlen_states"))
+@destination_op("mamba_chunk_scan", mutates_args=("out", "final_states", "varlen_states"))
 def _chunk_scan_op(
     out: torch.Tensor,
     final_states: torch.Tensor | None,
@@ -258,10 +259,6 @@ def _chunk_scan_op(
             final_states.copy_(target[-1:])
 
 
-@_chunk_scan_op.register_fake
-def _(out, final_states, varlen_states, inputs, dt_softplus, dt_min, dt_max, chunk_size) -> None:
-    return None
-
 
 def _chunk_scan_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                         dt_softplus, dt_limit, return_final_states, return_varlen_states):
@@ -272,14 +269,13 @@ def _chunk_scan_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state
     varlen = None
     if return_varlen_states:
         varlen = _alloc.empty((cu_seqlens.shape[0] - 1, nheads, headdim, dstate), C.dtype, x.device)
-    torch.ops.ifk.mamba_chunk_scan(out, final, varlen, [x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
+    _chunk_scan_op(out, final, varlen, [x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
                                                         cu_seqlens], dt_softplus, *dt_limit, chunk_size)
     result = (out, *(t for t in (final, varlen) if t is not None))
     return result if len(result) > 1 else out
 
 
-@torch.library.custom_op("ifk::mamba_chunk_scan_bwd",
-                         mutates_args=("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinit"))
+@destination_op("mamba_chunk_scan_bwd", mutates_args=("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinit"))
 def _chunk_scan_bwd_op(
     dx: torch.Tensor,
     ddt: torch.Tensor,
@@ -345,10 +341,6 @@ def _chunk_scan_bwd_op(
              _index(final_index, device), _bounded_chunk(chunk_size, starts))
 
 
-@_chunk_scan_bwd_op.register_fake
-def _(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit, inputs, dt_softplus, dt_min, dt_max, chunk_size) -> None:
-    return None
-
 
 def _check_grads(pairs: dict) -> None:
     """Each gradient (None exactly where its input is None) has its input's shape, dtype and device."""
@@ -387,7 +379,7 @@ class _ChunkScanFn(torch.autograd.Function):
             return None if t is None else _alloc.empty(t.shape, t.dtype, t.device)
 
         grads = [grad(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)]
-        torch.ops.ifk.mamba_chunk_scan_bwd(*grads, [dout, dfinal, dvarlen, *fwd], *ctx.scalars)
+        _chunk_scan_bwd_op(*grads, [dout, dfinal, dvarlen, *fwd], *ctx.scalars)
         dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
         return dx, ddt, dA, dB, dC, None, dD, dz, ddt_bias, dinit, None, None, None, None, None, None
 
@@ -455,7 +447,7 @@ def mamba_chunk_scan_combined(
 # ---- packed form with a state cache -------------------------------------------------------------
 
 
-@torch.library.custom_op("ifk::mamba_chunk_scan_varlen", mutates_args=("out", "ssm_states"))
+@destination_op("mamba_chunk_scan_varlen", mutates_args=("out", "ssm_states"))
 def _chunk_scan_varlen_op(
     out: torch.Tensor,
     ssm_states: torch.Tensor,
@@ -506,10 +498,6 @@ def _chunk_scan_varlen_op(
                   (dt_min, dt_max), run, ssm_states, [slots[i] if init[i] else -1 for i in live], ssm_states,
                   [slots[i] for i in live], chunk_size)
 
-
-@_chunk_scan_varlen_op.register_fake
-def _(out, ssm_states, inputs, dt_softplus, dt_min, dt_max, chunk_size, pad_slot_id, host=None) -> None:
-    return None
 
 
 def mamba_chunk_scan_varlen(
@@ -588,7 +576,7 @@ def mamba_chunk_scan_varlen(
         check_tensor("out", out, ndim=3, dtypes=(x.dtype,), device=x.device)
         check_shape("out", out, x.shape)
         check_no_overlap("out", out, {**inputs, "ssm_states": ssm_states})
-    torch.ops.ifk.mamba_chunk_scan_varlen(
+    _chunk_scan_varlen_op(
         out, ssm_states, [x, dt, A, B, C, D, z, dt_bias, query_start_loc, cache_indices, has_initial_state],
         bool(dt_softplus), *dt_limit, chunk_size, pad_slot_id, None if metadata is None else metadata.host())
     return out

@@ -33,6 +33,7 @@ import triton.language as tl
 from triton_kernels import _alloc
 from triton_kernels._checks import check_no_overlap, on_device
 from triton_kernels._data_checks import capturing
+from triton_kernels._ops import destination_op
 from triton_kernels.multimodal._args import (
     MultiModalItems,
     check_ids,
@@ -214,7 +215,7 @@ def _check_core(out, input_ids, weight, mask, items) -> None:
             raise ValueError(f"multimodal_scatter: {message} (out is {list(out.shape)} {out.dtype})")
 
 
-@torch.library.custom_op("ifk::multimodal_scatter", mutates_args=("out",))
+@destination_op("multimodal_scatter", mutates_args=("out",))
 def _multimodal_scatter(
     out: torch.Tensor,
     inputs: list[torch.Tensor | None],
@@ -259,14 +260,10 @@ def _multimodal_scatter(
         out.copy_(work)
 
 
-@_multimodal_scatter.register_fake
-def _(out, inputs, count_expr, num_placeholders) -> None:
-    return None
-
 
 def _scatter(out, input_ids, weight, mask, embeddings: MultiModalItems, num_placeholders) -> None:
     items = flatten_items(embeddings, out.shape[1], out.dtype, out.device)
-    torch.ops.ifk.multimodal_scatter(
+    _multimodal_scatter(
         out, [input_ids, weight, mask, *items], count_expression(embeddings), check_num_placeholders(num_placeholders)
     )
 
