@@ -23,7 +23,7 @@ import torch
 
 from bench.harness import Context, Row
 from triton_kernels import selective_scan_fn, selective_scan_varlen, use_backend
-from triton_kernels.mamba.reference import selective_scan_ref
+from triton_kernels.mamba.ops_torch import selective_scan_ref
 from triton_kernels.registry import SELECTIVE_SCAN
 
 FAMILY = "mamba"

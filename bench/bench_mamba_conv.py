@@ -23,7 +23,7 @@ import torch
 from bench.harness import Context, Row
 from triton_kernels import use_backend
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from triton_kernels.mamba.reference import causal_conv1d_fn_ref
+from triton_kernels.mamba.ops_torch import causal_conv1d_fn_ref
 from triton_kernels.registry import CAUSAL_CONV1D, CAUSAL_CONV1D_UPDATE
 
 FAMILY = "mamba_conv"

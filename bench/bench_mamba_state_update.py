@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from bench.harness import Context, Row
-from triton_kernels.mamba.reference import selective_state_update_ref
+from triton_kernels.mamba.ops_torch import selective_state_update_ref
 from triton_kernels.mamba.state_update import selective_state_update
 from triton_kernels.registry import SELECTIVE_STATE_UPDATE
 

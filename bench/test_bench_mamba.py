@@ -14,7 +14,7 @@ import torch
 from bench.bench_mamba import _scan_inputs
 from bench.harness import CLOCK, clocked, input_sets
 from triton_kernels import selective_scan_fn, selective_scan_varlen
-from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
+from triton_kernels.mamba.ops_torch import selective_scan_ref, selective_scan_varlen_ref
 
 pytestmark = pytest.mark.benchmark(timer=CLOCK)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,7 @@
 
 Run with ``pytest bench/ --benchmark-json x.json``. Runs the machine's default backend (Triton on
 CUDA, the torch core on CPU), checks the result against the float64 recurrence
-(``tests/triton_kernels/mamba2/oracle.py``, within ``tests/utils.py``'s REL_TOL) once first, so a
+(``triton_kernels/mamba2/naive.py``, within ``tests/utils.py``'s REL_TOL) once first, so a
 wrong fast kernel cannot pass, then times it with the harness (per-call CUDA events on a GPU,
 ``perf_counter`` on CPU; rotating input sets).
 """
@@ -17,9 +17,9 @@ import torch
 
 from bench.bench_mamba2 import _inputs, _varlen_inputs
 from bench.harness import CLOCK, clocked, input_sets
-from tests.triton_kernels.mamba2.oracle import ssd_oracle
 from tests.utils import assert_close
 from triton_kernels import mamba_chunk_scan_combined, mamba_chunk_scan_varlen
+from triton_kernels.mamba2.naive import ssd_oracle
 
 pytestmark = pytest.mark.benchmark(timer=CLOCK)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,7 @@ import torch
 
 from bench.harness import CLOCK, clocked, input_sets
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from triton_kernels.mamba.reference import causal_conv1d_fn_ref
+from triton_kernels.mamba.ops_torch import causal_conv1d_fn_ref
 
 pytestmark = pytest.mark.benchmark(timer=CLOCK)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,24 +20,24 @@ MULTIMODAL_SCATTER = Op(
 )
 LORA_SHRINK = Op("lora_shrink", reference="triton_kernels.lora.reference:lora_shrink_ref")
 LORA_EXPAND = Op("lora_expand", reference="triton_kernels.lora.reference:lora_expand_ref")
-ADD_LORA_LINEAR = Op("add_lora_linear", reference="triton_kernels.lora.batched:add_lora_linear_batched")
+ADD_LORA_LINEAR = Op("add_lora_linear", reference="triton_kernels.lora.fused_torch:add_lora_linear_batched")
 SELECTIVE_SCAN = Op(
     "selective_scan",
-    reference="triton_kernels.mamba.reference:selective_scan_ref",
+    reference="triton_kernels.mamba.ops_torch:selective_scan_ref",
     native={"cpu": "mamba_cpu"},
 )
 SELECTIVE_STATE_UPDATE = Op(
-    "selective_state_update", reference="triton_kernels.mamba.reference:selective_state_update_ref"
+    "selective_state_update", reference="triton_kernels.mamba.ops_torch:selective_state_update_ref"
 )
-CAUSAL_CONV1D = Op("causal_conv1d", reference="triton_kernels.mamba.reference:causal_conv1d_fn_ref")
+CAUSAL_CONV1D = Op("causal_conv1d", reference="triton_kernels.mamba.ops_torch:causal_conv1d_fn_ref")
 CAUSAL_CONV1D_VARLEN = Op(
-    "causal_conv1d_varlen", reference="triton_kernels.mamba.reference:causal_conv1d_varlen_ref"
+    "causal_conv1d_varlen", reference="triton_kernels.mamba.ops_torch:causal_conv1d_varlen_ref"
 )
 CAUSAL_CONV1D_UPDATE = Op(
-    "causal_conv1d_update", reference="triton_kernels.mamba.reference:causal_conv1d_update_ref"
+    "causal_conv1d_update", reference="triton_kernels.mamba.ops_torch:causal_conv1d_update_ref"
 )
 RMS_NORM_GATED = Op("rms_norm_gated", reference="triton_kernels.mamba2.rms_norm_gated:rms_norm_gated_ref")
-MAMBA_CHUNK_SCAN = Op("mamba_chunk_scan", reference="triton_kernels.mamba2.ssd_reference:ssd_core_torch")
+MAMBA_CHUNK_SCAN = Op("mamba_chunk_scan", reference="triton_kernels.mamba2.ssd_torch:ssd_core_torch")
 
 OPS: dict[str, Op] = {op.name: op for op in (
     MULTIMODAL_SCATTER,

@@ -1,6 +1,6 @@
 """The C++ CPU selective scan backward (csrc/mamba/selective_scan_cpu.cpp, launched by
 triton_kernels/mamba/selective_scan_bwd_cpu.py) against autograd through the float64 sequential oracle
-(tests/triton_kernels/mamba/oracle.py): every B/C form, each optional input on and off, dlast,
+(triton_kernels/mamba/naive.py): every B/C form, each optional input on and off, dlast,
 awkward lengths around the kernel's 64-token chunks, empty batch and length, and bit-identical
 gradients run to run and across OpenMP thread counts."""
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triton_kernels.mamba import oracle
 from tests.triton_kernels.mamba.scan_inputs import make_batched
 from tests.utils import assert_close, rnd
 from triton_kernels import _csrc
+from triton_kernels.mamba import naive as oracle
 from triton_kernels.mamba.selective_scan_bwd_cpu import scan_bwd_cpu
 
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")  # the order of scan_bwd_cpu's grads

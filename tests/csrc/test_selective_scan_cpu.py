@@ -1,5 +1,5 @@
 """The C++ CPU selective scan (csrc/mamba/selective_scan_cpu.cpp) against the float64 oracle
-(tests/triton_kernels/mamba/oracle.py), its automatic choice on CPU, and the torch fallback when it
+(triton_kernels/mamba/naive.py), its automatic choice on CPU, and the torch fallback when it
 cannot be built."""
 
 from __future__ import annotations

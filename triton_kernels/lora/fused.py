@@ -47,7 +47,7 @@ from triton_kernels.lora._args import (
     skip_no_lora,
     split_inputs,
 )
-from triton_kernels.lora.batched import add_lora_linear_batched
+from triton_kernels.lora.fused_torch import add_lora_linear_batched
 from triton_kernels.lora.meta import LoRAKernelMeta
 from triton_kernels.lora.reference import lora_delta_backward_ref, slot_segments
 from triton_kernels.lora.shrink_expand import (

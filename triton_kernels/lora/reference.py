@@ -1,6 +1,6 @@
 """The per-adapter definition of the multi-LoRA ops: the oracle every test compares with (in
 float64), and the ``torch`` backend of :func:`lora_shrink` / :func:`lora_expand` (the batched
-``torch`` backend of :func:`add_lora_linear` lives in :mod:`triton_kernels.lora.batched`).
+``torch`` backend of :func:`add_lora_linear` lives in :mod:`triton_kernels.lora.fused_torch`).
 
 Each works slot group by slot group: gather the group's tokens, two matmuls, scatter back (no
 per-token loop). Weights come as lists of 3-D tensors (``[L, R, H_in]`` for A, ``[L, n_s, R]``

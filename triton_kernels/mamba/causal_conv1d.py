@@ -49,7 +49,7 @@ from triton_kernels.mamba._args import (
 )
 from triton_kernels.mamba.causal_conv1d_bwd import causal_conv1d_bwd
 from triton_kernels.mamba.metadata import MambaVarlenMeta, varlen_arguments
-from triton_kernels.mamba.reference import (
+from triton_kernels.mamba.ops_torch import (
     causal_conv1d_fn_ref,
     causal_conv1d_update_ref,
     causal_conv1d_varlen_ref,

@@ -33,7 +33,7 @@ from triton_kernels import _alloc
 from triton_kernels._checks import check_shape, dtypes_of, on_device, strides
 from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu_grad
-from triton_kernels.mamba.reference import causal_conv1d_bwd_ref
+from triton_kernels.mamba.ops_torch import causal_conv1d_bwd_ref
 from triton_kernels.registry import CAUSAL_CONV1D
 
 # d_x tile: at most _TILE elements (16 x 64 for long sequences), 8 fp32 values per thread of 4 warps,

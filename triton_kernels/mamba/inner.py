@@ -20,7 +20,7 @@ from triton_kernels import _alloc
 from triton_kernels._checks import GRAD_DTYPES, check_optional, check_shape, check_tensor
 from triton_kernels.backend import interpreter_enabled
 from triton_kernels.mamba.causal_conv1d import _check_weight, _conv_forward
-from triton_kernels.mamba.reference import causal_conv1d_bwd_ref
+from triton_kernels.mamba.ops_torch import causal_conv1d_bwd_ref
 from triton_kernels.mamba.selective_scan import _as_groups, _scan_forward
 from triton_kernels.mamba.selective_scan import _validated as _scan_args
 from triton_kernels.mamba.selective_scan_bwd import selective_scan_bwd

@@ -3,7 +3,7 @@
 The public ops, their validation, the destination-passing custom op and the autograd Function. The
 backends: :mod:`.selective_scan_triton` (one Triton kernel for both forms; CUDA, or CPU under
 ``TRITON_INTERPRET=1``), :mod:`.selective_scan_cpu` (the C++ kernel, default on CPU) and
-:mod:`.reference` (torch); the backward is :mod:`.selective_scan_bwd` (with its ``_triton`` and ``_cpu``
+:mod:`.ops_torch` (torch); the backward is :mod:`.selective_scan_bwd` (with its ``_triton`` and ``_cpu``
 backends).
 """
 
@@ -33,7 +33,7 @@ from triton_kernels.mamba._args import (
     pad_slot_of,
 )
 from triton_kernels.mamba.metadata import MambaVarlenMeta, varlen_arguments
-from triton_kernels.mamba.reference import selective_scan_ref, selective_scan_varlen_ref
+from triton_kernels.mamba.ops_torch import selective_scan_ref, selective_scan_varlen_ref
 from triton_kernels.mamba.selective_scan_bwd import selective_scan_bwd
 from triton_kernels.mamba.selective_scan_cpu import scan_fwd_cpu
 from triton_kernels.mamba.selective_scan_triton import scan_fwd_triton

@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812 (the universal alias)
 from triton_kernels import _alloc
 from triton_kernels._checks import check_shape, check_tensor
 from triton_kernels._ops import destination_op
-from triton_kernels.mamba.reference import CHUNK_TOKENS, per_channel, scan_chunk
+from triton_kernels.mamba.ops_torch import CHUNK_TOKENS, per_channel, scan_chunk
 from triton_kernels.mamba.selective_scan_bwd_cpu import scan_bwd_cpu
 from triton_kernels.mamba.tiles import check_tile_states
 from triton_kernels.registry import SELECTIVE_SCAN
@@ -65,7 +65,7 @@ def scan_bwd_torch(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softp
                    chunk_size: int | None = None) -> Grads:
     """The torch backend of the backward (see the module docstring for the contract).
 
-    Chunked like :func:`~triton_kernels.mamba.reference.selective_scan_ref`: a forward pass keeps
+    Chunked like :func:`~triton_kernels.mamba.ops_torch.selective_scan_ref`: a forward pass keeps
     the state entering each chunk of ``chunk_size`` tokens (``[Bt, D, N]`` per chunk, 1/chunk of a
     ``[Bt, D, L, N]`` tensor); the reverse pass recomputes each chunk's states, scans the adjoint
     backwards over the flipped chunk with the same doubling scan and carries ``a_s lambda_s`` into

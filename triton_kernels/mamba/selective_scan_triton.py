@@ -9,7 +9,7 @@ chains the carried state in, loading each B/C tile once for all its channels. Th
 cache through ``cache_indices``; the batched form is the same walk with one sequence per batch row.
 
 Backends: ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``cpu`` (the C++ kernel
-``csrc/mamba/selective_scan_cpu.cpp``, default on CPU) and ``torch`` (:mod:`.reference`).
+``csrc/mamba/selective_scan_cpu.cpp``, default on CPU) and ``torch`` (:mod:`.ops_torch`).
 
 int64 offsets (checked by listing every ``index * stride`` product in the kernel): the sequence
 ``i_s``, the batch row ``i_b``, the channels ``o_d``, the token positions (``t0``/``t1``/``o_t``: a

@@ -32,7 +32,7 @@ from triton_kernels._ops import destination_op
 from triton_kernels._tl_math import silu, softplus
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba._args import check_default_slots, check_index, check_pad_slot_id, pad_slot_of
-from triton_kernels.mamba.reference import selective_state_update_ref
+from triton_kernels.mamba.ops_torch import selective_state_update_ref
 from triton_kernels.registry import SELECTIVE_STATE_UPDATE
 
 

@@ -21,7 +21,7 @@ from torch.nn import functional
 from triton_kernels import _alloc
 from triton_kernels._checks import GRAD_DTYPES, check_optional, check_shape, check_tensor
 from triton_kernels.mamba.causal_conv1d import _causal_conv1d_fwd, _check_weight, _silu_flag
-from triton_kernels.mamba.reference import causal_conv1d_bwd_ref
+from triton_kernels.mamba.ops_torch import causal_conv1d_bwd_ref
 from triton_kernels.mamba2.rms_norm_gated import _backward as _norm_bwd
 from triton_kernels.mamba2.rms_norm_gated import _forward as _norm_fwd
 from triton_kernels.mamba2.ssd import DEFAULT_DT_LIMIT, _check_chunk_size, _check_dt_limit, _chunk_scan_forward

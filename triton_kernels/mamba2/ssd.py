@@ -2,7 +2,7 @@
 packed form with a state cache, ``mamba_chunk_scan_varlen``.
 
 Both reduce to ONE packed core, in fp32 arithmetic (backends: ``ssd_core_triton`` in
-:mod:`.ssd_triton`, ``ssd_core_torch`` in :mod:`.ssd_reference`)::
+:mod:`.ssd_triton`, ``ssd_core_torch`` in :mod:`.ssd_torch`)::
 
     ssd_core(out, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, seq_starts, seq_starts_t,
              init_states, init_index, final_states, final_index, chunk_size) -> None
@@ -49,9 +49,9 @@ from triton_kernels._ops import destination_op
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba._args import check_index, check_pad_slot_id, check_query_start_loc, pad_slot_of
 from triton_kernels.mamba.metadata import MambaVarlenMeta, unpack_host, varlen_arguments
-from triton_kernels.mamba2.ssd_bwd_reference import ssd_core_bwd_torch
+from triton_kernels.mamba2.ssd_bwd_torch import ssd_core_bwd_torch
 from triton_kernels.mamba2.ssd_bwd_triton import ssd_core_bwd_triton
-from triton_kernels.mamba2.ssd_reference import ssd_core_torch
+from triton_kernels.mamba2.ssd_torch import ssd_core_torch
 from triton_kernels.mamba2.ssd_triton import ssd_core_triton
 from triton_kernels.registry import MAMBA_CHUNK_SCAN
 

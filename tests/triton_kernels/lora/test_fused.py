@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import triton_kernels._data_checks
-import triton_kernels.lora.batched
+import triton_kernels.lora.fused_torch
 from tests.triton_kernels.aliasing import sharing
 from tests.triton_kernels.lora.helpers import lora_weights, oracle_delta, prepared_meta, token_mapping
 from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, backends
@@ -155,7 +155,7 @@ def test_torch_backend_mixed_ranks_zero_or_poisoned_padding(monkeypatch, slot_ma
     zero-padded weights (as LoRASlots keeps them: run unmasked at the largest rank, the padding
     check cached), then the same weights poisoned with NaN past the ranks in place (the cached
     check must see the new version and mask), then fixed again."""
-    monkeypatch.setattr(triton_kernels.lora.batched, "BATCHED_SLOT_MACS", slot_macs)
+    monkeypatch.setattr(triton_kernels.lora.fused_torch, "BATCHED_SLOT_MACS", slot_macs)
     mapping, x, a, b, ranks, meta = _case(13, 33, 8, (20, 9), (8, 2, 0, 5), "interleaved", torch.float32)
     for slot, r in enumerate(ranks.tolist()):
         for w in a:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tests.triton_kernels.aliasing import sharing
-from tests.triton_kernels.mamba import oracle
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, backends, rnd
 from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
+from triton_kernels.mamba import naive as oracle
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen
-from triton_kernels.mamba.reference import causal_conv1d_fn_ref, causal_conv1d_update_ref
+from triton_kernels.mamba.ops_torch import causal_conv1d_fn_ref, causal_conv1d_update_ref
 from triton_kernels.registry import CAUSAL_CONV1D, CAUSAL_CONV1D_UPDATE, CAUSAL_CONV1D_VARLEN
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]

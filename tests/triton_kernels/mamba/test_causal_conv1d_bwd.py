@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests import utils
-from tests.triton_kernels.mamba import oracle
 from tests.utils import KERNEL_DEVICE, assert_close, backends
 from triton_kernels import use_backend
+from triton_kernels.mamba import naive as oracle
 from triton_kernels.mamba.causal_conv1d import causal_conv1d_fn
 from triton_kernels.registry import CAUSAL_CONV1D
 

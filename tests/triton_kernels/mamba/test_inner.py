@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.nn import functional
 
-from tests.triton_kernels.mamba.oracle import causal_conv1d as conv_oracle
-from tests.triton_kernels.mamba.oracle import selective_scan as scan_oracle
 from tests.utils import KERNEL_DEVICE, assert_close, backends, mixer_output_and_grads, rnd
 from triton_kernels import causal_conv1d_fn, mamba_inner_fn, selective_scan_fn, use_backend
 from triton_kernels.backend import interpreter_enabled
+from triton_kernels.mamba.naive import causal_conv1d as conv_oracle
+from triton_kernels.mamba.naive import selective_scan as scan_oracle
 from triton_kernels.mamba.tiles import tile_states_shape
 from triton_kernels.registry import CAUSAL_CONV1D, SELECTIVE_SCAN
 

@@ -11,7 +11,7 @@ import torch
 from tests.triton_kernels.mamba.scan_inputs import make_batched, make_varlen, ref64, varlen_expected
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, poisoned
 from triton_kernels import PAD_SLOT_ID, selective_scan_fn, selective_scan_varlen, use_backend
-from triton_kernels.mamba.reference import selective_scan_ref
+from triton_kernels.mamba.ops_torch import selective_scan_ref
 
 F32, F16 = torch.float32, torch.float16
 

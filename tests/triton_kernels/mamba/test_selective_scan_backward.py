@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tests.triton_kernels.mamba import oracle
 from tests.triton_kernels.mamba.scan_inputs import make_batched
 from tests.utils import KERNEL_DEVICE, assert_close
 from triton_kernels import selective_scan_fn, use_backend
+from triton_kernels.mamba import naive as oracle
 from triton_kernels.mamba import selective_scan_bwd_triton
 from triton_kernels.mamba.selective_scan_bwd import scan_bwd_torch
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests import utils
-from tests.triton_kernels.mamba import oracle
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, backends, poisoned
 from triton_kernels import PAD_SLOT_ID, BackendUnavailableError, use_backend
+from triton_kernels.mamba import naive as oracle
 from triton_kernels.mamba.state_update import selective_state_update
 from triton_kernels.registry import SELECTIVE_STATE_UPDATE
 

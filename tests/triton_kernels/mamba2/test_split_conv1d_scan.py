@@ -11,8 +11,6 @@ import pytest
 import torch
 from torch.nn import functional
 
-from tests.triton_kernels.mamba.oracle import causal_conv1d as conv_oracle
-from tests.triton_kernels.mamba2.oracle import ssd_oracle_fn
 from tests.utils import KERNEL_DEVICE, assert_close, backends, mixer_output_and_grads, rnd
 from triton_kernels import (
     causal_conv1d_fn,
@@ -21,6 +19,8 @@ from triton_kernels import (
     rms_norm_gated,
     use_backend,
 )
+from triton_kernels.mamba.naive import causal_conv1d as conv_oracle
+from triton_kernels.mamba2.naive import ssd_oracle_fn
 from triton_kernels.registry import CAUSAL_CONV1D, MAMBA_CHUNK_SCAN, RMS_NORM_GATED
 
 F32, F64 = torch.float32, torch.float64

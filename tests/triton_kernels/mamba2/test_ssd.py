@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from tests.triton_kernels.mamba2.oracle import ssd_oracle
 from tests.triton_kernels.mamba2.ssd_inputs import batched, make
 from tests.utils import KERNEL_DEVICE, assert_close, assert_equal, backends, poisoned, rnd
 from triton_kernels import PAD_SLOT_ID, mamba_chunk_scan_combined, mamba_chunk_scan_varlen, use_backend
+from triton_kernels.mamba2.naive import ssd_oracle
 from triton_kernels.registry import MAMBA_CHUNK_SCAN
 
 F32, F16 = torch.float32, torch.float16

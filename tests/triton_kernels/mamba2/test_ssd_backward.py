@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch.nn import functional
 
-from tests.triton_kernels.mamba2.oracle import ssd_oracle_fn
 from tests.triton_kernels.mamba2.ssd_inputs import batched, make
 from tests.utils import KERNEL_DEVICE, assert_close, backends, poisoned, rnd
 from triton_kernels import mamba_chunk_scan_combined, use_backend
-from triton_kernels.mamba2.ssd_bwd_reference import ssd_core_bwd_torch
-from triton_kernels.mamba2.ssd_reference import ssd_core_torch
+from triton_kernels.mamba2.naive import ssd_oracle_fn
+from triton_kernels.mamba2.ssd_bwd_torch import ssd_core_bwd_torch
+from triton_kernels.mamba2.ssd_torch import ssd_core_torch
 from triton_kernels.registry import MAMBA_CHUNK_SCAN
 
 F32 = torch.float32

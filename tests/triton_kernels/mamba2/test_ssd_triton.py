@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from tests.triton_kernels.mamba2.oracle import ssd_oracle
 from tests.utils import KERNEL_DEVICE, REL_TOL, assert_close, assert_equal, poisoned
+from triton_kernels.mamba2.naive import ssd_oracle
 from triton_kernels.mamba2.ssd_triton import ssd_core_triton
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -24,7 +24,7 @@ import math
 import torch
 from torch.nn import functional
 
-from triton_kernels.mamba2.ssd_reference import MAX_STEP_ELEMENTS, TORCH_BLOCK, _initial, process_dt
+from triton_kernels.mamba2.ssd_torch import MAX_STEP_ELEMENTS, TORCH_BLOCK, _initial, process_dt
 
 
 def dt_chain(ddt: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool,

@@ -1,7 +1,8 @@
-"""The one float64 oracle of the Mamba-1 tests: plain sequential definitions, written for
-clarity, not speed, and distinct from the package's torch backend (the chunked scan and the
-``F.conv1d`` references in ``triton_kernels.mamba.reference``), which is checked against them like
-every other backend. Every function takes tensors of any float dtype and computes in float64.
+"""The float64 oracle of the Mamba-1 ops (the tests and benchmarks import this one): plain
+sequential definitions, written for clarity, not speed, and distinct from the package's torch
+backend (the chunked scan and the ``F.conv1d`` references in ``triton_kernels.mamba.ops_torch``),
+which is checked against them like every other backend. Every function takes tensors of any
+float dtype and computes in float64.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The float64 oracle of the Mamba-2 SSD core: the plain recurrence, one token at a time.
+"""The float64 oracle of the Mamba-2 SSD core (the tests and benchmarks import this one): the
+plain recurrence, one token at a time.
 
 Same signature and contract as ``ssd_core_torch`` / ``ssd_core_triton``: writes ``out`` rows of
 each sequence and its final state row; returns nothing.

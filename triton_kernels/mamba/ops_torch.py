@@ -11,7 +11,7 @@
 They take the validated arguments the public ops produce (shapes checked, ``silu`` a bool, heads
 form for the state update). Rows whose slot is the pad slot (or, as in the kernels, outside the
 cache: possible only when the value checks were skipped) get a zero output and leave every state
-row untouched. The tests' float64 oracle (``tests/triton_kernels/mamba/oracle.py``) is a separate,
+row untouched. The tests' float64 oracle (``triton_kernels/mamba/naive.py``) is a separate,
 sequential definition, so these are checked against it like every other backend.
 """
 
