@@ -97,13 +97,16 @@ def check_no_overlap(name: str, written: torch.Tensor, others: dict[str, torch.T
     Skipped while tracing under ``torch.compile`` (fake tensors have no addresses)."""
     if torch.compiler.is_compiling():
         return
-    span = _byte_span(written)
-    if span is None:
-        return
     for other_name, other in others.items():
-        other_span = None if other is None else _byte_span(other)
-        if other_span is not None and other_span[0] < span[1] and span[0] < other_span[1]:
+        if other is not None and overlaps(written, other):
             raise ValueError(f"{name} overlaps {other_name} in memory; pass a separate tensor for {name}")
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory: intersecting address ranges (conservative for
+    interleaved strides, exact for row blocks)."""
+    span_a, span_b = _byte_span(a), _byte_span(b)
+    return span_a is not None and span_b is not None and span_a[0] < span_b[1] and span_b[0] < span_a[1]
 
 
 def check_distinct_rows(name: str, t: torch.Tensor) -> None:

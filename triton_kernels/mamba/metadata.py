@@ -55,11 +55,12 @@ class MambaVarlenMeta:
     @staticmethod
     def prepare(query_start_loc: torch.Tensor, cache_indices: torch.Tensor | None = None,
                 has_initial_state: torch.Tensor | None = None, *, num_slots: int,
-                pad_slot_id: int = PAD_SLOT_ID) -> MambaVarlenMeta:
+                pad_slot_id: int = PAD_SLOT_ID, num_tokens: int | None = None) -> MambaVarlenMeta:
         """Read and check the step's offsets, slots and flags with one host read.
 
-        ``query_start_loc`` must rise from 0 without decreasing; ``cache_indices`` (may be longer than
-        the batch, as vLLM pads it) must hold distinct slots in ``[0, num_slots)`` or ``pad_slot_id``.
+        ``query_start_loc`` must rise from 0 without decreasing (to ``num_tokens`` when given);
+        ``cache_indices`` (may be longer than the batch, as vLLM pads it) must hold distinct slots in
+        ``[0, num_slots)`` or ``pad_slot_id``.
         Raises ``ValueError`` naming the bad argument, and ``RuntimeError`` during CUDA-graph capture.
 
         Example:
@@ -81,7 +82,7 @@ class MambaVarlenMeta:
         parts = [query_start_loc.long()] + [t.long() for t in (cache_indices, has_initial_state) if t is not None]
         values = torch.cat(parts).tolist()  # the one host read
         starts = values[: batch + 1]
-        check_offsets("query_start_loc", torch.tensor(starts), starts[-1] if starts else 0)
+        check_offsets("query_start_loc", torch.tensor(starts), starts[-1] if num_tokens is None else num_tokens)
         rest = values[batch + 1:]
         slots = rest[:batch] if cache_indices is not None else list(range(batch))
         if cache_indices is None and batch > num_slots:

@@ -44,7 +44,7 @@ from triton_kernels._checks import (
     check_tensor,
     on_device,
 )
-from triton_kernels._data_checks import check_offsets, check_slots
+from triton_kernels._data_checks import check_offsets
 from triton_kernels._ops import destination_op
 from triton_kernels.constants import PAD_SLOT_ID
 from triton_kernels.mamba._args import check_index, check_pad_slot_id, check_query_start_loc, pad_slot_of
@@ -469,14 +469,10 @@ def _chunk_scan_varlen_op(
     num_tokens, num_slots = x.shape[0], ssm_states.shape[0]
     if host is not None:
         starts, slots, init = unpack_host(host, batch)
-    else:
-        parts = [qsl.long()] + [t.long() for t in (cache_indices, has_init) if t is not None]
-        values = torch.cat(parts).tolist()  # one host read of all three
-        starts = check_offsets("query_start_loc", torch.tensor(values[: batch + 1]), num_tokens)
-        slots = values[batch + 1: 2 * batch + 1] if cache_indices is not None else list(range(batch))
-        check_slots("cache_indices", torch.tensor(slots, dtype=torch.long), num_slots, pad_slot_id,
-                    what="the slots of ssm_states", unique=True)
-        init = values[-batch:] if has_init is not None and batch else [0] * batch
+    else:  # one host read of all three, checked as the step's metadata would be
+        meta = MambaVarlenMeta.prepare(qsl, cache_indices, has_init, num_slots=num_slots, pad_slot_id=pad_slot_id,
+                                       num_tokens=num_tokens)
+        starts, slots, init = meta.starts, meta.slots, meta.initial
     # runs of live sequences between pad sequences that own tokens: one core call each
     b = 0
     while b < batch:

@@ -121,18 +121,3 @@ def placeholder_mask(input_ids: torch.Tensor, placeholder_token_id: int | Sequen
     if len(ids) == 1:
         return input_ids == ids[0]
     return torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
-
-
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
-
-
-def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` may share memory: the same storage and intersecting byte ranges
-    (conservative for interleaved strides, exact for row blocks)."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    a_lo, a_hi = _byte_range(a)
-    b_lo, b_hi = _byte_range(b)
-    return a_lo < b_hi and b_lo < a_hi

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels import _alloc
-from triton_kernels._checks import check_no_overlap, on_device
+from triton_kernels._checks import check_no_overlap, on_device, overlaps
 from triton_kernels._data_checks import capturing
 from triton_kernels._ops import destination_op
 from triton_kernels.multimodal._args import (
@@ -42,7 +42,6 @@ from triton_kernels.multimodal._args import (
     check_rows,
     count_expression,
     flatten_items,
-    overlaps,
     placeholder_mask,
 )
 from triton_kernels.multimodal.reference import embed_multimodal_tokens_ref, merge_multimodal_embeddings_ref
