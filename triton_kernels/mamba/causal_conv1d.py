@@ -129,8 +129,11 @@ def _causal_conv1d_kernel(
         i_l = tl.load(block_off_ptr + i_blk)
         active = seq < batch
         seq = tl.minimum(seq, batch - 1)
-        start = tl.load(seq_start_ptr + seq).to(tl.int64)
-        length = (tl.load(seq_start_ptr + seq + 1) - start).to(tl.int32)
+        # offsets clamped into [0, seqlen = T] and non-decreasing: values the checks did not see (skipped
+        # under capture, or changed after MambaVarlenMeta.prepare) never move a read or write outside x / out
+        start = tl.minimum(tl.maximum(tl.load(seq_start_ptr + seq).to(tl.int64), 0), seqlen)
+        length = (tl.minimum(tl.maximum(tl.load(seq_start_ptr + seq + 1).to(tl.int64), start), seqlen) - start).to(
+            tl.int32)
         x_base = x_ptr + start * stride_x_l
         out_base = out_ptr + start * stride_out_l
     else:
@@ -249,7 +252,8 @@ def _launch_triton(
     # BLOCK_L >= W - 1 whenever a sequence spans several blocks, so only block 0 reads the state
     # (uniform: one block up to _MAX_BLOCK_L >= _MAX_WIDTH positions)
     if varlen:
-        batch, length, num_tokens = query_start_loc.shape[0] - 1, 0, x.shape[1]
+        batch, num_tokens = query_start_loc.shape[0] - 1, x.shape[1]
+        length = num_tokens  # the kernel's seqlen: the bound its offsets are clamped to
         x_strides, out_strides = (0, *x.stride()), (0, *out.stride())
         avg = num_tokens // max(batch, 1)
         block_l = min(_MAX_BLOCK_L, max(4, triton.next_power_of_2(width - 1), triton.next_power_of_2(avg)))

@@ -116,8 +116,10 @@ def _selective_scan_kernel(
     m_dn = m_d[:, None] & m_n[None, :]
     if IS_VARLEN:
         i_b = i_s * 0
-        t0 = tl.load(qsl_ptr + i_s).to(tl.int64)
-        t1 = tl.load(qsl_ptr + i_s + 1).to(tl.int64)
+        # offsets clamped into [0, seqlen = T], non-decreasing: values the checks did not see (skipped
+        # under capture, or changed after MambaVarlenMeta.prepare) never move an access outside the tensors
+        t0 = tl.minimum(tl.maximum(tl.load(qsl_ptr + i_s).to(tl.int64), 0), seqlen)
+        t1 = tl.minimum(tl.maximum(tl.load(qsl_ptr + i_s + 1).to(tl.int64), t0), seqlen)
     else:
         i_b = i_s
         t0 = i_s * 0

@@ -134,3 +134,28 @@ def test_compiled_call_with_metadata_matches_eager():
     out, states = torch.compile(lambda: _run("mamba_chunk_scan_varlen", metadata=meta), backend="eager")()
     assert_close(out, ref_out)
     assert_close(states, ref_states)
+
+
+@pytest.mark.parametrize("offsets", [[0, -5, 10**6], [0, 9, 2], [10**9, 0, 10], [0, 2**31 - 1, 10]],
+                         ids=["negative-huge", "falling", "start-huge", "int32-max"])
+@pytest.mark.parametrize("name", ["selective_scan_varlen", "causal_conv1d_varlen"])
+def test_offsets_changed_after_prepare_stay_inside_the_tensors(name, offsets):
+    """The ops given metadata do not re-check the device offsets: changed after prepare, they are
+    garbage to the kernels, which clamp them into [0, T] (before, the interpreter crashed reading
+    outside x). The result is undefined, but every access stays inside the tensors."""
+    qsl = torch.tensor([0, 3, 10], dtype=torch.int32)
+    meta = MambaVarlenMeta.prepare(qsl, torch.tensor([1, 0], dtype=torch.int32), torch.tensor([True, True]),
+                                   num_slots=2)
+    qsl.copy_(torch.tensor(offsets, dtype=torch.int32))
+    gen = torch.Generator().manual_seed(0)
+    with use_backend("triton"):
+        if name == "selective_scan_varlen":
+            out = selective_scan_varlen(rnd(D, 10, generator=gen, device=DEV), rnd(2, D, N, generator=gen, device=DEV),
+                                        rnd(D, 10, generator=gen, device=DEV).abs(),
+                                        -rnd(D, N, generator=gen, device=DEV).abs(),
+                                        rnd(1, N, 10, generator=gen, device=DEV),
+                                        rnd(1, N, 10, generator=gen, device=DEV), metadata=meta)
+        else:
+            out = causal_conv1d_varlen(rnd(D, 10, generator=gen, device=DEV), rnd(D, 4, generator=gen, device=DEV),
+                                       None, rnd(2, D, 3, generator=gen, device=DEV), None, metadata=meta)
+    assert out.shape == (D, 10)
